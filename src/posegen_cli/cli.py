@@ -1,0 +1,347 @@
+"""The `posegen` command line: parse options, call the stage, report. No stage logic lives here."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from posegen_cli import __version__
+from posegen_cli.errors import PosegenError, ResourceError
+from posegen_cli.report import Reporter
+
+app = typer.Typer(
+    name="posegen",
+    help="Animate one photo of a person with the motion of a driving video (PoseGen on diffusers).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    sapiens = "sapiens"
+    mediapipe = "mediapipe"
+
+
+class HandNormals(str, Enum):
+    auto = "auto"
+    sapiens = "sapiens"
+    black = "black"
+
+
+class AlignMode(str, Enum):
+    auto = "auto"
+    limbs = "limbs"
+    none = "none"
+
+
+class Offload(str, Enum):
+    none = "none"
+    model = "model"
+    group = "group"
+
+
+class KeypointFormat(str, Enum):
+    npz = "npz"
+    openpose_json = "openpose-json"
+
+
+class ShotType(str, Enum):
+    auto = "auto"
+    close_up = "close-up"
+    half_body = "half-body"
+    full_body = "full-body"
+    distant = "distant"
+
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but warnings and errors.")]
+Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (human output goes to stderr).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16 or float32.")]
+ModelsDir = Annotated[
+    Optional[Path],
+    typer.Option("--models-dir", envvar="POSEGEN_MODELS_DIR", help="Folder with local model copies (<dir>/<model name>/) instead of the Hugging Face cache."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"posegen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    """Animate one photo of a person with the motion of a driving video (PoseGen on diffusers)."""
+
+
+@contextlib.contextmanager
+def _errors(reporter: Reporter, debug: bool) -> Iterator[None]:
+    """Expected failures become one line and an exit code; tracebacks only with --debug."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except PosegenError as exc:
+        if debug:
+            raise
+        reporter.console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        reporter.console.print("[red]interrupted[/red] (finished work is kept; run the same command again to continue)")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        if type(exc).__name__ == "OutOfMemoryError":
+            message = str(ResourceError("the GPU ran out of memory (try --offload model, or --offload group on GPUs under 40 GB; --preview for a quick check)"))
+            reporter.console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(ResourceError.exit_code) from None
+        reporter.console.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (run again with --debug for the traceback)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _run(quiet: bool, json_output: bool, debug: bool, work: Callable[[Reporter], Any]) -> Any:
+    reporter = Reporter(quiet=quiet, json_output=json_output)
+    with _errors(reporter, debug):
+        return work(reporter)
+
+
+@app.command()
+def animate(
+    reference: Annotated[Path, typer.Argument(help="Photo of the person to animate (PNG/JPEG).", show_default=False)],
+    driving: Annotated[Path, typer.Argument(help="Video whose motion the person performs.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output video (H.264 at the driving video's fps, with its audio).")] = Path("posegen.mp4"),
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Caption of the reference; skips automatic captioning.")] = None,
+    subject: Annotated[Optional[str], typer.Option("--subject", help="Subject word of the caption (woman, man, ...) used for background K/V sharing.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Noise seed, the same for every segment as in the release.")] = 42,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps per segment.")] = 25,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 5.0,
+    resolution: Annotated[str, typer.Option("--resolution", help="Output size WxH, multiples of 16 (the model was trained at 720x1280).")] = "720x1280",
+    shot: Annotated[ShotType, typer.Option("--shot", help="K/V-sharing preset; auto picks it from the subject's size in the reference.")] = ShotType.auto,
+    kv_steps: Annotated[Optional[str], typer.Option("--kv-steps", help="Override the preset's shared steps, e.g. '0-2' (start-end, end exclusive).")] = None,
+    kv_blocks: Annotated[Optional[str], typer.Option("--kv-blocks", help="Override the preset's shared blocks, e.g. '34-40'.")] = None,
+    align: Annotated[AlignMode, typer.Option("--align", help="Move the driving skeleton onto the reference person: scale+offset (auto), also limb lengths (limbs), or not at all.")] = AlignMode.auto,
+    pose_backend: Annotated[Backend, typer.Option("--pose-backend", help="Pose extractor: sapiens (the paper's, GPU), mediapipe (CPU, offline), auto.")] = Backend.auto,
+    offload: Annotated[Offload, typer.Option("--offload", help="Keep models on the CPU until needed (model) or stream blocks (group) to fit smaller GPUs.")] = Offload.none,
+    preview: Annotated[bool, typer.Option("--preview", help="Low resolution and few steps, to check a job fast.")] = False,
+    no_audio: Annotated[bool, typer.Option("--no-audio", help="Do not copy the driving video's audio.")] = False,
+    crf: Annotated[int, typer.Option("--crf", min=0, max=51, help="H.264 quality (lower is better; 18 is visually lossless).")] = 18,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Where finished segments are kept for resuming (default: the posegen cache).")] = None,
+    keep_intermediates: Annotated[bool, typer.Option("--keep-intermediates", help="Keep the segment files and conditioning videos after success.")] = False,
+    models_dir: ModelsDir = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    quiet: Quiet = False,
+    json_output: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Generate the whole video: pose, caption, anchor → base → transition segments, cross-fade merge, audio.
+
+    Running the same command again after a crash or Ctrl-C continues from the finished segments.
+    """
+
+    def work(reporter: Reporter) -> None:
+        from posegen_cli.longvideo import AnimateOptions, animate as run_animate
+
+        options = AnimateOptions(
+            prompt=prompt, subject=subject, seed=seed, steps=steps, guidance=guidance, resolution=resolution,
+            shot=shot.value, kv_steps=kv_steps, kv_blocks=kv_blocks, align=align.value, pose_backend=pose_backend.value,
+            offload=offload.value, preview=preview, audio=not no_audio, crf=crf, work_dir=work_dir,
+            keep_intermediates=keep_intermediates, models_dir=models_dir, device=device, dtype=dtype,
+        )
+        result = run_animate(reference, driving, output, options=options, reporter=reporter)
+        reporter.summary(result.summary(), title="Done")
+
+    _run(quiet, json_output, debug, work)
+
+
+@app.command("extract-pose")
+def extract_pose(
+    video: Annotated[Path, typer.Argument(help="Driving video.", show_default=False)],
+    out_dir: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default: <video name>_pose next to the video).")] = None,
+    backend: Annotated[Backend, typer.Option("--backend", help="sapiens (the paper's extractor, GPU), mediapipe (CPU, offline), auto.")] = Backend.auto,
+    hand_normals: Annotated[HandNormals, typer.Option("--hand-normals", help="Hand-normal video from Sapiens normals, or black (in distribution: the model saw 10% black hands).")] = HandNormals.auto,
+    track: Annotated[bool, typer.Option("--track", help="Follow the same person across frames (box IoU) instead of the top-scoring one each frame.")] = False,
+    lossless: Annotated[bool, typer.Option("--lossless", help="Write pose.mp4/hand.mp4 losslessly (bit-exact colours).")] = False,
+    fmt: Annotated[KeypointFormat, typer.Option("--format", help="Also write keypoints as one OpenPose JSON per frame.")] = KeypointFormat.npz,
+    from_keypoints: Annotated[Optional[Path], typer.Option("--from-keypoints", help="Render from a keypoints.npz or OpenPose JSON folder instead of detecting.")] = None,
+    align_to: Annotated[Optional[Path], typer.Option("--align-to", help="Reference photo: retarget the skeleton onto this person and frame it at 720x1280.")] = None,
+    align: Annotated[AlignMode, typer.Option("--align", help="With --align-to: scale+offset (auto), also limb lengths (limbs), or none.")] = AlignMode.auto,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Extract again even if this video was extracted with the same settings.")] = False,
+    models_dir: ModelsDir = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    json_output: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Skeleton video, hand-normal video, keypoints file and an overlay preview of a driving video."""
+
+    def work(reporter: Reporter) -> None:
+        from posegen_cli.pose.extract import extract_pose as run_extract
+
+        result = run_extract(
+            video, out_dir, backend=backend.value, hand_normals=hand_normals.value, track=track, lossless=lossless,
+            output_format=fmt.value, from_keypoints=from_keypoints, align_to=align_to, align=align.value,
+            device=device, models_dir=models_dir, use_cache=not no_cache, reporter=reporter,
+        )
+        reporter.summary(result.summary(), title="Pose extracted")
+
+    _run(quiet, json_output, debug, work)
+
+
+@app.command()
+def prompt(
+    image: Annotated[Path, typer.Argument(help="Reference photo.", show_default=False)],
+    out_dir: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for prompt.txt and prompt.json (default: next to the image).")] = None,
+    text: Annotated[Optional[str], typer.Option("--prompt", help="Use this caption instead of generating one (still finds the subject tokens).")] = None,
+    subject: Annotated[Optional[str], typer.Option("--subject", help="Subject word to locate (default: picked from the caption).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed for the captioner.")] = 42,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=16, help="Longest caption, in captioner tokens.")] = 256,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Caption again even if this image was captioned with the same settings.")] = False,
+    models_dir: ModelsDir = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    json_output: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Wan-style caption of the reference (Qwen2.5-VL) and the subject word's text-encoder token positions."""
+
+    def work(reporter: Reporter) -> None:
+        from posegen_cli.prompting import run_prompt
+
+        result = run_prompt(
+            image, out_dir, prompt=text, subject=subject, seed=seed, max_new_tokens=max_new_tokens,
+            device=device, models_dir=models_dir, use_cache=not no_cache, reporter=reporter,
+        )
+        reporter.summary(result.summary(), title="Prompt")
+
+    _run(quiet, json_output, debug, work)
+
+
+@app.command()
+def download(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Models to fetch (default: everything `animate` needs). See `posegen doctor` for names.", show_default=False)] = None,
+    quiet: Quiet = False,
+    json_output: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Fetch model weights into the Hugging Face cache (only the files posegen uses)."""
+
+    def work(reporter: Reporter) -> None:
+        from posegen_cli import hub
+
+        wanted = names or list(hub.DEFAULT_DOWNLOADS)
+        for name in wanted:
+            hub.get_spec(name)
+        paths = {}
+        for name in wanted:
+            spec = hub.MODELS[name]
+            reporter.info(f"{name}: {spec.repo_id} (~{spec.size_gb:g} GB, {spec.licence})")
+            paths[name] = str(hub.model_path(name, download=True))
+        reporter.summary(paths, title="Downloaded")
+
+    _run(quiet, json_output, debug, work)
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint(
+    src: Annotated[Path, typer.Argument(help="A PoseGen release folder (model_config.json + .bin shards), e.g. 720p-81f-base.", show_default=False)],
+    dst: Annotated[Path, typer.Argument(help="Output folder in diffusers layout (config.json + safetensors shards).", show_default=False)],
+    quiet: Quiet = False,
+    json_output: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Merge a release checkpoint's LoRA and write it as a diffusers PoseGenTransformer3DModel."""
+
+    def work(reporter: Reporter) -> None:
+        from posegen_cli.models import convert_checkpoint as run_convert
+
+        out = run_convert(src, dst, reporter=reporter)
+        reporter.summary({"output": str(out)}, title="Converted")
+
+    _run(quiet, json_output, debug, work)
+
+
+@app.command()
+def doctor(
+    models_dir: ModelsDir = None,
+    quiet: Quiet = False,
+    json_output: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Check the installation: versions, GPUs, ffmpeg, disk space and which models are present."""
+
+    def work(reporter: Reporter) -> None:
+        report = _doctor_report(models_dir)
+        reporter.summary(report, title="posegen doctor")
+        if report["problems"]:
+            raise typer.Exit(1)
+
+    _run(quiet, json_output, debug, work)
+
+
+def _doctor_report(models_dir: Optional[Path]) -> dict[str, Any]:
+    import torch
+
+    from posegen_cli import hub
+    from posegen_cli.cache import cache_root
+    from posegen_cli.video import available_bytes
+    from posegen_cli.video._ffmpeg import run_ffmpeg
+
+    problems: list[str] = []
+    gpus = [
+        f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
+        for i in range(torch.cuda.device_count())
+    ]
+    if not gpus:
+        problems.append("no CUDA GPU: animate needs one for real models (extract-pose --backend mediapipe works on CPU)")
+    try:
+        ffmpeg = run_ffmpeg(["-version"]).stdout.splitlines()[0]
+    except OSError as exc:
+        ffmpeg = f"missing ({exc})"
+        problems.append("ffmpeg from imageio-ffmpeg does not run: reinstall imageio-ffmpeg")
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    present = {name: hub.find_local(name, models_dir) is not None for name in hub.MODELS}
+    missing = [name for name in hub.DEFAULT_DOWNLOADS if not present[name]]
+    if missing:
+        problems.append(f"models not downloaded: {', '.join(missing)} (run `posegen download`)")
+    free_gb = available_bytes(HF_HUB_CACHE) / 2**30
+    needed_gb = sum(hub.MODELS[name].size_gb for name in missing)
+    if free_gb < needed_gb:
+        problems.append(f"{free_gb:.0f} GB free in {HF_HUB_CACHE}, the missing models need ~{needed_gb:.0f} GB")
+    return {
+        "posegen": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none (CPU build)",
+        "gpus": gpus or "none",
+        "ffmpeg": ffmpeg,
+        "hf_cache": f"{HF_HUB_CACHE} ({free_gb:.0f} GB free)",
+        "posegen_cache": str(cache_root()),
+        "models": {name: "present" if ok else "missing" for name, ok in present.items()},
+        "problems": problems,
+    }
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

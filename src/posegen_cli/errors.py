@@ -1,0 +1,42 @@
+"""Expected failures: the CLI prints their message on one line and exits with their code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PosegenError(Exception):
+    """An error the user can fix; never shown with a traceback unless ``--debug``."""
+
+    exit_code: int = 2
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class InputError(PosegenError):
+    """A bad input file or option (exit code 2)."""
+
+
+class MissingModelError(PosegenError):
+    """A model is not on disk and cannot be downloaded now (exit code 3)."""
+
+    exit_code = 3
+
+
+class ResourceError(PosegenError):
+    """The machine ran out of something: GPU memory, disk (exit code 4)."""
+
+    exit_code = 4
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """Return ``path`` as a Path, or raise an InputError naming it and what it should be."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} not found: {p} (check the path)")
+    if not p.is_file():
+        raise InputError(f"{what} is not a file: {p} (pass a file, not a folder)")
+    return p

@@ -1,0 +1,176 @@
+"""Everything posegen downloads, in one table, and how a stage finds it on disk.
+
+Lookup order for a model ``name``: ``--models-dir`` (or ``$POSEGEN_MODELS_DIR``) holding ``<dir>/<name>/``
+in the repository's own layout, then the Hugging Face cache, then a download (unless offline).
+Only the files a stage needs are fetched: never the stock Wan transformer, since each PoseGen
+checkpoint folder already holds a complete DiT.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from posegen_cli.errors import InputError, MissingModelError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    repo_id: str
+    allow_patterns: tuple[str, ...]
+    size_gb: float
+    licence: str
+    used_by: str
+    revision: str = "main"
+
+    @property
+    def first_file(self) -> str:
+        """A file whose presence shows the download finished (patterns are folders or exact files)."""
+        return self.allow_patterns[0].rstrip("*").rstrip("/")
+
+
+_WAN = "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"
+_SAPIENS_POSE = "noahcao/sapiens-pose-coco"
+_POSE_FILES = {
+    "0.3b": "sapiens_0.3b_coco_wholebody_best_coco_wholebody_AP_620_torchscript.pt2",
+    "0.6b": "sapiens_0.6b_coco_wholebody_best_coco_wholebody_AP_695_torchscript.pt2",
+    "1b": "sapiens_1b_coco_wholebody_best_coco_wholebody_AP_727_torchscript.pt2",
+    "2b": "sapiens_2b_coco_wholebody_best_coco_wholebody_AP_745_torchscript.pt2",
+}
+_POSE_GB = {"0.3b": 1.3, "0.6b": 2.7, "1b": 4.7, "2b": 8.7}
+_SEG_FILES = {
+    "0.6b": ("sapiens_0.6b_goliath_best_goliath_mIoU_7777_epoch_178_torchscript.pt2", 2.69),
+    "1b": ("sapiens_1b_goliath_best_goliath_mIoU_7994_epoch_151_torchscript.pt2", 4.72),
+}
+_NORMAL_FILES = {
+    "0.3b": ("sapiens_0.3b_normal_render_people_epoch_66_torchscript.pt2", 1.36),
+    "0.6b": ("sapiens_0.6b_normal_render_people_epoch_200_torchscript.pt2", 2.69),
+    "1b": ("sapiens_1b_normal_render_people_epoch_115_torchscript.pt2", 4.72),
+    "2b": ("sapiens_2b_normal_render_people_epoch_70_torchscript.pt2", 8.71),
+}
+_NC = "CC BY-NC 4.0 (non-commercial)"
+
+
+def _registry() -> dict[str, ModelSpec]:
+    specs = [
+        ModelSpec(
+            "wan-i2v-720p", _WAN,
+            ("model_index.json", "vae/*", "text_encoder/*", "tokenizer/*", "image_encoder/*", "image_processor/*"),
+            size_gb=24.0, licence="Apache-2.0", used_by="animate: VAE, umT5 text encoder + tokenizer, CLIP image encoder",
+        ),
+        ModelSpec(
+            "posegen", "Jessie459/PoseGen", ("720p-81f-base/*", "720p-81f-cond/*"),
+            size_gb=66.0, licence="Apache-2.0", used_by="animate: PoseGen DiT, base and transition checkpoints",
+        ),
+        ModelSpec(
+            "qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct",
+            ("config.json", "*.safetensors", "*.json", "merges.txt", "vocab.json"),
+            size_gb=16.6, licence="Apache-2.0", used_by="prompt: captions the reference image",
+        ),
+        ModelSpec(
+            "sapiens-detector", "facebook/sapiens-pose-bbox-detector",
+            ("rtmdet_m_8xb32-100e_coco-obj365-person-235e8209.pth",),
+            size_gb=0.1, licence="Apache-2.0", used_by="extract-pose (sapiens): person boxes",
+        ),
+    ]
+    for size, filename in _POSE_FILES.items():
+        specs.append(ModelSpec(
+            f"sapiens-pose-{size}", _SAPIENS_POSE,
+            (f"sapiens_lite_host/torchscript/pose/checkpoints/sapiens_{size}/{filename}",),
+            size_gb=_POSE_GB[size], licence=_NC, used_by="extract-pose (sapiens): 133 COCO-WholeBody keypoints",
+        ))
+    for size, (filename, gb) in _SEG_FILES.items():
+        specs.append(ModelSpec(
+            f"sapiens-seg-{size}", f"facebook/sapiens-seg-{size}-torchscript", (filename,),
+            size_gb=gb, licence=_NC, used_by="extract-pose (sapiens): body-part segmentation for the hand mask",
+        ))
+    for size, (filename, gb) in _NORMAL_FILES.items():
+        specs.append(ModelSpec(
+            f"sapiens-normal-{size}", f"facebook/sapiens-normal-{size}-torchscript", (filename,),
+            size_gb=gb, licence=_NC, used_by="extract-pose (sapiens): surface normals for the hand video",
+        ))
+    return {spec.name: spec for spec in specs}
+
+
+MODELS: dict[str, ModelSpec] = _registry()
+
+DEFAULT_DOWNLOADS: tuple[str, ...] = (
+    "wan-i2v-720p", "posegen", "qwen2.5-vl-7b", "sapiens-detector", "sapiens-pose-2b", "sapiens-seg-1b", "sapiens-normal-2b",
+)
+"""What ``posegen download`` fetches with no names: everything ``animate`` needs, with the release's Sapiens sizes."""
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise InputError(f"unknown model {name!r} (known: {', '.join(MODELS)})") from None
+
+
+def models_dir_from_env(models_dir: str | Path | None) -> Path | None:
+    value = models_dir if models_dir is not None else os.environ.get("POSEGEN_MODELS_DIR")
+    return Path(value) if value else None
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _complete(root: Path, spec: ModelSpec) -> bool:
+    return (root / spec.first_file).exists()
+
+
+def find_local(name: str, models_dir: str | Path | None = None) -> Path | None:
+    """The folder holding ``name`` without touching the network, or None."""
+    spec = get_spec(name)
+    root = models_dir_from_env(models_dir)
+    if root is not None:
+        candidate = root / name
+        return candidate if _complete(candidate, spec) else None
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=list(spec.allow_patterns), local_files_only=True))
+    except Exception:
+        return None
+    return path if _complete(path, spec) else None
+
+
+def model_path(name: str, models_dir: str | Path | None = None, *, download: bool = True) -> Path:
+    """The local folder of ``name`` in its repository's layout, downloading it if allowed and needed."""
+    spec = get_spec(name)
+    local = find_local(name, models_dir)
+    if local is not None:
+        return local
+    root = models_dir_from_env(models_dir)
+    if root is not None:
+        raise MissingModelError(
+            f"model {name} not found in {root / name} (copy the {spec.repo_id} files there, or drop --models-dir to use the Hugging Face cache)"
+        )
+    if offline():
+        raise MissingModelError(
+            f"model {name} ({spec.repo_id}) is not downloaded and HF_HUB_OFFLINE is set (unset it and run `posegen download {name}`)"
+        )
+    if not download:
+        raise MissingModelError(f"model {name} ({spec.repo_id}) is not downloaded (run `posegen download {name}`)")
+    return fetch(spec)
+
+
+def fetch(spec: ModelSpec) -> Path:
+    """Download ``spec``'s files into the Hugging Face cache (huggingface_hub shows its own progress bars)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=list(spec.allow_patterns)))
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MissingModelError(
+            f"cannot download {spec.name} ({spec.repo_id}): {reason} (check the network, accept the licence on the Hub if gated, and run `posegen download {spec.name}` again)"
+        ) from None
+
+
+def download(names: Iterable[str]) -> dict[str, Path]:
+    return {name: model_path(name, download=True) for name in names}

@@ -1,0 +1,40 @@
+"""The contract between pose backends and everything downstream (rendering, alignment, keypoint files)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+NUM_KEYPOINTS = 133
+"""COCO-WholeBody: 17 body, 6 feet, 68 face, 21 left hand, 21 right hand."""
+
+
+@dataclass
+class PersonPose:
+    """One detected person in one frame, in source-frame pixels."""
+
+    keypoints: np.ndarray  # (133, 2) float32, x then y
+    scores: np.ndarray  # (133,) float32
+    box: np.ndarray  # (4,) float32: x1, y1, x2, y2
+    box_score: float
+
+
+class PoseBackend(Protocol):
+    """Finds people in RGB frames; people come back sorted by ``box_score``, highest first."""
+
+    name: str
+
+    def detect(self, frames: Sequence[np.ndarray]) -> list[list[PersonPose]]: ...
+
+
+class NormalBackend(Protocol):
+    """Per-pixel surface normals and body-part segmentation, the inputs of the hand-normal video."""
+
+    name: str
+
+    def normals_and_segmentation(self, frames: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per frame: normals (H, W, 3) float32 in [-1, 1] and class ids (H, W) int, at the frame's size."""
+        ...

@@ -1,0 +1,18 @@
+"""Video and image I/O: streaming decode, atomic H.264 encode, audio muxing."""
+
+from posegen_cli.video.audio import mux_audio
+from posegen_cli.video.decode import VideoInfo, iter_frames, probe_video, read_frames
+from posegen_cli.video.encode import VideoWriter, available_bytes, write_video
+from posegen_cli.video.image import load_image
+
+__all__ = [
+    "VideoInfo",
+    "VideoWriter",
+    "available_bytes",
+    "iter_frames",
+    "load_image",
+    "mux_audio",
+    "probe_video",
+    "read_frames",
+    "write_video",
+]

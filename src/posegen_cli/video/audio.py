@@ -1,0 +1,29 @@
+"""Carry the driving video's sound over to the generated one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posegen_cli.errors import InputError, ResourceError
+from posegen_cli.video._ffmpeg import has_audio_stream, run_ffmpeg, stream_header
+
+
+def mux_audio(video: str | Path, audio_source: str | Path, out: str | Path) -> Path:
+    """Write ``out`` = ``video``'s picture (copied, not re-encoded) + ``audio_source``'s first audio stream as AAC.
+
+    The audio is cut at the video's end, so a trimmed or shorter generation never plays on in silence.
+    A source without audio gives the video unchanged.
+    """
+    video, audio_source, out = Path(video), Path(audio_source), Path(out)
+    has_audio = has_audio_stream(stream_header(audio_source))
+    maps = ["-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "192k", "-shortest"] if has_audio else ["-map", "0:v:0"]
+    result = run_ffmpeg(
+        ["-loglevel", "error", "-y", "-i", str(video), "-i", str(audio_source), *maps, "-c:v", "copy",
+         "-movflags", "+faststart", "-f", "mp4", str(out)]
+    )
+    if result.returncode != 0:
+        err = result.stderr.strip().splitlines()
+        if any("No space left" in line for line in err):
+            raise ResourceError(f"disk full while writing {out} (free some space and run again)")
+        raise InputError(f"cannot take the audio of {audio_source}: {err[-1] if err else 'ffmpeg failed'} (use --no-audio)")
+    return out
