@@ -1,0 +1,247 @@
+"""Base-segment and transition-segment PoseGen on one in-memory model, switched in place.
+
+The two release folders each hold a full 14B DiT, but they share the Wan base weights and differ only in
+their LoRA pairs and a few fully trained tensors (patch embeddings, hand embedding). One model holds the
+shared weights; ``activate`` swaps the variant's LoRA and own tensors in place, so a run never holds or
+reloads a second model. Two forms:
+
+- ``mode="exact"`` (default): on each switch, W + 1.0·(B·A) is recomputed from the pristine W exactly as the
+  release merges (spec §3.4) and copied into the model: bit-identical to ``convert_checkpoint``. The pristine
+  LoRA-target weights stay in host memory (file-backed through mmap when the shards allow it).
+- ``mode="adapter"``: both LoRAs stay loaded as peft adapters and a switch is ``set_adapters`` plus a copy of
+  the own tensors: nothing extra in host memory and near-instant switches, but W·x + B·(A·x) rounds differently
+  from (W + B·A)·x in bf16 (the tests state the bound).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from posegen_cli.errors import InputError
+from posegen_cli.models.convert import (
+    ReleaseCheckpoint,
+    build_model,
+    lora_delta,
+    read_release_checkpoint,
+    release_key_to_diffusers,
+    release_module_to_diffusers,
+    to_diffusers_names,
+)
+from posegen_cli.models.transformer import PoseGenTransformer3DModel
+from posegen_cli.report import Reporter
+
+VariantName = Literal["base", "transition"]
+Mode = Literal["exact", "adapter"]
+_SWITCHABLE_CONFIG = ("shift_ref_pos", "use_hand_proj")
+
+
+@dataclass
+class _Variant:
+    config: dict[str, bool]
+    own: dict[str, torch.Tensor]
+    hand: nn.Module | None
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    raw_targets: dict[str, torch.Tensor]
+    merge_dtype: torch.dtype
+
+
+@dataclass
+class VariantMemory:
+    """What holding both variants costs, against the two merged models the release would load."""
+
+    model_bytes: int
+    merged_model_bytes: int
+    host_bytes: int
+    variant_bytes: dict[str, int]
+    load_seconds: float
+    switch_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def held_bytes(self) -> int:
+        """The model, each variant's own tensors kept aside, and (exact mode) the pristine weights and LoRA pairs."""
+        return self.model_bytes + sum(self.variant_bytes.values()) + self.host_bytes
+
+    @property
+    def two_models_bytes(self) -> int:
+        return 2 * self.merged_model_bytes
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "held_bytes": self.held_bytes,
+            "two_models_bytes": self.two_models_bytes,
+            "saved_bytes": self.two_models_bytes - self.held_bytes,
+            "model_bytes": self.model_bytes,
+            "host_bytes": self.host_bytes,
+            "variant_bytes": self.variant_bytes,
+            "load_seconds": round(self.load_seconds, 3),
+            "switch_seconds": [round(x, 4) for x in self.switch_seconds],
+        }
+
+
+def _hand_module(config: dict, sd: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A variant's hand embedding when the two variants disagree on its structure (``use_hand_proj``)."""
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    patch = tuple(config["patch_size"])
+    conv = nn.Conv3d(config["out_channels"], inner, kernel_size=patch, stride=patch)
+    module = nn.Sequential(conv, nn.Conv3d(inner, inner, 1)) if config["use_hand_proj"] else conv
+    prefix = "hand_patch_embedding."
+    weights = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    module.load_state_dict(weights, strict=True)
+    return module.to(device=device, dtype=dtype)
+
+
+def _peft_state_dict(ckpt: ReleaseCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The folder's LoRA pairs under diffusers module names, in the form ``load_lora_adapter`` reads.
+
+    No alpha entries are written, so peft uses alpha = r: scale 1.0, the release's merge scale.
+    """
+    out = {}
+    for target, (up, down) in ckpt.lora_pairs().items():
+        module = release_module_to_diffusers(target.rpartition(".")[0])
+        if module is None or up.ndim != 2:
+            raise InputError(f"{ckpt.sources[target]}: LoRA on {target} cannot be loaded as a peft adapter")
+        out[f"{module}.lora_A.weight"] = down.to(dtype)
+        out[f"{module}.lora_B.weight"] = up.to(dtype)
+    return out
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _lora_by_param(ckpt: ReleaseCheckpoint) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Diffusers parameter name -> (B, A) for the folder's LoRA pairs."""
+    out = {}
+    for target, pair in ckpt.lora_pairs().items():
+        key = release_key_to_diffusers(target)
+        if key is None:
+            raise InputError(f"{ckpt.sources[target]}: LoRA targets {target}, which is not part of the PoseGen DiT")
+        out[key] = pair
+    return out
+
+
+class PoseGenVariants:
+    """One PoseGen model switched between the "base" and "transition" checkpoints in place."""
+
+    def __init__(
+        self,
+        model: PoseGenTransformer3DModel,
+        variants: dict[str, _Variant],
+        pristine: dict[str, torch.Tensor],
+        mode: Mode,
+        memory: VariantMemory,
+    ) -> None:
+        self.model = model
+        self.variants = variants
+        self.pristine = pristine
+        self.mode = mode
+        self.memory = memory
+        self.active: str | None = None
+
+    @classmethod
+    def from_release(
+        cls,
+        base_dir: str | Path,
+        cond_dir: str | Path,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        mode: Mode = "exact",
+        reporter: Reporter | None = None,
+    ) -> PoseGenVariants:
+        """Read both release folders once; keep tensors equal in both a single time."""
+        if mode not in ("exact", "adapter"):
+            raise ValueError(f"mode must be 'exact' or 'adapter', not {mode!r}")
+        start = time.perf_counter()
+        device = torch.device(device)
+        ckpts = {"base": read_release_checkpoint(base_dir, reporter), "transition": read_release_checkpoint(cond_dir, reporter)}
+        fixed_a = {k: v for k, v in ckpts["base"].config.items() if k not in _SWITCHABLE_CONFIG}
+        fixed_b = {k: v for k, v in ckpts["transition"].config.items() if k not in _SWITCHABLE_CONFIG}
+        if fixed_a != fixed_b:
+            differ = sorted(k for k in fixed_a if fixed_a[k] != fixed_b.get(k))
+            raise InputError(f"{cond_dir}: model_config.json differs from {base_dir} in {', '.join(differ)}; not two variants of one model")
+        sds = {name: to_diffusers_names(ck.base, ck) for name, ck in ckpts.items()}
+        base_sd, cond_sd = sds["base"], sds["transition"]
+        same_hand = ckpts["base"].config["use_hand_proj"] == ckpts["transition"].config["use_hand_proj"]
+        extra = {k for k in set(base_sd) ^ set(cond_sd) if same_hand or not k.startswith("hand_patch_embedding.")}
+        if extra:
+            raise InputError(f"{cond_dir}: tensors {', '.join(sorted(extra)[:3])} are not in both folders; not two variants of one model")
+
+        def differs(key: str) -> bool:
+            if key.startswith("hand_patch_embedding.") and not same_hand:
+                return False
+            other = cond_sd[key]
+            return other.shape != base_sd[key].shape or not torch.equal(other, base_sd[key])
+
+        own_keys = {k for k in base_sd if differs(k)}
+        loras = {name: _lora_by_param(ck) for name, ck in ckpts.items()}
+        targets = set(loras["base"]) | set(loras["transition"]) if mode == "exact" else set()
+        pristine = {k: base_sd[k] for k in targets - own_keys}
+
+        model = build_model(ckpts["base"].config, base_sd, ckpts["base"], dtype, copy=True).to(device)
+        variants: dict[str, _Variant] = {}
+        for name, ck in ckpts.items():
+            own = {k: sds[name][k].to(device=device, dtype=dtype, copy=True) for k in own_keys - targets}
+            raw = {k: sds[name][k] for k in own_keys & targets}
+            hand = None if same_hand else _hand_module(ck.config, sds[name], dtype, device)
+            flags = {k: bool(ck.config[k]) for k in _SWITCHABLE_CONFIG}
+            variants[name] = _Variant(flags, own, hand, loras[name], raw, ck.merge_dtype)
+            if mode == "adapter":
+                with warnings.catch_warnings():
+                    # peft warns that a second adapter joins the first: holding both is the point here.
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    model.load_lora_adapter(_peft_state_dict(ck, dtype), prefix=None, adapter_name=name)
+        params = list(model.named_parameters())
+        host = 0
+        if mode == "exact":
+            host = _nbytes(pristine) + sum(
+                _nbytes(v.raw_targets) + sum(b.nbytes + a.nbytes for b, a in v.lora.values()) for v in variants.values()
+            )
+        memory = VariantMemory(
+            model_bytes=sum(p.nbytes for _, p in params),
+            merged_model_bytes=sum(p.nbytes for n, p in params if "lora_" not in n),
+            host_bytes=host,
+            variant_bytes={
+                n: _nbytes(v.own) + (0 if v.hand is None else sum(p.nbytes for p in v.hand.parameters())) for n, v in variants.items()
+            },
+            load_seconds=time.perf_counter() - start,
+        )
+        out = cls(model, variants, pristine, mode, memory)
+        out.activate("base")
+        return out
+
+    @torch.no_grad()
+    def activate(self, name: VariantName) -> PoseGenTransformer3DModel:
+        """Make ``model`` compute as the ``name`` checkpoint: its LoRA, its own tensors, its RoPE and hand flags."""
+        if name not in self.variants:
+            raise ValueError(f"unknown variant {name!r}; use 'base' or 'transition'")
+        if name == self.active:
+            return self.model
+        start = time.perf_counter()
+        variant = self.variants[name]
+        model = self.model
+        params = dict(model.named_parameters())
+        if self.mode == "adapter":
+            model.set_adapters([name])
+        else:
+            for key in {*self.pristine, *variant.raw_targets}:
+                weight = variant.raw_targets.get(key, self.pristine.get(key))
+                if key in variant.lora:
+                    up, down = variant.lora[key]
+                    weight = weight + lora_delta(up, down, weight, variant.merge_dtype)
+                params[key].copy_(weight.to(params[key].dtype))
+        for key, tensor in variant.own.items():
+            params[key].copy_(tensor)
+        if variant.hand is not None:
+            model.hand_patch_embedding = variant.hand
+        model.register_to_config(**variant.config)
+        self.active = name
+        self.memory.switch_seconds.append(time.perf_counter() - start)
+        return model
