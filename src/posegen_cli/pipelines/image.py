@@ -1,0 +1,43 @@
+"""CLIP image features of the reference, preprocessed the release's way (port.md §4.2).
+
+diffusers' ``CLIPImageProcessor`` resizes the short side and center-crops, cutting the head and feet off a portrait; the
+release instead squashes the whole 9:16 frame to 224x224 (bicubic, no antialias) in the model dtype. The processor is
+therefore bypassed and these steps are done with torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionModel
+
+from posegen_cli.pipelines.offload import onload
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image_encoder(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> CLIPVisionModel:
+    """The ViT-H/14 image tower of the Wan I2V repository (``image_encoder/``)."""
+    model = CLIPVisionModel.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def clip_pixels(image: torch.Tensor, size: int) -> torch.Tensor:
+    """[1, 3, H, W] in [-1, 1] -> normalised [1, 3, size, size], every op in the input's dtype as in the release."""
+    x = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False)
+    x = x * 0.5 + 0.5
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def encode_clip(image_encoder: CLIPVisionModel, image: torch.Tensor) -> torch.Tensor:
+    """Penultimate-layer tokens [1, 257, hidden] (no post-norm) of a [1, 3, H, W] image in [-1, 1]."""
+    device = onload(image_encoder)
+    pixels = clip_pixels(image.to(device), image_encoder.config.image_size).to(image_encoder.dtype)
+    out = image_encoder(pixel_values=pixels, output_hidden_states=True)
+    return out.hidden_states[-2]

@@ -1,0 +1,351 @@
+"""``PoseGenPipeline``: one 81-frame PoseGen segment on diffusers, with the release's numerics (port.md §1.9, §4).
+
+The long-video engine calls it once per segment: text and reference embeddings are computed once per job
+(:meth:`PoseGenPipeline.encode_prompt`, :meth:`PoseGenPipeline.encode_reference`) and passed to every call; the base
+and transition checkpoints share one in-memory DiT and are switched with :meth:`PoseGenPipeline.use_variant`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from transformers import CLIPVisionModel, PreTrainedTokenizerBase, UMT5EncoderModel
+
+from posegen_cli.device import resolve_device, resolve_dtype
+from posegen_cli.errors import InputError, MissingModelError, ResourceError
+from posegen_cli.hub import model_path
+from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, PoseGenVariants
+from posegen_cli.pipelines.conditioning import check_segment_frames, condition_mask, paste_head_tail
+from posegen_cli.pipelines.image import encode_clip, load_image_encoder
+from posegen_cli.pipelines.scheduling import (
+    euler_step,
+    guided_velocity,
+    make_scheduler,
+    model_timestep,
+    set_release_timesteps,
+)
+from posegen_cli.pipelines.text import DEFAULT_NEGATIVE, encode_text, load_text_encoder, load_tokenizer
+from posegen_cli.pipelines.vae import (
+    LATENT_CHANNELS,
+    SPATIAL,
+    decode_latents,
+    encode_untiled,
+    encode_video,
+    frames_to_tensor,
+    load_vae,
+    tensor_to_frames,
+)
+from posegen_cli.pose.framing import MODEL_SIZE, frame_to_model
+from posegen_cli.report import Reporter
+
+Offload = Literal["none", "model", "group"]
+Variant = Literal["base", "transition"]
+BASE_FOLDER = "720p-81f-base"
+TRANSITION_FOLDER = "720p-81f-cond"
+DEFAULT_SEED = 42
+SIZE_MULTIPLE = 16
+"""VAE (x8) and patchify (x2) strides: frame sides must be multiples of 16."""
+
+StepCallback = Callable[["PoseGenPipeline", int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
+
+
+def _oom_error(what: str) -> ResourceError:
+    return ResourceError(f"GPU out of memory while {what} (try --offload group, a smaller --preview size, or a GPU with more memory)")
+
+
+class PoseGenPipeline(DiffusionPipeline):
+    """Pose- and hand-conditioned image-to-video for one segment, on the PoseGen DiT.
+
+    Components: umT5 ``tokenizer``/``text_encoder`` (optional: workers that get precomputed embeddings skip the
+    11 GB encoder), CLIP ``image_encoder``, Wan ``vae``, the PoseGen ``transformer`` and a flow-match ``scheduler``
+    configured with the release's sigmas. All numerics follow the release (bf16 update, bf16 timesteps, CPU float32
+    noise from the seed, DiffSynth VAE tiling, squashed CLIP input, truncating output).
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
+    _optional_components: ClassVar[list[str]] = ["tokenizer", "text_encoder", "image_encoder"]
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None,
+        text_encoder: UMT5EncoderModel | None,
+        image_encoder: CLIPVisionModel | None,
+        vae: AutoencoderKLWan,
+        transformer: PoseGenTransformer3DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            image_encoder=image_encoder,
+            vae=vae,
+            transformer=transformer,
+            scheduler=scheduler,
+        )
+        self.variants: PoseGenVariants | None = None
+
+    @classmethod
+    def from_models(
+        cls,
+        models_dir: str | Path | None = None,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        offload: Offload = "none",
+        load_encoders: bool = True,
+        reporter: Reporter | None = None,
+    ) -> PoseGenPipeline:
+        """Load every component once from the model registry (``--models-dir`` layout or the HF cache).
+
+        The DiT is read from the release folders ``posegen/720p-81f-base`` and ``720p-81f-cond`` into one model
+        holding both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed
+        embeddings. ``offload``: "model" moves whole components to the GPU in turn, "group" streams the DiT's
+        blocks; both need CUDA.
+        """
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+        if offload not in ("none", "model", "group"):
+            raise InputError(f"--offload {offload!r} is not understood (use none, model or group)")
+        if offload != "none" and dev.type != "cuda":
+            raise InputError(f"--offload {offload} needs a CUDA device (got {dev}); use --offload none on the CPU")
+        wan = model_path("wan-i2v-720p", models_dir)
+        posegen = model_path("posegen", models_dir)
+        needed = ["vae"] + (["tokenizer", "text_encoder", "image_encoder"] if load_encoders else [])
+        for sub in needed:
+            if not (wan / sub).is_dir():
+                raise MissingModelError(f"{wan / sub} is missing (re-run `posegen download wan-i2v-720p`)")
+        for sub in (BASE_FOLDER, TRANSITION_FOLDER):
+            if not (posegen / sub).is_dir():
+                raise MissingModelError(f"{posegen / sub} is missing (re-run `posegen download posegen`)")
+        place = "cpu" if offload != "none" else dev
+        if reporter is not None:
+            reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
+        try:
+            variants = PoseGenVariants.from_release(
+                posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER, dtype=dt, device=place, reporter=reporter
+            )
+            pipe = cls(
+                tokenizer=load_tokenizer(wan / "tokenizer") if load_encoders else None,
+                text_encoder=load_text_encoder(wan / "text_encoder", dt, place) if load_encoders else None,
+                image_encoder=load_image_encoder(wan / "image_encoder", dt, place) if load_encoders else None,
+                vae=load_vae(wan / "vae", dt, place),
+                transformer=variants.model,
+                scheduler=make_scheduler(),
+            )
+            pipe.variants = variants
+            if offload == "model":
+                pipe.enable_model_cpu_offload(device=dev)
+            elif offload == "group":
+                for name in ("text_encoder", "image_encoder", "vae"):
+                    module = getattr(pipe, name)
+                    if module is not None:
+                        module.to(dev)
+                pipe.transformer.enable_group_offload(
+                    onload_device=dev, offload_type="block_level", num_blocks_per_group=1, use_stream=True
+                )
+        except torch.cuda.OutOfMemoryError:
+            raise _oom_error("loading the models") from None
+        return pipe
+
+    def use_variant(self, name: Variant) -> None:
+        """Switch the DiT to the "base" or "transition" checkpoint in place (no reload of the shared weights)."""
+        if self.variants is None:
+            raise RuntimeError("this pipeline was built without variants; load it with PoseGenPipeline.from_models")
+        self.variants.activate(name)
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative_prompt: str = DEFAULT_NEGATIVE) -> tuple[torch.Tensor, torch.Tensor]:
+        """umT5 embeddings [1, 512, 4096] of the prompt and of the negative prompt (once per job)."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise MissingModelError("this pipeline was loaded without the text encoder; pass precomputed prompt embeddings")
+        try:
+            positive = encode_text(self.tokenizer, self.text_encoder, prompt)
+            negative = encode_text(self.tokenizer, self.text_encoder, negative_prompt)
+        except torch.cuda.OutOfMemoryError:
+            raise _oom_error("encoding the prompt") from None
+        device = self._execution_device
+        return positive.to(device), negative.to(device)
+
+    @torch.no_grad()
+    def encode_reference(
+        self, image: np.ndarray, height: int = MODEL_SIZE[0], width: int = MODEL_SIZE[1]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP tokens [1, 257, 1280] and the untiled VAE latent [1, 16, 1, height/8, width/8] of the reference photo.
+
+        The uint8 RGB image is cropped to 9:16 and resized to ``height`` x ``width`` as the release does.
+        """
+        if self.image_encoder is None:
+            raise MissingModelError("this pipeline was loaded without the image encoder; pass precomputed image embeddings")
+        check_model_size(height, width)
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(f"the reference image must be uint8 RGB [H, W, 3], got {image.dtype} {tuple(image.shape)}")
+        framed = image if image.shape[:2] == (height, width) else frame_to_model(image, (height, width))
+        pixels = frames_to_tensor(framed[None]).to(self.model_dtype)
+        try:
+            latents = encode_untiled(self.vae, pixels)
+            embeds = encode_clip(self.image_encoder, pixels[:, :, 0])
+        except torch.cuda.OutOfMemoryError:
+            raise _oom_error("encoding the reference image") from None
+        device = self._execution_device
+        return embeds.to(device), latents.to(device)
+
+    @torch.no_grad()
+    def encode_conditions(
+        self,
+        pose_frames: np.ndarray,
+        hand_frames: np.ndarray,
+        head_frames: np.ndarray | None,
+        tail_frames: np.ndarray | None,
+        height: int,
+        width: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``control_latents`` [1, 20, T, h, w] (4 mask + 16 pose channels) and ``hand_latents`` [1, 16, T, h, w].
+
+        Head/tail frames overwrite the first/last pose *and* hand frames before the tiled encode (spec §1.9).
+        """
+        num_frames = len(pose_frames)
+        pose = _to_model_size(pose_frames, height, width)
+        hand = _to_model_size(hand_frames, height, width)
+        check_segment_frames("pose frames", pose, num_frames, height, width)
+        check_segment_frames("hand frames", hand, num_frames, height, width)
+        if (num_frames - 1) % 4:
+            raise InputError(f"a segment needs 4k+1 frames (81 for PoseGen), got {num_frames}")
+        for name, given in (("head frames", head_frames), ("tail frames", tail_frames)):
+            if given is not None:
+                check_segment_frames(name, given, len(given), height, width)
+        head = len(head_frames) if head_frames is not None else 0
+        tail = len(tail_frames) if tail_frames is not None else 0
+        if head + tail > num_frames:
+            raise InputError(f"{head} head + {tail} tail frames do not fit in a {num_frames}-frame segment")
+        dt = self.model_dtype
+        pose_latents = encode_video(self.vae, frames_to_tensor(paste_head_tail(pose, head_frames, tail_frames)).to(dt))
+        hand_latents = encode_video(self.vae, frames_to_tensor(paste_head_tail(hand, head_frames, tail_frames)).to(dt))
+        mask = condition_mask(num_frames, head, tail, height // SPATIAL, width // SPATIAL, dt)[None]
+        device = self._execution_device
+        return torch.cat([mask, pose_latents], dim=1).to(device), hand_latents.to(device)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        *,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        image_embeds: torch.Tensor,
+        reference_latents: torch.Tensor,
+        pose_frames: np.ndarray,
+        hand_frames: np.ndarray,
+        head_frames: np.ndarray | None = None,
+        tail_frames: np.ndarray | None = None,
+        seed: int = DEFAULT_SEED,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 5.0,
+        kv_share: KVShareCache | None = None,
+        callback_on_step_end: StepCallback | None = None,
+    ) -> np.ndarray:
+        """Generate one segment: uint8 frames [F, H, W, 3] at the reference latent's size (x8).
+
+        ``pose_frames``/``hand_frames`` are uint8 [F, H, W, 3] (F = 81; other sizes are cropped and resized like the
+        release); ``head_frames``/``tail_frames`` are the neighbouring segments' frames for transition segments.
+        ``kv_share`` is the background-sharing cache (recording for the anchor, replaying for other base segments).
+        ``callback_on_step_end(pipe, step, timestep, {"latents": ...})`` may return a dict with new ``latents``.
+        """
+        height, width = reference_latents.shape[-2] * SPATIAL, reference_latents.shape[-1] * SPATIAL
+        try:
+            control_latents, hand_latents = self.encode_conditions(pose_frames, hand_frames, head_frames, tail_frames, height, width)
+            latents = self._denoise(
+                prompt_embeds,
+                negative_prompt_embeds,
+                image_embeds,
+                reference_latents,
+                control_latents,
+                hand_latents,
+                seed,
+                num_inference_steps,
+                guidance_scale,
+                kv_share,
+                callback_on_step_end,
+            )
+            pixels = decode_latents(self.vae, latents)
+        except torch.cuda.OutOfMemoryError:
+            raise _oom_error("generating a segment") from None
+        self.maybe_free_model_hooks()
+        return tensor_to_frames(pixels)
+
+    def _denoise(
+        self,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        image_embeds: torch.Tensor,
+        reference_latents: torch.Tensor,
+        control_latents: torch.Tensor,
+        hand_latents: torch.Tensor,
+        seed: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        kv_share: KVShareCache | None,
+        callback_on_step_end: StepCallback | None,
+    ) -> torch.Tensor:
+        """The release's sampling loop: CPU float32 noise, positive branch before negative, bf16 Euler updates."""
+        dt = self.model_dtype
+        device = self._execution_device
+        shape = (1, LATENT_CHANNELS, *control_latents.shape[2:])
+        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+        latents = noise.to(dt).to(device)
+        set_release_timesteps(self.scheduler, num_inference_steps)
+        sigmas = self.scheduler.sigmas
+        shared: dict[str, Any] = {
+            "encoder_hidden_states_image": image_embeds.to(device, dt),
+            "control_latents": control_latents.to(device, dt),
+            "reference_latents": reference_latents.to(device, dt),
+            "hand_latents": hand_latents.to(device, dt),
+        }
+        positive, negative = prompt_embeds.to(device, dt), negative_prompt_embeds.to(device, dt)
+        for step, t in enumerate(self.scheduler.timesteps):
+            timestep = model_timestep(t, dt, device)
+            velocity = self.transformer(
+                hidden_states=latents,
+                timestep=timestep,
+                encoder_hidden_states=positive,
+                kv_share=kv_share.view(step, "cond") if kv_share is not None else None,
+                **shared,
+            ).sample
+            if guidance_scale != 1.0:
+                velocity_negative = self.transformer(
+                    hidden_states=latents,
+                    timestep=timestep,
+                    encoder_hidden_states=negative,
+                    kv_share=kv_share.view(step, "uncond") if kv_share is not None else None,
+                    **shared,
+                ).sample
+                velocity = guided_velocity(velocity, velocity_negative, guidance_scale)
+            latents = euler_step(latents, velocity, sigmas[step], sigmas[step + 1])
+            if callback_on_step_end is not None:
+                update = callback_on_step_end(self, step, t, {"latents": latents})
+                if update and "latents" in update:
+                    latents = update["latents"]
+        return latents
+
+
+def check_model_size(height: int, width: int) -> None:
+    """Raise an InputError unless both sides are positive multiples of 16."""
+    if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+        raise InputError(f"model size {width}x{height} (WxH) must be positive multiples of {SIZE_MULTIPLE}; pick e.g. 720x1280 or 352x640")
+
+
+def _to_model_size(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Frames already at the model size pass through; others get the release's 9:16 crop and resize."""
+    frames = np.asarray(frames)
+    if frames.ndim == 4 and frames.dtype == np.uint8 and frames.shape[1:3] != (height, width):
+        return frame_to_model(frames, (height, width))
+    return frames

@@ -1,0 +1,266 @@
+"""``PoseGenPipeline`` on tiny random models: layout, determinism, the sampling loop and conditioning wiring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from safetensors.torch import load_file
+
+from posegen_cli import hub
+from posegen_cli.errors import InputError, MissingModelError
+from posegen_cli.models import KVShareCache
+from posegen_cli.pipelines.conditioning import condition_mask
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pipelines.scheduling import make_scheduler
+from posegen_cli.pipelines.text import DEFAULT_NEGATIVE
+from posegen_cli.pipelines.vae import decode_latents, encode_video, frames_to_tensor, tensor_to_frames
+from posegen_cli.pose.framing import frame_to_model
+from posegen_cli.testing import make_tiny_models
+from posegen_cli.video import load_image
+
+H, W = 64, 32
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return make_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir) -> PoseGenPipeline:
+    return PoseGenPipeline.from_models(tiny_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def embeds(pipe, shared_data):
+    prompt, negative = pipe.encode_prompt("a woman dancing in a red dress")
+    image, reference = pipe.encode_reference(load_image(shared_data / "reference_person.png"), H, W)
+    return {"prompt_embeds": prompt, "negative_prompt_embeds": negative, "image_embeds": image, "reference_latents": reference}
+
+
+def driving(seed: int, n: int = 81, h: int = H, w: int = W) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_tiny_models_have_the_download_layout(tiny_dir):
+    wan = tiny_dir / "wan-i2v-720p"
+    for sub in ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor"):
+        assert (wan / sub).is_dir(), sub
+    assert not (wan / "transformer").exists()
+    assert hub.model_path("wan-i2v-720p", tiny_dir) == wan
+    assert hub.model_path("posegen", tiny_dir) == tiny_dir / "posegen"
+    for variant in ("720p-81f-base", "720p-81f-cond"):
+        folder = tiny_dir / "posegen" / variant
+        shards = sorted(folder.glob("*.bin"))
+        assert (folder / "model_config.json").is_file() and len(shards) == 2
+        keys = [k for shard in shards for k in torch.load(shard, weights_only=True)]
+        assert all(k.startswith("pipe.dit.") for k in keys)
+        assert "pipe.dit.blocks.0.self_attn.q.lora_A.default.weight" in keys
+        assert "pipe.dit.blocks.0.self_attn.q.base_layer.weight" in keys
+        assert "pipe.dit.ref_patch_embedding.weight" in keys
+
+
+def test_tiny_models_are_reproducible(tiny_dir, tmp_path):
+    again = make_tiny_models(tmp_path / "again")
+    for rel in ("wan-i2v-720p/vae/diffusion_pytorch_model.safetensors", "wan-i2v-720p/text_encoder/model.safetensors"):
+        a, b = load_file(tiny_dir / rel), load_file(again / rel)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(tiny_dir / "posegen/720p-81f-cond/pytorch_model-00001-of-00002.bin", weights_only=True)
+    b = torch.load(again / "posegen/720p-81f-cond/pytorch_model-00001-of-00002.bin", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_models_are_reported(tmp_path):
+    with pytest.raises(MissingModelError, match="wan-i2v-720p"):
+        PoseGenPipeline.from_models(tmp_path, device="cpu")
+
+
+def test_embeddings_have_the_model_shapes(embeds):
+    assert embeds["prompt_embeds"].shape == (1, 512, 32)
+    assert embeds["negative_prompt_embeds"].shape == (1, 512, 32)
+    assert not torch.equal(embeds["prompt_embeds"], embeds["negative_prompt_embeds"])
+    assert embeds["image_embeds"].shape == (1, 257, 20)
+    assert embeds["reference_latents"].shape == (1, 16, 1, H // 8, W // 8)
+
+
+def test_segment_is_deterministic_per_seed(pipe, embeds):
+    pipe.use_variant("base")
+    pose, hand = driving(1), driving(2)
+    first = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, seed=7)
+    again = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, seed=7)
+    other = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, seed=8)
+    assert first.shape == (81, H, W, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+    pipe.use_variant("transition")
+    switched = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, seed=7)
+    pipe.use_variant("base")
+    assert not np.array_equal(first, switched)
+    assert np.array_equal(pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, seed=7), first)
+
+
+class RecordingTransformer(torch.nn.Module):
+    """Stands in for the DiT: records every call and returns a fixed velocity per branch."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.calls: list[dict] = []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, **kwargs):
+        self.calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+        positive = len(self.calls) % 2 == 1
+        value = 0.25 if positive else -0.5
+        out = torch.full_like(kwargs["hidden_states"], value)
+        return Transformer2DModelOutput(sample=out)
+
+
+def stand_in_pipeline(pipe: PoseGenPipeline, dtype: torch.dtype) -> tuple[PoseGenPipeline, RecordingTransformer]:
+    recorder = RecordingTransformer(dtype)
+    vae = pipe.vae.to(dtype)
+    stand_in = PoseGenPipeline(None, None, None, vae, recorder, make_scheduler())
+    return stand_in, recorder
+
+
+def test_sampling_loop_follows_the_release(pipe, embeds):
+    dtype = torch.bfloat16
+    stand_in, recorder = stand_in_pipeline(pipe, dtype)
+    try:
+        pose, hand = driving(3), driving(4)
+        seen = []
+        frames = stand_in(
+            **embeds,
+            pose_frames=pose,
+            hand_frames=hand,
+            num_inference_steps=3,
+            seed=42,
+            guidance_scale=5.0,
+            callback_on_step_end=lambda p, i, t, d: seen.append((i, d["latents"].clone())),
+        )
+        # Two forwards per step, positive prompt first; timesteps rounded to bf16.
+        assert len(recorder.calls) == 6
+        for i, call in enumerate(recorder.calls):
+            expected = embeds["prompt_embeds"] if i % 2 == 0 else embeds["negative_prompt_embeds"]
+            assert torch.equal(call["encoder_hidden_states"], expected.to(dtype))
+            assert call["timestep"].dtype == dtype and call["timestep"].shape == (1,)
+        # 3 steps: sigma = 1, 10/11, 5/7 -> 1000, 909.09, 714.29 -> bf16 1000, 908, 716.
+        assert [c["timestep"].item() for c in recorder.calls[::2]] == [1000.0, 908.0, 716.0]
+        # Noise: float32 randn on CPU from the seed, then cast; x <- x + v (sigma_next - sigma) in bf16.
+        noise = torch.randn((1, 16, 21, H // 8, W // 8), generator=torch.Generator("cpu").manual_seed(42)).to(dtype)
+        assert torch.equal(recorder.calls[0]["hidden_states"], noise)
+        s = torch.linspace(1, 0, 4)[:-1]
+        sigmas = torch.cat([5 * s / (1 + 4 * s), torch.zeros(1)])
+        v = torch.tensor(-0.5, dtype=dtype) + 5.0 * (torch.tensor(0.25, dtype=dtype) - torch.tensor(-0.5, dtype=dtype))
+        x = noise
+        for i in range(3):
+            x = x + v * (sigmas[i + 1] - sigmas[i])
+            assert torch.equal(seen[i][1], x)
+        # Output: tiled decode, truncated to uint8.
+        assert np.array_equal(frames, tensor_to_frames(decode_latents(stand_in.vae, x)))
+    finally:
+        pipe.vae.to(torch.float32)
+
+
+def test_transition_conditioning_uses_head_and_tail_frames(pipe, embeds):
+    stand_in, recorder = stand_in_pipeline(pipe, torch.float32)
+    pose, hand = driving(5), driving(6)
+    head, tail = driving(7, 21), driving(8, 20)
+    stand_in(**embeds, pose_frames=pose, hand_frames=hand, head_frames=head, tail_frames=tail, num_inference_steps=1, guidance_scale=1.0)
+    assert len(recorder.calls) == 1  # guidance 1: no negative branch
+    call = recorder.calls[0]
+    control, hand_latents = call["control_latents"], call["hand_latents"]
+    assert control.shape == (1, 20, 21, H // 8, W // 8)
+    assert torch.equal(control[0, :4], condition_mask(81, 21, 20, H // 8, W // 8, torch.float32))
+    pasted_pose = np.concatenate([head, pose[21:61], tail])
+    pasted_hand = np.concatenate([head, hand[21:61], tail])
+    assert torch.equal(control[:, 4:], encode_video(pipe.vae, frames_to_tensor(pasted_pose)))
+    assert torch.equal(hand_latents, encode_video(pipe.vae, frames_to_tensor(pasted_hand)))
+    assert torch.equal(call["reference_latents"], embeds["reference_latents"])
+    assert torch.equal(call["encoder_hidden_states_image"], embeds["image_embeds"])
+
+    recorder.calls.clear()
+    stand_in(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=1, guidance_scale=1.0)
+    assert not recorder.calls[0]["control_latents"][:, :4].any()
+    assert torch.equal(recorder.calls[0]["control_latents"][:, 4:], encode_video(pipe.vae, frames_to_tensor(pose)))
+
+
+def test_frames_of_another_size_are_framed_like_the_release(pipe, embeds):
+    stand_in, recorder = stand_in_pipeline(pipe, torch.float32)
+    big_pose, big_hand = driving(9, h=100, w=60), driving(10, h=100, w=60)
+    stand_in(**embeds, pose_frames=big_pose, hand_frames=big_hand, num_inference_steps=1, guidance_scale=1.0)
+    framed = frame_to_model(big_pose, (H, W))
+    assert torch.equal(recorder.calls[0]["control_latents"][:, 4:], encode_video(pipe.vae, frames_to_tensor(framed)))
+
+
+def test_kv_share_views_are_passed_per_step_and_branch(pipe, embeds):
+    stand_in, recorder = stand_in_pipeline(pipe, torch.float32)
+    cache = KVShareCache(steps=[0], blocks=[1], subject_positions=[1], max_map_block=0)
+    stand_in(**embeds, pose_frames=driving(1), hand_frames=driving(2), num_inference_steps=2, kv_share=cache)
+    views = [c["kv_share"] for c in recorder.calls]
+    assert [(v.step, v.branch) for v in views[:2]] == [(0, "cond"), (0, "uncond")]
+    assert views[2:] == [None, None]
+
+
+def test_bad_segment_inputs_are_input_errors(pipe, embeds):
+    with pytest.raises(InputError, match="4k\\+1"):
+        pipe(**embeds, pose_frames=driving(1, 80), hand_frames=driving(2, 80), num_inference_steps=1)
+    with pytest.raises(InputError, match="hand frames has 77 frames"):
+        pipe(**embeds, pose_frames=driving(1, 81), hand_frames=driving(2, 77), num_inference_steps=1)
+    with pytest.raises(InputError, match="pose frames must be uint8 RGB"):
+        pipe(**embeds, pose_frames=driving(1).astype(np.float32), hand_frames=driving(2), num_inference_steps=1)
+    with pytest.raises(InputError, match="head frames"):
+        pipe(**embeds, pose_frames=driving(1), hand_frames=driving(2), head_frames=driving(3, 21, 32, 32), num_inference_steps=1)
+    with pytest.raises(InputError, match="multiples of 16"):
+        pipe.encode_reference(np.zeros((100, 60, 3), np.uint8), 100, 60)
+    with pytest.raises(InputError, match="uint8 RGB"):
+        pipe.encode_reference(np.zeros((100, 60), np.uint8), H, W)
+
+
+def test_default_negative_prompt_is_the_wan_chinese_text():
+    assert DEFAULT_NEGATIVE.startswith("色调艳丽，过曝，静态")
+    assert DEFAULT_NEGATIVE.endswith("背景人很多，倒着走")
+    assert "，" in DEFAULT_NEGATIVE and "," not in DEFAULT_NEGATIVE
+
+
+def test_make_tiny_models_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from posegen_cli.testing.__main__ import app
+
+    result = CliRunner().invoke(app, ["make-tiny-models", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert f"--models-dir {tmp_path / 'm'}" in result.output
+    assert hub.find_local("wan-i2v-720p", tmp_path / "m") == tmp_path / "m" / "wan-i2v-720p"
+    assert hub.find_local("posegen", tmp_path / "m") == tmp_path / "m" / "posegen"
+
+
+def test_onload_triggers_an_offload_hook_before_reading_the_device():
+    from posegen_cli.pipelines.offload import onload
+
+    class Hook:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def pre_forward(self, module: torch.nn.Module) -> None:
+            self.calls += 1
+            module.to(torch.float64)  # stands in for the move to the execution device
+
+    module = torch.nn.Linear(2, 2)
+    assert onload(module) == torch.device("cpu")
+    module._hf_hook = Hook()
+    assert onload(module) == torch.device("cpu")
+    assert module._hf_hook.calls == 1 and module.weight.dtype == torch.float64
