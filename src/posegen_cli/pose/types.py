@@ -10,6 +10,9 @@ import numpy as np
 
 NUM_KEYPOINTS = 133
 """COCO-WholeBody: 17 body, 6 feet, 68 face, 21 left hand, 21 right hand."""
+FACE_START, FACE_SIZE = 23, 68
+LEFT_HAND_START, RIGHT_HAND_START, HAND_SIZE = 91, 112, 21
+LEFT_WRIST, RIGHT_WRIST = 9, 10
 
 
 @dataclass
@@ -36,5 +39,9 @@ class NormalBackend(Protocol):
     name: str
 
     def normals_and_segmentation(self, frames: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per frame: normals (H, W, 3) float32 in [-1, 1] and class ids (H, W) int, at the frame's size."""
+        """Per frame, at the frame's size: normals (H, W, 3) and Goliath class ids (H, W) int.
+
+        Normals are either the release's uint8 codes (``normal.npy``) or float vectors, raw or unit;
+        ``render.render_hand_normals`` accepts both.
+        """
         ...
