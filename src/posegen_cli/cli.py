@@ -36,7 +36,7 @@ class Backend(str, Enum):
 class HandNormals(str, Enum):
     auto = "auto"
     sapiens = "sapiens"
-    black = "black"
+    none = "none"
 
 
 class AlignMode(str, Enum):
@@ -174,10 +174,16 @@ def extract_pose(
     video: Annotated[Path, typer.Argument(help="Driving video.", show_default=False)],
     out_dir: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default: <video name>_pose next to the video).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", help="sapiens (the paper's extractor, GPU), mediapipe (CPU, offline), auto.")] = Backend.auto,
-    hand_normals: Annotated[HandNormals, typer.Option("--hand-normals", help="Hand-normal video from Sapiens normals, or black (in distribution: the model saw 10% black hands).")] = HandNormals.auto,
+    hand_normals: Annotated[HandNormals, typer.Option("--hand-normals", help="Hand-normal video from Sapiens normals, or none: a black video (in distribution: the model saw 10% black hands). auto: sapiens with the sapiens backend.")] = HandNormals.auto,
     track: Annotated[bool, typer.Option("--track", help="Follow the same person across frames (box IoU) instead of the top-scoring one each frame.")] = False,
     lossless: Annotated[bool, typer.Option("--lossless", help="Write pose.mp4/hand.mp4 losslessly (bit-exact colours).")] = False,
-    fmt: Annotated[KeypointFormat, typer.Option("--format", help="Also write keypoints as one OpenPose JSON per frame.")] = KeypointFormat.npz,
+    fmt: Annotated[KeypointFormat, typer.Option("--format", help="Keypoints as keypoints.npz only, or also one OpenPose JSON per frame in openpose/.")] = KeypointFormat.npz,
+    body_threshold: Annotated[float, typer.Option("--body-threshold", help="Body keypoint score needed to draw it (the release: 0.3, calibrated for Sapiens).")] = 0.3,
+    hand_threshold: Annotated[float, typer.Option("--hand-threshold", help="Hand keypoint score needed to draw it (the release: 0.7).")] = 0.7,
+    model_size: Annotated[str, typer.Option("--model-size", help="Sapiens pose model: 0.3b, 0.6b, 1b or 2b (the release's).")] = "2b",
+    seg_size: Annotated[str, typer.Option("--seg-size", help="Sapiens segmentation model: 0.6b or 1b (the release's).")] = "1b",
+    normal_size: Annotated[str, typer.Option("--normal-size", help="Sapiens normal model: 0.3b, 0.6b, 1b or 2b (the release's).")] = "2b",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Frames per Sapiens batch on the GPU.")] = 8,
     from_keypoints: Annotated[Optional[Path], typer.Option("--from-keypoints", help="Render from a keypoints.npz or OpenPose JSON folder instead of detecting.")] = None,
     align_to: Annotated[Optional[Path], typer.Option("--align-to", help="Reference photo: retarget the skeleton onto this person and frame it at 720x1280.")] = None,
     align: Annotated[AlignMode, typer.Option("--align", help="With --align-to: scale+offset (auto), also limb lengths (limbs), or none.")] = AlignMode.auto,
@@ -197,6 +203,8 @@ def extract_pose(
             video, out_dir, backend=backend.value, hand_normals=hand_normals.value, track=track, lossless=lossless,
             output_format=fmt.value, from_keypoints=from_keypoints, align_to=align_to, align=align.value,
             device=device, models_dir=models_dir, use_cache=not no_cache, reporter=reporter,
+            body_threshold=body_threshold, hand_threshold=hand_threshold, model_size=model_size, seg_size=seg_size,
+            normal_size=normal_size, batch_size=batch_size,
         )
         reporter.summary(result.summary(), title="Pose extracted")
 

@@ -46,8 +46,8 @@ from posegen_cli.video import VideoWriter, iter_frames, load_image, probe_video
 
 BACKENDS = ("auto", "sapiens", "mediapipe")
 HAND_NORMAL_SOURCES = ("auto", "sapiens", "none")
-OUTPUT_FORMATS = ("mp4", "npz", "openpose-json")
-"""``mp4`` and ``npz`` (the same thing) write the videos and keypoints.npz; ``openpose-json`` adds ``openpose/``."""
+OUTPUT_FORMATS = ("npz", "openpose-json")
+"""Keypoints are always written as keypoints.npz beside the videos; ``openpose-json`` adds ``openpose/``."""
 POSE_FILE, HAND_FILE, KEYPOINTS_FILE, OVERLAY_FILE, OPENPOSE_DIR = "pose.mp4", "hand.mp4", "keypoints.npz", "overlay.mp4", "openpose"
 ALIGNED_KEYPOINTS_FILE, ALIGNMENT_PNG = "keypoints_aligned.npz", "alignment.png"
 _RESULT_FILE = "result.json"
@@ -421,7 +421,7 @@ def extract_pose(
     hand_normals: str = "auto",
     track: bool = False,
     lossless: bool = False,
-    output_format: str = "mp4",
+    output_format: str = "npz",
     from_keypoints: Path | None = None,
     align_to: Path | None = None,
     align: str = "auto",
