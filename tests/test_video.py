@@ -69,6 +69,14 @@ def test_audio_is_muxed_and_trimmed(tmp_path: Path, tone: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["with_audio.mp4"]
 
 
+def test_short_audio_never_shortens_the_video(tmp_path: Path) -> None:
+    short = tmp_path / "short.m4a"
+    assert run_ffmpeg(["-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100:duration=1.35", "-c:a", "aac", str(short)]).returncode == 0
+    out = write_video(tmp_path / "v.mp4", _smooth_frames(36), 25, audio_from=short)
+    info = probe_video(out)
+    assert info.frame_count == 36 and info.has_audio
+
+
 def test_mux_without_audio_source_keeps_video(tmp_path: Path) -> None:
     silent = write_video(tmp_path / "a.mp4", _noise_frames(4), 10, lossless=True)
     out = mux_audio(silent, silent, tmp_path / "b.mp4")

@@ -6,17 +6,21 @@ from pathlib import Path
 
 from posegen_cli.errors import InputError, ResourceError
 from posegen_cli.video._ffmpeg import has_audio_stream, run_ffmpeg, stream_header
+from posegen_cli.video.decode import probe_video
 
 
 def mux_audio(video: str | Path, audio_source: str | Path, out: str | Path) -> Path:
     """Write ``out`` = ``video``'s picture (copied, not re-encoded) + ``audio_source``'s first audio stream as AAC.
 
-    The audio is cut at the video's end, so a trimmed or shorter generation never plays on in silence.
+    The audio is cut at the video's end, and a shorter audio track never shortens the picture.
     A source without audio gives the video unchanged.
     """
     video, audio_source, out = Path(video), Path(audio_source), Path(out)
     has_audio = has_audio_stream(stream_header(audio_source))
-    maps = ["-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "192k", "-shortest"] if has_audio else ["-map", "0:v:0"]
+    picture = probe_video(video)
+    # -t, not -shortest: with a copied video stream -shortest cuts the picture when the audio ends first.
+    duration = f"{float(picture.frame_count / picture.fps):.6f}"
+    maps = ["-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "192k", "-t", duration] if has_audio else ["-map", "0:v:0"]
     result = run_ffmpeg(
         ["-loglevel", "error", "-y", "-i", str(video), "-i", str(audio_source), *maps, "-c:v", "copy",
          "-movflags", "+faststart", "-f", "mp4", str(out)]

@@ -1,0 +1,329 @@
+"""``posegen animate``: reference photo + driving video in, the whole long video out, in one process.
+
+Phases: pose extraction → caption and subject tokens → shot preset → model load (once; base and transition
+variants share it) → segments in order (anchor, bases replaying its K/V, transitions) into a resumable work
+folder → cross-fade merge trimmed to the driving length → H.264 at the driving fps with its audio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from posegen_cli.device import resolve_device, resolve_dtype
+from posegen_cli.errors import InputError, ResourceError, require_file
+from posegen_cli.longvideo.merge import iter_merged
+from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
+from posegen_cli.longvideo.plan import (
+    TRANSITION,
+    Segment,
+    output_frames,
+    overlap_before,
+    plan_segments,
+    timeline_order,
+)
+from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot, kv_share_ranges
+from posegen_cli.longvideo.segments import SegmentStats, render_segments
+from posegen_cli.longvideo.sources import FrameSource
+from posegen_cli.longvideo.workdir import WorkDir
+from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
+from posegen_cli.report import Reporter
+from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
+
+ENGINE_VERSION = 1
+"""Part of every work folder's key: bump when a change makes old finished segments wrong."""
+
+
+@dataclass
+class PhaseTimer:
+    """Wall time per named phase, in the order the phases ran, and the memory peak of each phase.
+
+    GPU peaks are per phase (the allocator's peak is reset when a phase starts); the process's resident-set
+    peak can only grow, so each phase records the peak reached by its end.
+    """
+
+    device: torch.device
+    seconds: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    gpu_peak: int = 0
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            peaks = {"rss_peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(self.device)
+                self.gpu_peak = max(self.gpu_peak, peak)
+                peaks["gpu_peak_gb"] = round(peak / 1024**3, 3)
+            self.memory[name] = peaks
+
+
+@dataclass
+class AnimateResult:
+    """What ``animate`` made and what it cost."""
+
+    output: Path
+    frames: int
+    fps: Fraction
+    width: int
+    height: int
+    audio: bool
+    segments: int
+    computed: list[int]
+    reused: list[int]
+    kv_rebuilt: bool
+    segment_seconds: dict[int, float]
+    shot: str
+    kv: KVShareRanges
+    prompt: str
+    subject: str
+    phases: dict[str, float]
+    phase_memory: dict[str, dict[str, float]]
+    peak_gpu_memory_bytes: int | None
+    work_dir: Path | None
+
+    def summary(self) -> dict[str, Any]:
+        """Plain values for ``Reporter.summary`` (and ``--json``)."""
+        return {
+            "output": str(self.output),
+            "frames": self.frames,
+            "fps": float(self.fps),
+            "size": f"{self.width}x{self.height}",
+            "audio": self.audio,
+            "segments": self.segments,
+            "segments_computed": len(self.computed),
+            "segments_reused": len(self.reused),
+            "anchor_kv_rebuilt": self.kv_rebuilt,
+            "seconds_per_segment": round(sum(self.segment_seconds.values()) / len(self.segment_seconds), 2)
+            if self.segment_seconds
+            else None,
+            "shot": self.shot,
+            "kv_steps": list(self.kv.steps),
+            "kv_blocks": list(self.kv.blocks),
+            "subject": self.subject,
+            "seconds": {name: round(value, 2) for name, value in self.phases.items()},
+            "total_seconds": round(sum(self.phases.values()), 2),
+            "memory_gb": self.phase_memory,
+            "peak_gpu_memory_gb": None if self.peak_gpu_memory_bytes is None else round(self.peak_gpu_memory_bytes / 1024**3, 2),
+            "work_dir": None if self.work_dir is None else str(self.work_dir),
+        }
+
+
+def check_output_path(output: Path, inputs: list[Path]) -> Path:
+    """The output must be a new .mp4 path that does not overwrite an input."""
+    output = Path(output)
+    if output.suffix.lower() != ".mp4":
+        raise InputError(f"output {output} must end in .mp4 (the video is H.264 in an MP4 container)")
+    if output.is_dir():
+        raise InputError(f"output {output} is a folder (give a file name such as {output / 'posegen.mp4'})")
+    for path in inputs:
+        if output.resolve() == path.resolve():
+            raise InputError(f"output {output} would overwrite the input {path} (choose another -o name)")
+    return output
+
+
+def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter: Reporter) -> str:
+    """``--shot auto`` reads the reference person's visible keypoints and height; an explicit shot is kept.
+
+    The person is detected on the reference framed at the model's full 720x1280, whatever the job's size, so a
+    preview picks the same preset as the real run.
+    """
+    if options.shot != "auto":
+        return options.shot
+    from posegen_cli.pose.extract import extract_reference_pose
+
+    framed_reference = frame_to_model(image)
+    person = extract_reference_pose(framed_reference, options.pose_backend, device=device, models_dir=options.models_dir)
+    if person is None:
+        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set --shot to choose)")
+        return DEFAULT_SHOT
+    shot = classify_shot(person.keypoints, person.scores, person.box, framed_reference.shape[0])
+    reporter.info(f"reference framing: {shot} (override with --shot)")
+    return shot
+
+
+def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], output: Path) -> None:
+    """Fail before hours of GPU work when the unfinished segments cannot fit in the work folder's disk."""
+    finished = work.finished()
+    missing = sum(seg.frames for seg in plan if seg.index not in finished)
+    needed = missing * size[0] * size[1] * 3
+    free = available_bytes(work.path)
+    if needed > free:
+        raise ResourceError(
+            f"the segments need {needed / 1024**3:.1f} GB in {work.path} but only {free / 1024**3:.1f} GB are free "
+            f"(free some space, or pass --work-dir on a larger disk; the video {output.name} itself is small)"
+        )
+
+
+def work_settings(
+    options: AnimateOptions, job: JobSettings, device: torch.device, dtype: torch.dtype, model_dirs: list[Path]
+) -> dict[str, Any]:
+    """Every setting that changes a segment's pixels, for the work folder's key (not --offload, --crf, audio).
+
+    Model folders count by their resolved path: a Hugging Face snapshot path names the commit.
+    """
+    return {
+        "engine": ENGINE_VERSION,
+        **job.key_fields(),
+        "kv_steps": job.kv_steps,
+        "kv_blocks": job.kv_blocks,
+        "shot": options.shot,
+        "prompt": options.prompt,
+        "subject": options.subject,
+        "align": options.align,
+        "pose_backend": options.pose_backend,
+        "anchor": options.anchor,
+        "pad": options.pad,
+        "segment": [options.segment_frames, options.head, options.tail],
+        "models": [str(path.resolve()) for path in model_dirs],
+        "device": device.type,
+        "dtype": str(dtype),
+    }
+
+
+def _write_video(
+    output: Path,
+    plan: list[Segment],
+    work: WorkDir,
+    *,
+    length: int,
+    info: VideoInfo,
+    options: AnimateOptions,
+    reporter: Reporter,
+) -> bool:
+    """Cross-fade the stored segments into ``output`` at the driving fps; returns whether audio was muxed."""
+    line = timeline_order(plan)
+    clips = ((work.load_segment(seg.index), overlap_before(seg, options.head, options.tail)) for seg in line)
+    audio = options.audio and info.has_audio
+    if options.audio and not info.has_audio:
+        reporter.info(f"{info.path.name} has no audio track; the output is silent")
+    with reporter.progress() as progress:
+        task = progress.add_task("merging and encoding", total=length, unit="frames")
+        with VideoWriter(output, info.fps, crf=options.crf, audio_from=info.path if audio else None) as writer:
+            for frame in iter_merged(clips, length):
+                writer.write(np.ascontiguousarray(frame))
+                progress.advance(task)
+    return audio
+
+
+def animate(
+    reference: Path,
+    driving: Path,
+    output: Path,
+    *,
+    options: AnimateOptions,
+    reporter: Reporter,
+    after_segment: Callable[[Segment], None] | None = None,
+) -> AnimateResult:
+    """Generate ``output`` from the ``reference`` photo and the ``driving`` video's motion.
+
+    Re-running after a crash or Ctrl-C with the same inputs and settings continues from the finished segments.
+    ``after_segment`` runs after each newly generated segment is stored.
+    """
+    job = resolve_settings(options)
+    reference = require_file(reference, "reference image")
+    driving = require_file(driving, "driving video")
+    output = check_output_path(output, [reference, driving])
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    timer = PhaseTimer(device)
+    size = (job.height, job.width)
+
+    with timer("inputs"):
+        from posegen_cli.hub import model_path
+
+        image = load_image(reference)
+        warn_if_cropped(reporter, image.shape[1], image.shape[0], f"reference image {reference.name}", size)
+        framed = frame_to_model(image, size)
+        info = probe_video(driving)
+        model_dirs = [model_path(name, options.models_dir) for name in ("wan-i2v-720p", "posegen")]
+        plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
+        length = output_frames(plan, info.frame_count)
+        root = Path(options.work_dir) if options.work_dir is not None else None
+        work = WorkDir.for_job([reference, driving], work_settings(options, job, device, dtype, model_dirs), root)
+        check_disk_space(work, plan, size, output)
+    reporter.info(
+        f"{info.frame_count} driving frames at {fps_text(info.fps)} fps -> {len(plan)} segments of {options.segment_frames} "
+        f"frames at {job.width}x{job.height}, {job.steps} steps (work folder {work.path})"
+    )
+    if length < info.frame_count:
+        reporter.warn(f"without padding the output covers only the first {length} of {info.frame_count} frames")
+
+    with timer("pose"):
+        from posegen_cli.pose.extract import extract_pose
+
+        poses = extract_pose(
+            driving, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,
+            device=options.device, models_dir=options.models_dir, reporter=reporter,
+        )  # fmt: skip
+        if poses.frame_count != info.frame_count:
+            raise InputError(f"pose extraction of {driving} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
+
+    with timer("prompt"):
+        from posegen_cli.prompting import run_prompt
+
+        prompt = run_prompt(
+            reference, work.stage_dir("prompt"), prompt=options.prompt, subject=options.subject, seed=options.seed,
+            device=options.device, models_dir=options.models_dir, reporter=reporter,
+        )  # fmt: skip
+        shot = pick_shot(options, image, options.device, reporter)
+
+    with timer("load models"):
+        from posegen_cli.longvideo.renderer import PipelineRenderer
+        from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+
+        pipe = PoseGenPipeline.from_models(options.models_dir, device=device, dtype=dtype, offload=options.offload, reporter=reporter)
+        kv = kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, job.kv_steps, job.kv_blocks)
+        renderer = PipelineRenderer(
+            pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
+            height=job.height, width=job.width, kv=kv, num_steps=job.steps, guidance=job.guidance, seed=job.seed,
+        )  # fmt: skip
+    reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
+
+    pose_source, hand_source = FrameSource(poses.pose_video, size), FrameSource(poses.hand_video, size)
+    try:
+        with timer("segments"):
+            stats: SegmentStats = render_segments(
+                plan, renderer, pose_source, hand_source, work, total_frames=info.frame_count, frame_shape=size,
+                head=options.head, tail=options.tail, reporter=reporter, after_segment=after_segment,
+            )  # fmt: skip
+    finally:
+        pose_source.close()
+        hand_source.close()
+        del renderer, pipe
+    transitions = sum(1 for seg in plan if seg.kind == TRANSITION)
+    if stats.reused:
+        reporter.info(f"reused {len(stats.reused)} finished segment(s) from {work.path}")
+
+    with timer("merge + encode"):
+        audio = _write_video(output, plan, work, length=length, info=info, options=options, reporter=reporter)
+
+    if options.keep_intermediates:
+        kept: Path | None = work.path
+    else:
+        work.remove()
+        kept = None
+    reporter.info(f"{len(plan) - transitions} base and {transitions} transition segment(s) -> {output}")
+    return AnimateResult(
+        output=output, frames=length, fps=info.fps, width=job.width, height=job.height, audio=audio,
+        segments=len(plan), computed=stats.computed, reused=stats.reused, kv_rebuilt=stats.rebuilt_anchor,
+        segment_seconds=stats.seconds, shot=shot, kv=kv,
+        prompt=prompt.prompt, subject=prompt.subject, phases=timer.seconds, phase_memory=timer.memory,
+        peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept,
+    )  # fmt: skip

@@ -1,0 +1,122 @@
+"""What ``posegen animate`` accepts, checked and turned into concrete numbers before any model loads."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from posegen_cli.errors import InputError
+
+PREVIEW_SIZE = (512, 288)
+"""(height, width) of ``--preview``: exactly 9:16 and multiples of 16, a twentieth of the 720x1280 pixels."""
+PREVIEW_STEPS = 8
+OFFLOAD_MODES = ("none", "model", "group")
+ALIGN_MODES = ("auto", "limbs", "none")
+
+
+@dataclass
+class AnimateOptions:
+    """Every ``posegen animate`` flag; defaults are the release's settings."""
+
+    prompt: str | None = None
+    subject: str | None = None
+    seed: int = 42
+    steps: int = 25
+    guidance: float = 5.0
+    resolution: str = "720x1280"
+    shot: str = "auto"
+    kv_steps: str | None = None
+    kv_blocks: str | None = None
+    align: str = "auto"
+    pose_backend: str = "auto"
+    offload: str = "none"
+    preview: bool = False
+    audio: bool = True
+    crf: int = 18
+    work_dir: Path | None = None
+    keep_intermediates: bool = False
+    models_dir: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    anchor: int = 0
+    pad: bool = True
+    segment_frames: int = 81
+    head: int = 21
+    tail: int = 20
+    """Segment geometry: the release's checkpoints were trained on 81/21/20; other 4k+1 lengths are for tests."""
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """``WxH`` to (height, width); both must be positive multiples of 16 (the VAE's 8x and the 2x2 patches)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not match:
+        raise InputError(f"--resolution {text!r} is not WxH (e.g. 720x1280)")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width <= 0 or height <= 0 or width % 16 or height % 16:
+        raise InputError(f"--resolution {text}: width and height must be positive multiples of 16 (e.g. 720x1280, 288x512)")
+    return height, width
+
+
+def parse_range(text: str | None, flag: str) -> tuple[int, int] | None:
+    """``"0-2"`` (or ``"0 2"``, ``"0,2"``) to the half-open range (0, 2); None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*[-, ]\s*(\d+)\s*", text)
+    if not match:
+        raise InputError(f"{flag} {text!r} is not START-END (e.g. 0-2; END is exclusive)")
+    return int(match.group(1)), int(match.group(2))
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """The options made concrete: sizes, step count, ranges; what the work folder's key is built from."""
+
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    seed: int
+    kv_steps: tuple[int, int] | None
+    kv_blocks: tuple[int, int] | None
+
+    def key_fields(self) -> dict[str, Any]:
+        return {
+            "height": self.height,
+            "width": self.width,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "seed": self.seed,
+        }
+
+
+def resolve_settings(options: AnimateOptions) -> JobSettings:
+    """Check every option that needs no file or model; ``--preview`` caps size and steps."""
+    height, width = parse_resolution(options.resolution)
+    steps = options.steps
+    if steps < 1:
+        raise InputError(f"--steps {steps}: need at least 1")
+    if options.preview:
+        height, width = min((height, width), PREVIEW_SIZE)
+        steps = min(steps, PREVIEW_STEPS)
+    if options.offload not in OFFLOAD_MODES:
+        raise InputError(f"--offload {options.offload!r} is not known (use {', '.join(OFFLOAD_MODES)})")
+    if options.align not in ALIGN_MODES:
+        raise InputError(f"--align {options.align!r} is not known (use {', '.join(ALIGN_MODES)})")
+    if not 0 <= options.crf <= 51:
+        raise InputError(f"--crf {options.crf} is out of range (use 0..51; 18 is visually lossless)")
+    return JobSettings(
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=float(options.guidance),
+        seed=int(options.seed),
+        kv_steps=parse_range(options.kv_steps, "--kv-steps"),
+        kv_blocks=parse_range(options.kv_blocks, "--kv-blocks"),
+    )
+
+
+def fps_text(fps: Fraction) -> str:
+    return str(fps.numerator) if fps.denominator == 1 else f"{fps.numerator}/{fps.denominator} ({float(fps):.3f})"

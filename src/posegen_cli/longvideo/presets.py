@@ -1,0 +1,96 @@
+"""How much background K/V the base segments borrow from the anchor, by shot type (the release's README table).
+
+Sharing more steps and blocks keeps the background steadier but spreads artefacts when the subject mask is
+wrong, and the mask is worse the smaller the subject, so wider shots share more. Ranges are half-open, as the
+release's ``-s``/``-b`` flags, and are given for the 25-step, 40-block model; other step counts and depths
+(previews, tiny test models) get the same fractions of their schedule and depth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from posegen_cli.errors import InputError
+
+REFERENCE_STEPS = 25
+REFERENCE_BLOCKS = 40
+MAX_MAP_BLOCK = 10
+"""Last block whose cross-attention maps build the subject mask (the release's ``max_block_idx``)."""
+
+SHOT_PRESETS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "close-up": ((0, 1), (34, 40)),
+    "half-body": ((0, 2), (34, 40)),
+    "full-body": ((0, 4), (32, 40)),
+    "distant": ((0, 4), (30, 40)),
+}
+DEFAULT_SHOT = "half-body"
+"""The release's default ``-s 0 2 -b 34 40``."""
+
+KEYPOINT_THRESHOLD = 0.3
+DISTANT_HEIGHT = 0.5
+"""A whole body shorter than this fraction of the image height counts as a distant view."""
+
+_HIPS = (11, 12)
+_ANKLES = (15, 16)
+
+
+@dataclass(frozen=True)
+class KVShareRanges:
+    """Half-open step and block ranges where base segments use the anchor's K/V, and the subject-map depth."""
+
+    steps: tuple[int, int]
+    blocks: tuple[int, int]
+    max_map_block: int
+
+    @property
+    def step_list(self) -> list[int]:
+        return list(range(*self.steps))
+
+    @property
+    def block_list(self) -> list[int]:
+        return list(range(*self.blocks))
+
+
+def classify_shot(keypoints: np.ndarray, scores: np.ndarray, box: np.ndarray, image_height: int) -> str:
+    """Shot type of the reference person from the COCO body keypoints it shows and its height in the image."""
+    visible = scores >= KEYPOINT_THRESHOLD
+    if any(visible[i] for i in _ANKLES):
+        height = float(box[3] - box[1])
+        return "distant" if height < DISTANT_HEIGHT * image_height else "full-body"
+    if any(visible[i] for i in _HIPS):
+        return "half-body"
+    return "close-up"
+
+
+def _scale(value: int, reference: int, actual: int) -> int:
+    return math.floor(value * actual / reference + 0.5)
+
+
+def kv_share_ranges(
+    shot: str,
+    num_steps: int,
+    num_blocks: int,
+    steps: tuple[int, int] | None = None,
+    blocks: tuple[int, int] | None = None,
+) -> KVShareRanges:
+    """The preset of ``shot`` fitted to this schedule and model depth; explicit ``steps``/``blocks`` win as given."""
+    if shot not in SHOT_PRESETS:
+        raise InputError(f"--shot {shot!r} is not known (use auto, {', '.join(SHOT_PRESETS)})")
+    preset_steps, preset_blocks = SHOT_PRESETS[shot]
+    max_map_block = MAX_MAP_BLOCK * num_blocks // REFERENCE_BLOCKS
+    if steps is None:
+        steps = (preset_steps[0], max(1, _scale(preset_steps[1], REFERENCE_STEPS, num_steps)))
+    if blocks is None:
+        first = max(max_map_block + 1, _scale(preset_blocks[0], REFERENCE_BLOCKS, num_blocks))
+        blocks = (min(first, num_blocks - 1), _scale(preset_blocks[1], REFERENCE_BLOCKS, num_blocks))
+    if not 0 <= steps[0] < steps[1] <= num_steps:
+        raise InputError(f"--kv-steps {steps[0]} {steps[1]}: need 0 <= start < stop <= {num_steps} (the number of steps)")
+    if not max_map_block < blocks[0] < blocks[1] <= num_blocks:
+        raise InputError(
+            f"--kv-blocks {blocks[0]} {blocks[1]}: need {max_map_block} < start < stop <= {num_blocks} "
+            f"(sharing blocks must come after the subject-map blocks 0-{max_map_block})"
+        )
+    return KVShareRanges(tuple(steps), tuple(blocks), max_map_block)

@@ -1,0 +1,125 @@
+"""The long-video engine's handle on a loaded ``PoseGenPipeline``: one job's embeddings, variants and K/V cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from posegen_cli.longvideo.presets import KVShareRanges
+from posegen_cli.longvideo.segments import StepCallback
+from posegen_cli.models import KVShareCache
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+
+
+class _Recorded(Exception):
+    """Raised from the step callback once the anchor has recorded its last shared step (cache rebuild only)."""
+
+
+class PipelineRenderer:
+    """Runs segments on one pipeline with the job's prompt and reference encoded once.
+
+    Base segments (anchor included) run on the "base" variant and transitions on the "transition" variant, swapped
+    in place; the anchor's K/V cache lives here from the anchor's run until :meth:`release_kv`.
+    """
+
+    def __init__(
+        self,
+        pipe: PoseGenPipeline,
+        *,
+        prompt: str,
+        subject_positions: Sequence[int],
+        reference: np.ndarray,
+        height: int,
+        width: int,
+        kv: KVShareRanges,
+        num_steps: int,
+        guidance: float,
+        seed: int,
+    ) -> None:
+        self.pipe = pipe
+        self.num_steps = num_steps
+        self.guidance = guidance
+        self.seed = seed
+        self.kv = kv
+        self.subject_positions = list(subject_positions)
+        self.prompt_embeds, self.negative_embeds = pipe.encode_prompt(prompt)
+        self.image_embeds, self.reference_latents = pipe.encode_reference(reference, height, width)
+        self.cache: KVShareCache | None = None
+        self._variant: str | None = None
+
+    def _use(self, variant: str) -> None:
+        if self._variant != variant:
+            self.pipe.use_variant(variant)
+            self._variant = variant
+
+    def _run(
+        self,
+        pose: np.ndarray,
+        hand: np.ndarray,
+        on_step: StepCallback,
+        *,
+        head: np.ndarray | None = None,
+        tail: np.ndarray | None = None,
+        kv_share: KVShareCache | None = None,
+        stop_after: int | None = None,
+    ) -> np.ndarray:
+        def callback(pipe: PoseGenPipeline, step: int, timestep: torch.Tensor, tensors: dict) -> None:
+            on_step(step + 1)
+            if stop_after is not None and step + 1 >= stop_after:
+                raise _Recorded
+
+        return self.pipe(
+            prompt_embeds=self.prompt_embeds,
+            negative_prompt_embeds=self.negative_embeds,
+            image_embeds=self.image_embeds,
+            reference_latents=self.reference_latents,
+            pose_frames=pose,
+            hand_frames=hand,
+            head_frames=head,
+            tail_frames=tail,
+            seed=self.seed,
+            num_inference_steps=self.num_steps,
+            guidance_scale=self.guidance,
+            kv_share=kv_share,
+            callback_on_step_end=callback,
+        )
+
+    def anchor_steps(self) -> int:
+        return self.kv.steps[1]
+
+    def render_anchor(
+        self, pose: np.ndarray, hand: np.ndarray, on_step: StepCallback, *, record: bool, frames_needed: bool = True
+    ) -> np.ndarray | None:
+        self._use("base")
+        self.release_kv()
+        if record:
+            self.cache = KVShareCache(self.kv.step_list, self.kv.block_list, self.subject_positions, max_map_block=self.kv.max_map_block)
+        frames = None
+        try:
+            frames = self._run(pose, hand, on_step, kv_share=self.cache, stop_after=None if frames_needed else self.anchor_steps())
+        except _Recorded:
+            self.pipe.maybe_free_model_hooks()
+        if self.cache is not None:
+            self.cache.start_replay()
+        return frames
+
+    def render_base(self, pose: np.ndarray, hand: np.ndarray, on_step: StepCallback) -> np.ndarray:
+        if self.cache is None:
+            raise RuntimeError("base segments need the anchor's K/V: render the anchor first")
+        self._use("base")
+        return self._run(pose, hand, on_step, kv_share=self.cache)
+
+    def render_transition(
+        self, pose: np.ndarray, hand: np.ndarray, head: np.ndarray, tail: np.ndarray, on_step: StepCallback
+    ) -> np.ndarray:
+        self._use("transition")
+        return self._run(pose, hand, on_step, head=head, tail=tail)
+
+    def release_kv(self) -> None:
+        if self.cache is not None:
+            self.cache.release()
+            self.cache = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

@@ -1,0 +1,131 @@
+"""Generating a plan's segments in order, with the anchor's K/V alive exactly while base segments need it.
+
+Order and lifecycle: the anchor records K/V (and its subject mask) while it denoises; every other base replays
+them; the cache is released before the first transition (transitions share nothing) and in any case when the
+job ends, error or not. Finished segments come from the work folder instead of being generated again; when the
+anchor is finished but some base is not, the anchor is re-run only as far as its last shared step to rebuild
+the cache, its frames being on disk already.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from posegen_cli.longvideo.plan import ANCHOR, BASE, Segment, segment_frame_indices
+from posegen_cli.longvideo.sources import FrameSource
+from posegen_cli.longvideo.workdir import WorkDir
+from posegen_cli.report import Reporter
+
+StepCallback = Callable[[int], None]
+"""Called after each denoising step with the number of steps done in this segment."""
+
+
+class SegmentRenderer(Protocol):
+    """One loaded model set that turns a segment's conditioning frames into video frames."""
+
+    num_steps: int
+
+    def render_anchor(
+        self, pose: np.ndarray, hand: np.ndarray, on_step: StepCallback, *, record: bool, frames_needed: bool = True
+    ) -> np.ndarray | None:
+        """Denoise the anchor, keeping its K/V if ``record``; with ``frames_needed=False`` stop after the last shared step."""
+        ...
+
+    def anchor_steps(self) -> int:
+        """Denoising steps needed to rebuild the cache (the last shared step + 1)."""
+        ...
+
+    def render_base(self, pose: np.ndarray, hand: np.ndarray, on_step: StepCallback) -> np.ndarray: ...
+
+    def render_transition(
+        self, pose: np.ndarray, hand: np.ndarray, head: np.ndarray, tail: np.ndarray, on_step: StepCallback
+    ) -> np.ndarray: ...
+
+    def release_kv(self) -> None:
+        """Free the anchor's K/V (safe to call when none is held)."""
+        ...
+
+
+@dataclass
+class SegmentStats:
+    computed: list[int] = field(default_factory=list)
+    reused: list[int] = field(default_factory=list)
+    rebuilt_anchor: bool = False
+    seconds: dict[int, float] = field(default_factory=dict)
+
+
+def render_segments(
+    plan: list[Segment],
+    renderer: SegmentRenderer,
+    pose: FrameSource,
+    hand: FrameSource,
+    work: WorkDir,
+    *,
+    total_frames: int,
+    frame_shape: tuple[int, int],
+    head: int,
+    tail: int,
+    reporter: Reporter,
+    after_segment: Callable[[Segment], None] | None = None,
+) -> SegmentStats:
+    """Make sure every segment of ``plan`` (in generation order) is in ``work``; returns what was done.
+
+    ``after_segment`` runs once each segment is safely stored (progress hooks, and crash injection in tests).
+    """
+    stats = SegmentStats()
+    shape_of = {seg.index: (seg.frames, *frame_shape, 3) for seg in plan}
+    done = {index for index, shape in work.finished().items() if shape_of.get(index) == shape}
+    bases_left = any(seg.kind == BASE and seg.index not in done for seg in plan)
+    steps = renderer.num_steps
+    try:
+        with reporter.progress() as progress:
+            overall = progress.add_task("all segments", total=len(plan) * steps, unit="steps")
+            for seg in plan:
+                label = f"segment {seg.index} ({seg.kind}, frames {seg.start}-{seg.stop - 1})"
+                finished = seg.index in done
+                rebuild = seg.kind == ANCHOR and finished and bases_left
+                if finished and not rebuild:
+                    stats.reused.append(seg.index)
+                    progress.advance(overall, steps)
+                    continue
+                if seg.kind not in (ANCHOR, BASE):
+                    renderer.release_kv()
+                todo = renderer.anchor_steps() if rebuild else steps
+                task = progress.add_task(("rebuilding K/V of " if rebuild else "") + label, total=todo, unit="steps")
+
+                def on_step(count: int, task: int = task) -> None:
+                    progress.update(task, completed=count)
+                    progress.advance(overall, 1)
+
+                indices = segment_frame_indices(seg, total_frames)
+                pose_frames, hand_frames = pose.read(indices), hand.read(indices)
+                began = time.perf_counter()
+                if seg.kind == ANCHOR:
+                    frames = renderer.render_anchor(pose_frames, hand_frames, on_step, record=bases_left, frames_needed=not finished)
+                elif seg.kind == BASE:
+                    frames = renderer.render_base(pose_frames, hand_frames, on_step)
+                else:
+                    before = work.load_segment(seg.index - 1)[-head:]
+                    after = work.load_segment(seg.index + 1)[:tail]
+                    frames = renderer.render_transition(pose_frames, hand_frames, np.asarray(before), np.asarray(after), on_step)
+                seconds = time.perf_counter() - began
+                progress.remove_task(task)
+                if rebuild:
+                    stats.rebuilt_anchor = True
+                    stats.reused.append(seg.index)
+                    progress.advance(overall, steps - todo)
+                    continue
+                assert frames is not None
+                work.save_segment(seg.index, frames, seconds)
+                stats.computed.append(seg.index)
+                stats.seconds[seg.index] = seconds
+                if after_segment is not None:
+                    after_segment(seg)
+    finally:
+        renderer.release_kv()
+    return stats
