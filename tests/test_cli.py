@@ -94,3 +94,13 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, args: list[str]) -> Non
     assert str(tmp_path) in lines[0]
     assert "Traceback" not in result.output
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_prompt_command_defaults_match_animate() -> None:
+    """`posegen prompt` and `animate` must caption with the same settings, or animate would not reuse the cache."""
+    import inspect
+
+    from posegen_cli.cli import prompt
+    from posegen_cli.prompting.run import DEFAULT_MAX_NEW_TOKENS
+
+    assert inspect.signature(prompt).parameters["max_new_tokens"].default == DEFAULT_MAX_NEW_TOKENS

@@ -12,8 +12,8 @@ from transformers import T5Tokenizer
 
 from posegen_cli.errors import InputError
 from posegen_cli.pipelines.text import tokenize as encoder_tokenize
-from posegen_cli.prompting import TextTokenizer, clean_prompt, locate_subject, one_line, run_prompt
-from posegen_cli.prompting.tokens import candidate_nouns, find_subject, overlapping_positions, release_position
+from posegen_cli.prompting import TextTokenizer, clean_prompt, locate_subject, prompt_line, run_prompt
+from posegen_cli.prompting.tokens import candidate_nouns, find_subject, overlapping_positions, release_choice
 from posegen_cli.report import Reporter
 from posegen_cli.testing.tokenizer import make_tiny_tokenizer
 
@@ -97,10 +97,11 @@ def test_clean_prompt_matches_diffusers_wan_pipeline() -> None:
         assert clean_prompt(text) == prompt_clean(text)
 
 
-def test_one_line_joins_lines_without_changing_the_cleaned_text() -> None:
-    text = "A woman\r\nin red.\rShe stands\n\nstill."
-    assert one_line(text) == "A woman in red. She stands still."
-    assert clean_prompt(one_line(text)) == clean_prompt(text)
+def test_prompt_line_keeps_the_longest_line_like_the_release() -> None:
+    assert prompt_line("  A woman in red.  ") == "A woman in red."
+    assert prompt_line("Short.\r\nA woman in red stands still.\rTiny\n\nA man in blue sits down.") == "A woman in red stands still."
+    # the release's readlines keeps the first of equally long lines
+    assert prompt_line("first line\nsecond one") == "first line"
 
 
 # --- subject word ---------------------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def test_same_position_as_the_release_for_its_four_words(tok: T5Tokenizer, promp
     found = locate_subject(tok, prompt)
     assert found.word == keyword
     assert found.positions == [position]
-    assert release_position(tok, found.input_ids, found.word) == position
+    assert release_choice(tok, found.input_ids, prompt) == (keyword, position)
 
 
 def test_first_whole_word_wins_over_the_releases_lower_case_rule(tok: T5Tokenizer) -> None:
@@ -225,7 +226,7 @@ def test_first_whole_word_wins_over_the_releases_lower_case_rule(tok: T5Tokenize
     _, release = release_lookup(tok, prompt)
     found = locate_subject(tok, prompt)
     assert found.positions == [0, 1] and release > 1
-    assert release_position(tok, found.input_ids, "woman") == release
+    assert release_choice(tok, found.input_ids, prompt) == ("woman", release)
 
 
 def test_ids_are_the_text_encoders_ids() -> None:
@@ -260,15 +261,15 @@ def test_non_fast_tokenizer_is_refused() -> None:
 def test_run_prompt_with_given_prompt_writes_both_files(tmp_path: Path, tok: T5Tokenizer, reference_image_path: Path) -> None:
     out = tmp_path / "out"
     result = run_prompt(
-        reference_image_path, out, prompt="A woman\nin a red dress &amp;amp; the robot.", subject="robot",
+        reference_image_path, out, prompt="A woman\nin a red dress &amp;amp; the robot.\n", subject="robot",
         tokenizer=TextTokenizer(tok, "tiny-t5", "test-rev"), reporter=Reporter(quiet=True),
     )
-    assert result.prompt == "A woman in a red dress &amp;amp; the robot."
+    assert result.prompt == "in a red dress &amp;amp; the robot."  # the longest line, as the release reads prompt files
     assert (result.subject, result.cached, result.captioned) == ("robot", False, False)
     assert result.prompt_txt == out / "prompt.txt" and result.prompt_json == out / "prompt.json"
     assert (out / "prompt.txt").read_text(encoding="utf-8") == result.prompt + "\n"
     record = json.loads((out / "prompt.json").read_text(encoding="utf-8"))
-    assert record["encoder_text"] == "A woman in a red dress & the robot."
+    assert record["encoder_text"] == "in a red dress & the robot."
     assert record["subject"] == "robot" and record["token_positions"] == result.token_positions
     assert pieces_at(tok, record["input_ids"], record["token_positions"]) == [SP + "robot"]
     assert record["encoder_text"][slice(*record["subject_span"])] == "robot"
@@ -365,3 +366,35 @@ def test_run_prompt_warns_where_the_release_would_read_another_token(
     stream.truncate(0)
     run_prompt(reference_image_path, tmp_path, prompt="A woman stands.", tokenizer=TextTokenizer(tok, "t", "r"), reporter=reporter)
     assert "warning" not in stream.getvalue() and "subject 'woman' at token positions [1]" in stream.getvalue()
+
+
+def test_run_prompt_warns_where_the_release_picks_another_word(
+    tmp_path: Path, tok: T5Tokenizer, reference_image_path: Path
+) -> None:
+    """The release picks "man" inside "Woman" (case-sensitive substring, before any whole word) and reads "▁man"."""
+    import io
+
+    from rich.console import Console
+
+    stream = io.StringIO()
+    reporter = Reporter(console=Console(file=stream, width=400))
+    prompt = "Woman stands next to a man."
+    result = run_prompt(reference_image_path, tmp_path, prompt=prompt, tokenizer=TextTokenizer(tok, "t", "r"), reporter=reporter)
+    assert (result.subject, result.token_positions) == ("woman", [0, 1])
+    keyword, release = release_lookup(tok, prompt)
+    assert keyword == "man" and release > 1
+    assert f"the release would read token {release} for 'man'" in stream.getvalue()
+    stream.truncate(0)
+    stream.seek(0)
+    run_prompt(reference_image_path, tmp_path, prompt="Woman stands.", tokenizer=TextTokenizer(tok, "t", "r"), reporter=reporter)
+    assert "the release would stop" in stream.getvalue()  # it looks for "▁man" and crashes
+
+
+def test_release_choice_follows_its_substring_rule(tok: T5Tokenizer) -> None:
+    def ids(prompt: str) -> list[int]:
+        return tok(clean_prompt(prompt), padding="max_length", max_length=512, truncation=True).input_ids
+
+    prompt = "Woman stands next to a man."
+    assert release_choice(tok, ids(prompt), prompt) == release_lookup(tok, prompt) == ("man", 6)
+    assert release_choice(tok, ids("A human robot."), "A human robot.") == ("man", None)  # "▁man" absent: it crashed
+    assert release_choice(tok, ids("A photo of a robot."), "A photo of a robot.") is None  # no keyword: it asked for an edit

@@ -218,7 +218,7 @@ def prompt(
     text: Annotated[Optional[str], typer.Option("--prompt", help="Use this caption instead of generating one (still finds the subject tokens).")] = None,
     subject: Annotated[Optional[str], typer.Option("--subject", help="Subject word to locate (default: picked from the caption).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed for the captioner.")] = 42,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=16, help="Longest caption, in captioner tokens.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=16, help="Longest caption, in captioner tokens (the release: 512).")] = 512,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Caption again even if this image was captioned with the same settings.")] = False,
     models_dir: ModelsDir = None,
     device: Device = "auto",

@@ -1,6 +1,6 @@
 """Prompt stage: Qwen2.5-VL caption of the reference, the text encoder's cleaning, and the subject's token positions."""
 
-from posegen_cli.prompting.clean import clean_prompt, one_line
+from posegen_cli.prompting.clean import clean_prompt, prompt_line
 from posegen_cli.prompting.run import PromptResult, TextTokenizer, load_text_tokenizer, run_prompt
 from posegen_cli.prompting.tokens import SUBJECT_WORDS, SubjectTokens, locate_subject
 
@@ -12,6 +12,6 @@ __all__ = [
     "clean_prompt",
     "load_text_tokenizer",
     "locate_subject",
-    "one_line",
+    "prompt_line",
     "run_prompt",
 ]

@@ -22,7 +22,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerB
 from transformers.generation.streamers import BaseStreamer
 
 from posegen_cli.errors import InputError, ResourceError
-from posegen_cli.prompting.clean import clean_prompt, one_line
+from posegen_cli.prompting.clean import clean_prompt, prompt_line
 from posegen_cli.report import Reporter
 
 CAPTION_INSTRUCTION = (
@@ -172,7 +172,7 @@ def caption_image(
             ) from None
         generated = out[0, inputs["input_ids"].shape[1] :]
         progress.update(task, total=len(generated), completed=len(generated))
-    caption = one_line(captioner.tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    caption = prompt_line(captioner.tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False))
     if not clean_prompt(caption):
         raise InputError(f"{captioner.name} returned an empty caption (pass a caption with --prompt TEXT, or try another --seed)")
     return caption

@@ -12,7 +12,6 @@ import ftfy
 import regex
 
 _WHITESPACE = regex.compile(r"\s+")
-_LINE_BREAKS = regex.compile(r"[\r\n]+")
 
 
 def clean_prompt(text: str) -> str:
@@ -26,9 +25,11 @@ def clean_prompt(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
-def one_line(text: str) -> str:
-    """Join a prompt's lines with spaces: prompt files are read line by line and only one line is used.
+def prompt_line(text: str) -> str:
+    """The one line of a prompt the release encodes: the text itself if it has one line, else its longest line.
 
-    Only line breaks are touched, so cleaning the result gives the same text as cleaning the input.
+    The release reads prompt files with ``readlines`` (universal newlines) and keeps the first longest line,
+    so a multi-paragraph caption or prompt is reduced the same way here.
     """
-    return _LINE_BREAKS.sub(" ", text).strip()
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return max(lines, key=len).strip() if len(lines) > 1 else text.strip()

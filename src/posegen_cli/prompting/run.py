@@ -18,14 +18,14 @@ from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import InputError, require_file
 from posegen_cli.fsutil import atomic_path
 from posegen_cli.prompting.caption import Captioner, caption_image, caption_settings, load_captioner
-from posegen_cli.prompting.clean import clean_prompt, one_line
-from posegen_cli.prompting.tokens import RELEASE_TOKEN_IDS, SubjectTokens, locate_subject, release_position
+from posegen_cli.prompting.clean import clean_prompt, prompt_line
+from posegen_cli.prompting.tokens import SubjectTokens, locate_subject, release_choice
 from posegen_cli.report import Reporter
 from posegen_cli.video import load_image
 
 CAPTION_MODEL = "qwen2.5-vl-7b"
 TEXT_MODEL = "wan-i2v-720p"
-DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MAX_NEW_TOKENS = 512
 
 _IDENTITY_SUFFIXES = (".json", ".txt", ".model", ".jinja")
 """Small files that identify a model folder outside the Hugging Face cache (weights are too big to hash each run)."""
@@ -186,7 +186,9 @@ def run_prompt(
         )
         caption_meta = {**{k: settings[k] for k in ("model", "revision", "dtype", "seed", "max_new_tokens")}, "cached": cached}
     else:
-        text = one_line(prompt)
+        text = prompt_line(prompt)
+        if text != prompt.strip():
+            reporter.warn("the prompt has several lines; like the release, only its longest line is used")
 
     try:
         located = locate_subject(tok.tokenizer, text, subject)
@@ -195,12 +197,19 @@ def run_prompt(
             raise
         raise InputError(f"{exc} (the caption is cached: running again with --subject does not caption again)") from None
     reporter.info(f"subject {located.word!r} at token positions {located.positions}")
-    if located.word in RELEASE_TOKEN_IDS:
-        expected = release_position(tok.tokenizer, located.input_ids, located.word)
-        if expected is not None and expected != located.positions[0]:
+    release = release_choice(tok.tokenizer, located.input_ids, text)
+    if release is not None and (release[0], [release[1]]) != (located.word, located.positions):
+        word, position = release
+        ours = f"posegen reads {located.positions} for {located.word!r} (the first whole word, any case)"
+        if position is None:
             reporter.warn(
-                f"the release would read token {expected} for {located.word!r} (its first lower-case occurrence); "
-                f"posegen reads {located.positions} (the first whole word, any case)"
+                f"the release would stop on this prompt (it looks for {word!r}, a case-sensitive substring, "
+                f"and its token is not among the ids); {ours}"
+            )
+        else:
+            reporter.warn(
+                f"the release would read token {position} for {word!r} (the first of woman, girl, man, boy "
+                f"found as a case-sensitive substring, at its token's first occurrence); {ours}"
             )
 
     txt_path, json_path = out / "prompt.txt", out / "prompt.json"

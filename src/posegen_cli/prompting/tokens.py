@@ -156,14 +156,18 @@ def locate_subject(
     return SubjectTokens(word=word, start=start, end=end, positions=positions, input_ids=list(enc["input_ids"]))
 
 
-def release_position(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[int], word: str) -> int | None:
-    """Where the release would point for one of its four words: the first index of the single piece "▁word".
+def release_choice(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[int], prompt: str) -> tuple[str, int | None] | None:
+    """What the release reads for ``prompt`` (as written, before cleaning): its word and token position.
 
-    None when ``word`` is not one of the four or its piece does not occur (where the release crashed).
+    The release takes the first of its four words that is a case-sensitive substring ("man" inside "Woman" or
+    "human"), then the first index of that word's single piece "▁word". None when none of the four occurs (it
+    stopped and asked for an edit); the position is None where the piece is absent (it crashed).
     """
-    if word not in RELEASE_TOKEN_IDS:
-        return None
-    piece_id = tokenizer.convert_tokens_to_ids("\u2581" + word)
-    if piece_id is None or piece_id == tokenizer.unk_token_id or piece_id not in input_ids:
-        return None
-    return list(input_ids).index(piece_id)
+    for word in RELEASE_TOKEN_IDS:
+        if word in prompt:
+            ids = list(input_ids)
+            piece_id = tokenizer.convert_tokens_to_ids("\u2581" + word)
+            if piece_id is None or piece_id == tokenizer.unk_token_id or piece_id not in ids:
+                return word, None
+            return word, ids.index(piece_id)
+    return None
