@@ -97,8 +97,8 @@ def test_npz_round_trip_is_exact(tmp_path):
     path = save_npz(track, tmp_path / "keypoints.npz")
     with np.load(path) as raw:
         assert {"keypoints", "scores", "fps", "width", "height", "backend"} <= set(raw.files)
-        assert raw["keypoints"].dtype == np.float32 and raw["keypoints"].shape == (4, 133, 2)
-        assert raw["scores"].dtype == np.float32 and raw["scores"].shape == (4, 133)
+        assert raw["keypoints"].dtype == np.float64 and raw["keypoints"].shape == (4, 133, 2)
+        assert raw["scores"].dtype == np.float64 and raw["scores"].shape == (4, 133)
         assert float(raw["fps"]) == pytest.approx(29.97002997)
     back = load_npz(path)
     assert np.array_equal(back.keypoints, track.keypoints) and np.array_equal(back.scores, track.scores)
@@ -106,6 +106,18 @@ def test_npz_round_trip_is_exact(tmp_path):
     assert (back.width, back.height, back.backend) == (720, 1280, "mediapipe")
     assert back.frames_without_person() == 1
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_track_keeps_float64_like_the_release_pickle(tmp_path):
+    # float32 would turn 99.999999 into 100.0 (one pixel further right once truncated) and 0.7 into 0.69999998.
+    kp = np.zeros((1, 133, 2))
+    sc = np.zeros((1, 133))
+    kp[0, 0], sc[0, 0] = (99.999999, 20.0), 0.7
+    back = load_npz(save_npz(KeypointTrack(kp, sc, Fraction(30), 200, 40, "sapiens"), tmp_path / "k.npz"))
+    assert back.keypoints[0, 0, 0] == 99.999999 and back.scores[0, 0] == 0.7
+    folder = write_openpose_json(back, tmp_path / "openpose")
+    again = load_keypoints(folder, fps=Fraction(30), width=200, height=40)
+    assert again.keypoints[0, 0, 0] == 99.999999 and again.scores[0, 0] == 0.7
 
 
 def test_npz_errors_name_the_file(tmp_path):

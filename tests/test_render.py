@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -127,15 +128,57 @@ def test_body_threshold_edge_is_inclusive():
     assert not render_pose(kp, sc, 60, 60).any()
 
 
-def test_hand_threshold_edge_is_inclusive_and_separate_from_body():
+def test_hand_threshold_edge_is_compared_in_float64_and_separate_from_body():
+    # The release compares float64 scores with 0.7: float32(0.7) = 0.69999998... is below it, the next float32 is not.
     kp, sc = empty()
     kp[91] = (20.0, 30.0)
     kp[92] = (60.0, 30.0)
-    sc[[91, 92]] = np.float32(0.7)
+    sc[[91, 92]] = np.nextafter(np.float32(0.7), np.float32(1))
     img = render_pose(kp, sc, 80, 60)
     assert tuple(img[30, 40]) == (0, 0, 255)
-    sc[92] = np.nextafter(np.float32(0.7), np.float32(0))
-    assert not render_pose(kp, sc, 80, 60).any()  # 0.69999 would pass the body threshold but not the hand one
+    exact = np.where(sc > 0, 0.7, 0.0)  # float64 0.7 itself passes
+    assert tuple(render_pose(kp, exact, 80, 60)[30, 40]) == (0, 0, 255)
+    sc[92] = np.float32(0.7)
+    assert not render_pose(kp, sc, 80, 60).any()  # 0.69999998 would pass the body threshold but not the hand one
+
+
+def test_neck_mean_is_float64_like_the_release():
+    # float32 would round (0.29999998 + 0.30000001) / 2 up to 0.30000001 and draw the neck; float64 keeps it below 0.3.
+    kp, sc = empty()
+    kp[5], kp[6] = (40.0, 50.0), (120.0, 50.0)
+    sc[5] = np.nextafter(np.float32(0.3), np.float32(0))
+    sc[6] = np.float32(0.3)
+    img = render_pose(kp, sc, 160, 100)
+    assert tuple(img[50, 80]) == BLACK  # no neck dot, no neck-R shoulder link
+    assert tuple(img[50, 120]) == (0, 170, 255)  # the right shoulder itself passes
+
+
+def test_float64_coordinates_are_truncated_without_float32_rounding():
+    # 99.999999 rounds to 100.0 in float32; the release truncates the float64 value to 99.
+    kp = np.zeros((133, 2), np.float64)
+    sc = np.zeros(133, np.float64)
+    kp[0] = (99.999999, 20.0)
+    sc[0] = 0.9
+    img = render_pose(kp, sc, 200, 40)
+    assert np.array_equal(np.all(img == (0, 0, 255), axis=2), disk(99, 20, 40, 200))
+
+
+def test_body_link_length_uses_numpy_int64_power():
+    # The release takes ((dy)**2 + (dx)**2) ** 0.5 on numpy int64; where that is not exactly 102.0 for
+    # a 90 x 48 link, the semi-axis is int(101.99999999999999 / 2) = 50 and the ellipse one pixel shorter per end.
+    if (np.int64(48) ** 2 + np.int64(90) ** 2) ** 0.5 == 102.0:
+        pytest.skip("this numpy's int64 power is exact for 10404, so it cannot tell the two apart")
+    kp, sc = empty()
+    kp[15], kp[17] = (10.0, 100.0), (100.0, 52.0)  # left ankle - left big toe, palette (0,255,0)
+    sc[[15, 17]] = 0.9
+    img = render_pose(kp, sc, 120, 120)
+    link = np.all(img == (0, 255, 0), axis=2)
+    expected = np.zeros((120, 120, 3), np.uint8)
+    poly = cv2.ellipse2Poly((55, 76), (50, 4), int(np.degrees(np.arctan2(48, -90))), 0, 360, 1)
+    cv2.fillConvexPoly(expected, poly, (0, 255, 0))
+    for x, y in ((10, 100), (100, 52)):
+        cv2.circle(expected, (x, y), 4, (0, 128, 255), -1)
+    assert np.array_equal(link, np.all(expected == (0, 255, 0), axis=2))
 
 
 def test_hand_points_first_then_links_and_only_endpoints_of_valid_links():

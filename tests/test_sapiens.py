@@ -14,6 +14,7 @@ from posegen_cli.errors import InputError, MissingModelError, ResourceError
 from posegen_cli.pose import detector as det
 from posegen_cli.pose import sapiens as sp
 from posegen_cli.pose.render import render_hand_normals
+from posegen_cli.report import Reporter
 from posegen_cli.video import load_image
 
 MEAN = np.array([123.5, 116.5, 103.5], np.float32)
@@ -136,6 +137,53 @@ def test_decode_peak_at_border_stays_finite() -> None:
     np.testing.assert_allclose(scores, [1.0, 0.8], rtol=1e-6)
 
 
+def dark_udp_reference(maps: np.ndarray) -> np.ndarray:
+    """pose.md §3.3 step 2 on whole maps, in the lite demo's dtypes: float32 maps, float64 Newton step
+    subtracted from the float32 argmax in float64 and rounded once."""
+    k, h, w = maps.shape
+    flat = maps.reshape(k, -1)
+    ys, xs = np.unravel_index(flat.argmax(axis=1), (h, w))
+    out = np.stack([xs, ys], axis=-1).astype(np.float32)
+    for i in range(k):
+        padded = np.zeros((h + 10, w + 10), np.float32)
+        padded[5:-5, 5:-5] = maps[i]
+        blurred = cv2.GaussianBlur(padded, (11, 11), 0)[5:-5, 5:-5]
+        blurred = blurred * (maps[i].max() / blurred.max())
+        lg = np.pad(np.log(np.clip(blurred, 1e-3, 50.0)), 1, mode="edge")
+        y, x = ys[i] + 1, xs[i] + 1
+        half, two = np.float32(0.5), np.float32(2)  # float32 like the demo's array arithmetic
+        g = np.array([half * (lg[y, x + 1] - lg[y, x - 1]), half * (lg[y + 1, x] - lg[y - 1, x])])
+        dxx = lg[y, x + 1] - two * lg[y, x] + lg[y, x - 1]
+        dyy = lg[y + 1, x] - two * lg[y, x] + lg[y - 1, x]
+        dxy = half * (lg[y + 1, x + 1] - lg[y, x + 1] - lg[y + 1, x] + lg[y, x] + lg[y, x] - lg[y, x - 1] - lg[y - 1, x] + lg[y - 1, x - 1])
+        hess = np.array([[dxx, dxy], [dxy, dyy]], np.float32) + np.finfo(np.float32).eps * np.eye(2)
+        out[i] = out[i] - np.einsum("mn,n->m", np.linalg.inv(hess), g)
+    return out
+
+
+def test_decode_is_bit_identical_to_the_whole_map_computation() -> None:
+    # Rounding the Newton step to float32 before subtracting moved about 2% of the points by an ulp.
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        maps = rng.normal(0, 0.05, (133, 256, 192)).astype(np.float32)
+        maps += gaussian_maps(np.column_stack([rng.uniform(0, 191, 133), rng.uniform(0, 255, 133)]), rng.uniform(0.3, 1.2, 133), sigma=2.0)
+        keypoints, _ = sp.decode_heatmaps(maps)
+        np.testing.assert_array_equal(keypoints, dark_udp_reference(maps))
+
+
+def test_box_centre_and_scale_keep_the_detector_float32() -> None:
+    # The lite demo works on float32 arrays; NumPy 1 scalar arithmetic would have widened the scale to float64.
+    box = np.array([10.3, 20.1, 200.7, 400.9], np.float32)
+    center, scale = sp.box_center_scale(box, (1280, 720))
+    assert center.dtype == np.float32 and scale.dtype == np.float32
+    w, h = (box[2:] - box[:2]) * np.float32(1.25)
+    assert w < h * np.float32(1280 / 720)  # tall: the width follows the height at the frame's aspect
+    np.testing.assert_array_equal(scale, [h * np.float32(1280 / 720), h])
+    np.testing.assert_array_equal(center, (box[:2] + box[2:]) * np.float32(0.5))
+    # The whole-frame fallback box is integer, so like the release it works in float64.
+    assert sp.box_center_scale(np.array([0, 0, 1280, 720]), (1280, 720))[1].dtype == np.float64
+
+
 def test_crop_matches_the_udp_affine(person: np.ndarray) -> None:
     box = np.array([200.0, 300.0, 500.0, 900.0], np.float32)
     crop, center, scale = sp.crop_person(person, box)
@@ -175,7 +223,10 @@ def test_pose_backend_decodes_planted_heatmaps_into_frame_pixels(tmp_path: Path,
     for frame_people in people:
         assert [p.box_score for p in frame_people] == pytest.approx([0.9, 0.5])
         for p, row in zip(frame_people, boxes.rows):
-            assert p.keypoints.shape == (133, 2) and p.keypoints.dtype == np.float32
+            # float64 like the release's pose.pkl: no float32 rounding between decoding and rendering.
+            assert p.keypoints.shape == (133, 2) and p.keypoints.dtype == np.float64
+            center, scale = sp.box_center_scale(row[:4], (w, h))
+            np.testing.assert_array_equal(p.keypoints, sp.heatmap_to_image(sp.decode_heatmaps(maps)[0], center, scale))
             np.testing.assert_array_equal(p.box, row[:4])
             np.testing.assert_allclose(p.scores, maps.reshape(133, -1).max(axis=1))
             expected = expected_image_xy(centers, row[:4].astype(np.float64), w, h)
@@ -192,6 +243,44 @@ def test_pose_backend_finds_a_marker_through_the_real_crop(tmp_path: Path) -> No
     backend = sp.SapiensPoseBackend("0.3b", device="cpu", models_dir=tmp_path, detector=FixedBoxes([[250, 400, 560, 1000, 0.8]]))
     (pose,), = backend.detect([frame])
     assert np.abs(pose.keypoints - marker).max() < 1.5
+
+
+class SwappingBoxes:
+    """Two people, left and right, whose detector scores swap every frame (highest first, as RTMDet returns them)."""
+
+    def __init__(self) -> None:
+        self.frame = 0
+
+    def boxes(self, frames):
+        out = []
+        for _ in frames:
+            left, right = [8, 10, 40, 110], [56, 10, 88, 110]
+            first, second = (left, right) if self.frame % 2 == 0 else (right, left)
+            out.append(np.array([first + [0.9], second + [0.6]], np.float32))
+            self.frame += 1
+        return out
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_sapiens_backend_with_track_follows_one_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, track: bool) -> None:
+    from posegen_cli.pose import extract as extract_module
+    from posegen_cli.pose.keypoints import load_npz
+    from posegen_cli.video import write_video
+
+    maps = gaussian_maps(np.full((133, 2), (95.5, 127.5)), np.full(133, 0.9), sigma=2.0)
+    script = save_script(PlantedHeatmaps(torch.from_numpy(maps)), tmp_path / "pose.pt2")
+    backend = sp.SapiensPoseBackend(device="cpu", checkpoint=script, detector=SwappingBoxes(), reporter=Reporter(quiet=True))
+    monkeypatch.setattr(extract_module, "make_pose_backend", lambda *args, **kwargs: backend)
+    clip = write_video(tmp_path / "clip.mp4", [np.zeros((120, 96, 3), np.uint8)] * 6, 25, lossless=True)
+    reporter = Reporter(quiet=True)
+    reporter.console.begin_capture()
+    result = extract_module.extract_pose(
+        clip, tmp_path / "out", backend="sapiens", hand_normals="none", track=track, use_cache=False, reporter=reporter
+    )
+    reporter.console.end_capture()
+    on_left = load_npz(result.keypoints).keypoints[:, 0, 0] < 48
+    # Tracking keeps the left person of frame 0; the release's choice, the top score, alternates.
+    assert on_left.tolist() == ([True] * 6 if track else [True, False] * 3)
 
 
 def test_no_detection_falls_back_to_the_whole_frame(tmp_path: Path, person: np.ndarray) -> None:
@@ -301,6 +390,22 @@ def test_dense_landscape_frame_is_squashed_not_cropped(tmp_path: Path, person: n
     np.testing.assert_array_equal(seg[clear], ref_logits.argmax(axis=0)[clear])
 
 
+def test_backends_check_batch_size_and_warn_on_cpu(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="--batch-size must be at least 1, got 0"):
+        sp.SapiensPoseBackend(device="cpu", models_dir=tmp_path, batch_size=0)
+    with pytest.raises(InputError, match="--batch-size must be at least 1, got 0"):
+        sp.SapiensNormalBackend(device="cpu", models_dir=tmp_path, batch_size=0)
+    save_script(PlantedHeatmaps(torch.zeros(1, 133, 256, 192)), pose_dir(tmp_path, "0.3b"))
+    dense_dirs(tmp_path)
+    reporter = Reporter()
+    reporter.console.begin_capture()
+    sp.SapiensPoseBackend("0.3b", device="cpu", models_dir=tmp_path, detector=FixedBoxes([]), reporter=reporter)
+    sp.SapiensNormalBackend(device="cpu", models_dir=tmp_path, reporter=reporter)
+    text = " ".join(reporter.console.end_capture().split())
+    assert "Sapiens pose 0.3b runs on the CPU: expect tens of seconds to minutes per frame (use a GPU, or a lighter --backend)" in text
+    assert "Sapiens seg 1b and normal 2b run on the CPU: expect tens of seconds to minutes per frame (use a GPU)" in text
+
+
 def test_dense_loading_errors(tmp_path: Path) -> None:
     with pytest.raises(MissingModelError, match="sapiens-seg-1b"):
         sp.SapiensNormalBackend(device="cpu", models_dir=tmp_path)
@@ -359,6 +464,44 @@ def test_decode_detections_keeps_the_best_hundred() -> None:
     out = det.decode_detections(scores, dists, (1.0, 1.0), (640, 640))
     assert len(out) == 100
     np.testing.assert_allclose(out[:, 4], np.sort(probs)[::-1][:100].astype(np.float32), rtol=1e-5)
+
+
+def test_decode_detections_rescales_like_mmdet_scale_boxes() -> None:
+    # mmdet 3 multiplies by float32(1 / (new_w / w)); dividing by float32(new_w / w) differs in the last bit here.
+    sf = (640 / 1001, int(563 * 640 / 1001 + 0.5) / 563)
+    x = next(float(v) for v in np.arange(100.25, 400.0, 0.25, dtype=np.float32)
+             if np.float32(v) * np.float32(1 / sf[0]) != np.float32(v) / np.float32(sf[0]))  # fmt: skip
+    scores, dists = planted_head({0: [(40, 40, 0.9, (320.0 - x, 10.0, x - 320.0 + 50.0, 10.0))]})
+    out = det.decode_detections(scores, dists, sf, (640, 640))
+    x1 = torch.tensor([320.0 - (320.0 - x)]) * torch.tensor([1 / sf[0]])
+    assert out[0, 0] == x1.item()
+    assert out[0, 0] != np.float32(x) / np.float32(sf[0])
+
+
+def test_decode_detections_drops_empty_boxes_before_keeping_a_hundred() -> None:
+    # mmdet filters zero-size boxes (min_bbox_size 0) before its sort and max_per_img cut, so 100 remain.
+    hits = [(int(i % 70) + 1, int(i // 70) + 1, 0.5 + i * 1e-3, (4.0, 4.0, 4.0, 4.0)) for i in range(101)]
+    hits.append((0, 10, 0.99, (5.0, 4.0, 0.0, 4.0)))  # the best score, but zero width once clipped at x = 0
+    scores, dists = planted_head({0: hits})
+    out = det.decode_detections(scores, dists, (1.0, 1.0), (640, 640))
+    assert len(out) == 100
+    assert out[0, 4] < 0.99
+
+
+def test_detector_runs_in_float32_without_autocast(tmp_path: Path, person: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    # PoseGen runs mmdet's detector outside any autocast; only the pose model sits inside one.
+    ckpt = tiny_rtmdet_checkpoint(tmp_path / "tiny.pth", cls_bias=4.0)
+    found = det.RTMDetPersonDetector(device="cpu", checkpoint=ckpt, deepen=0.33, widen=0.125)
+    requested = []
+    real = torch.autocast
+
+    def recording(*args, **kwargs):
+        requested.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording)
+    found.boxes([person])
+    assert [d for d in requested if d not in (None, torch.float32)] == []
 
 
 def iou_plus_one(a: np.ndarray, b: np.ndarray) -> float:

@@ -240,9 +240,10 @@ def decode_detections(
 ) -> np.ndarray:
     """One image's head outputs (per level (1, H, W) logits and (4, H, W) distances) to (n, 5) boxes in frame pixels.
 
-    mmdet with ``nms=None``: per level score > 0.05 and top 1000, all levels sorted, 100 kept, clipped to
-    ``shape`` (the padded 640x640 input: mmcv's Pad overwrites ``img_shape``), divided by the scale
-    factors, then boxes of zero width or height dropped.
+    mmdet 3's order with ``nms=None``: per level score > 0.05 and top 1000, clipped to ``shape`` (the
+    padded 640x640 input: mmcv's Pad overwrites ``img_shape``), multiplied by float32(1 / scale factor)
+    (mmdet's ``scale_boxes``, which can differ from a division in the last bit), boxes of zero width or
+    height dropped, then all levels sorted and the best 100 kept.
     """
     kept_scores, kept_boxes = [], []
     for logit, dist, stride in zip(scores, distances, STRIDES):
@@ -261,11 +262,11 @@ def decode_detections(
     probs = torch.cat(kept_scores)
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, shape[1])
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, shape[0])
-    boxes = boxes / torch.tensor([scale_factor[0], scale_factor[1]] * 2, device=boxes.device)
-    order = probs.sort(descending=True).indices[:MAX_PER_IMG]
-    boxes, probs = boxes[order], probs[order]
+    boxes = boxes * torch.tensor([1 / scale_factor[0], 1 / scale_factor[1]] * 2, device=boxes.device)
     nonempty = (boxes[:, 2] - boxes[:, 0] > 0) & (boxes[:, 3] - boxes[:, 1] > 0)
-    out = torch.cat([boxes, probs[:, None]], dim=1)[nonempty]
+    boxes, probs = boxes[nonempty], probs[nonempty]
+    order = probs.sort(descending=True).indices[:MAX_PER_IMG]
+    out = torch.cat([boxes[order], probs[order, None]], dim=1)
     return out.cpu().numpy().astype(np.float32)
 
 
@@ -314,9 +315,11 @@ class RTMDetPersonDetector:
 
     @torch.inference_mode()
     def boxes(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Person boxes per RGB frame, (n, 5) x1, y1, x2, y2, score; bf16 autocast on GPU as Sapiens runs it.
+        """Person boxes per RGB frame, (n, 5) x1, y1, x2, y2, score.
 
-        Frames go through in one batch (BatchNorm is in eval mode, so batching changes nothing).
+        Float32 throughout: PoseGen calls mmdet's ``inference_detector`` outside the autocast that wraps
+        only the pose model. Frames go through in one batch (BatchNorm is in eval mode, so batching
+        changes nothing).
         """
         mean = torch.tensor(DETECTOR_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(DETECTOR_STD, device=self.device).view(1, 3, 1, 1)
@@ -325,8 +328,7 @@ class RTMDetPersonDetector:
         boxed = [letterbox(frame) for frame in frames]
         images = np.stack([image for image, _ in boxed])
         x = (torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() - mean) / std
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            scores, distances = self.model(x)
+        scores, distances = self.model(x)
         return [
             select_person_boxes(decode_detections([s[i] for s in scores], [d[i] for d in distances], factors, images.shape[1:3]))
             for i, (_, factors) in enumerate(boxed)

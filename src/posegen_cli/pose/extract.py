@@ -57,7 +57,7 @@ OVERLAY_CRF, OVERLAY_PRESET = 23, "ultrafast"
 """The overlay is only for people to look at, so it is encoded as cheaply as possible."""
 OVERLAY_HALVE_ABOVE = 960
 """Sources whose longer side exceeds this get a half-size overlay: a quarter of the encoding work."""
-_CACHE_VERSION = 1  # bump when the rendering or the file layout changes
+_CACHE_VERSION = 2  # bump when the rendering or the file layout changes
 
 
 @dataclass(frozen=True)
@@ -306,8 +306,8 @@ def _render_outputs(
                 f"{from_keypoints} has {given.frame_count} frames of keypoints but {video} has {total} (use the matching video)"
             )
 
-    keypoints = np.zeros((total, NUM_KEYPOINTS, 2), np.float32)
-    scores = np.zeros((total, NUM_KEYPOINTS), np.float32)
+    keypoints = np.zeros((total, NUM_KEYPOINTS, 2))
+    scores = np.zeros((total, NUM_KEYPOINTS))
     follower = PersonFollower(settings.track)
     count = 0
     with contextlib.ExitStack() as stack:

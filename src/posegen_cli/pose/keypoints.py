@@ -23,7 +23,12 @@ NPZ_KEYS = ("keypoints", "scores", "fps", "width", "height", "backend")
 
 @dataclass
 class KeypointTrack:
-    """One person per frame: keypoints (F, 133, 2) float32 pixels, scores (F, 133) float32."""
+    """One person per frame: keypoints (F, 133, 2) and scores (F, 133), float64.
+
+    Float64 like the release's ``pose.pkl``: a float32 copy of a Sapiens coordinate can round up onto
+    the next integer, which moves the rendered point a pixel, and a given score of exactly 0.7 would
+    fall below the hand threshold.
+    """
 
     keypoints: np.ndarray
     scores: np.ndarray
@@ -33,8 +38,8 @@ class KeypointTrack:
     backend: str
 
     def __post_init__(self) -> None:
-        self.keypoints = np.asarray(self.keypoints, dtype=np.float32)
-        self.scores = np.asarray(self.scores, dtype=np.float32)
+        self.keypoints = np.asarray(self.keypoints, dtype=np.float64)
+        self.scores = np.asarray(self.scores, dtype=np.float64)
         f = len(self.keypoints)
         if self.keypoints.shape != (f, NUM_KEYPOINTS, 2) or self.scores.shape != (f, NUM_KEYPOINTS):
             raise ValueError(f"a keypoint track needs (F, 133, 2) and (F, 133), got {self.keypoints.shape} and {self.scores.shape}")
@@ -155,20 +160,20 @@ _OPENPOSE_FACE_POINTS = 70  # 68 iBUG points plus two pupils, which COCO-WholeBo
 
 
 def _flat(points: np.ndarray, scores: np.ndarray) -> list[float]:
-    # float32 -> float64 is exact and JSON keeps every float64 digit, so a round trip changes nothing.
-    return np.concatenate([points, scores[:, None]], axis=1).astype(np.float32).astype(np.float64).ravel().tolist()
+    # JSON keeps every float64 digit, so a round trip changes nothing.
+    return np.concatenate([points, scores[:, None]], axis=1).astype(np.float64).ravel().tolist()
 
 
 def person_to_openpose(keypoints: np.ndarray, scores: np.ndarray) -> dict:
     """One OpenPose ``people`` entry; the neck and mid-hip are the means of the shoulders and hips."""
-    body = np.zeros((25, 3), np.float32)
+    body = np.zeros((25, 3), np.float64)
     for op, coco in enumerate(BODY25_FROM_COCO):
         if coco >= 0:
             body[op] = (*keypoints[coco], scores[coco])
     for op, (a, b) in ((1, (5, 6)), (8, (11, 12))):
         if scores[a] > 0 and scores[b] > 0:
             body[op] = (*((keypoints[a] + keypoints[b]) / 2), (scores[a] + scores[b]) / 2)
-    face = np.zeros((_OPENPOSE_FACE_POINTS, 3), np.float32)
+    face = np.zeros((_OPENPOSE_FACE_POINTS, 3), np.float64)
     face[:FACE_SIZE, :2] = keypoints[FACE_START : FACE_START + FACE_SIZE]
     face[:FACE_SIZE, 2] = scores[FACE_START : FACE_START + FACE_SIZE]
     left = slice(LEFT_HAND_START, LEFT_HAND_START + HAND_SIZE)
@@ -202,8 +207,8 @@ def _triples(entry: dict, key: str, allowed: tuple[int, ...], source: Path) -> n
 
 def person_from_openpose(entry: dict, source: Path) -> PersonPose:
     """COCO-WholeBody points from one OpenPose entry (BODY_25 or 18-point body); the neck is re-derived."""
-    keypoints = np.zeros((NUM_KEYPOINTS, 2), np.float32)
-    scores = np.zeros(NUM_KEYPOINTS, np.float32)
+    keypoints = np.zeros((NUM_KEYPOINTS, 2), np.float64)
+    scores = np.zeros(NUM_KEYPOINTS, np.float64)
     body = _triples(entry, "pose_keypoints_2d", (25, 18), source)
     if body is not None:
         table = BODY25_FROM_COCO if len(body) == 25 else COCO18_FROM_COCO
@@ -287,6 +292,6 @@ def load_keypoints(source: str | Path, *, fps: Fraction, width: int, height: int
     keypoints, scores = [], []
     for path in openpose_files(source):
         person = follower.pick(read_openpose_frame(path))
-        keypoints.append(person.keypoints if person else np.zeros((NUM_KEYPOINTS, 2), np.float32))
-        scores.append(person.scores if person else np.zeros(NUM_KEYPOINTS, np.float32))
+        keypoints.append(person.keypoints if person else np.zeros((NUM_KEYPOINTS, 2)))
+        scores.append(person.scores if person else np.zeros(NUM_KEYPOINTS))
     return KeypointTrack(np.stack(keypoints), np.stack(scores), fps, width, height, "openpose-json")

@@ -17,8 +17,8 @@ import numpy as np
 from posegen_cli.pose.types import HAND_SIZE, LEFT_HAND_START, NUM_KEYPOINTS, RIGHT_HAND_START
 
 BODY_THRESHOLD = 0.3
-"""prepare_input_pose.py's ``body_kpt_thr``; a point counts when its float32 score is >= float32(this),
-so a score stored as exactly the threshold is drawn."""
+"""prepare_input_pose.py's ``body_kpt_thr``. A point counts when its score is >= this in float64, as the
+release compares them: float32(0.3) is just above 0.3 and drawn, float32(0.7) just below 0.7 and not."""
 HAND_THRESHOLD = 0.7
 """prepare_input_pose.py's ``hand_kpt_thr`` (Sapiens heatmap-maximum scale)."""
 
@@ -68,17 +68,20 @@ _COORD_LIMIT = 2**30  # OpenCV takes int32 coordinates; anything beyond cannot b
 def _usable_scores(keypoints: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Scores with points OpenCV cannot place (NaN, inf, beyond int32) forced to 0, i.e. not detected."""
     ok = np.isfinite(keypoints).all(axis=1) & (np.abs(np.nan_to_num(keypoints)) < _COORD_LIMIT).all(axis=1)
-    return np.where(ok & np.isfinite(scores), scores, np.float32(0)).astype(np.float32)
+    return np.where(ok & np.isfinite(scores), scores, 0.0)
 
 
 def _openpose_body(keypoints: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 24 body points in OpenPose order; the neck takes the mean of the shoulders' xy *and* score."""
-    pts = np.zeros((24, 2), np.float32)
-    sc = np.zeros(24, np.float32)
+    """The 24 body points in OpenPose order; the neck takes the mean of the shoulders' xy *and* score.
+
+    Float64, as in the release: a float32 mean can round across a pixel edge or the 0.3 threshold.
+    """
+    pts = np.zeros((24, 2), np.float64)
+    sc = np.zeros(24, np.float64)
     for op, coco in enumerate(_OPENPOSE_BODY_FROM_COCO):
         if coco < 0:
-            pts[op] = (keypoints[5] + keypoints[6]) / np.float32(2)
-            sc[op] = (scores[5] + scores[6]) / np.float32(2)
+            pts[op] = (keypoints[5] + keypoints[6]) / 2
+            sc[op] = (scores[5] + scores[6]) / 2
         else:
             pts[op] = keypoints[coco]
             sc[op] = scores[coco]
@@ -91,8 +94,12 @@ def _ipoint(p: np.ndarray) -> tuple[int, int]:
 
 
 def _draw_body_link(canvas: np.ndarray, p1: tuple[int, int], p2: tuple[int, int], color: tuple[int, int, int]) -> None:
-    """A filled ellipse between the two points, with the release's integer truncations."""
-    length = math.hypot(p1[0] - p2[0], p1[1] - p2[1])
+    """A filled ellipse between the two points, with the release's integer truncations.
+
+    The length is numpy's int64 power as in the release, not a correctly rounded square root: for
+    a squared length of 10404 it gives 101.99999999999999, so the semi-axis is 50, not 51.
+    """
+    length = (np.int64(p1[1] - p2[1]) ** 2 + np.int64(p1[0] - p2[0]) ** 2) ** 0.5
     angle = math.degrees(math.atan2(p1[1] - p2[1], p1[0] - p2[0]))
     centre = (int((p1[0] + p2[0]) / 2), int((p1[1] + p2[1]) / 2))
     poly = cv2.ellipse2Poly(centre, (int(length / 2), BODY_LINK_HALF_WIDTH), int(angle), 0, 360, 1)
@@ -101,7 +108,7 @@ def _draw_body_link(canvas: np.ndarray, p1: tuple[int, int], p2: tuple[int, int]
 
 def _draw_hand(canvas: np.ndarray, pts: np.ndarray, sc: np.ndarray, threshold: float) -> None:
     """White dots on every endpoint of a valid link first, then the rainbow links over them."""
-    ok = sc >= np.float32(threshold)
+    ok = sc >= threshold
     valid = [k for k, (a, b) in enumerate(HAND_LINKS) if ok[a] and ok[b]]
     endpoints = sorted({i for k in valid for i in HAND_LINKS[k]})
     for i in endpoints:
@@ -123,10 +130,11 @@ def render_pose(
     """The pose-conditioning frame (height, width, 3) uint8 RGB for one person's 133 COCO-WholeBody points.
 
     Draw order is the release's: body links, body points, left hand, right hand; the face is never
-    drawn. Points without a usable position (NaN, inf) count as not detected.
+    drawn. Points without a usable position (NaN, inf) count as not detected. Everything is computed in
+    float64 like the release's pickle-fed visualizer, so float32 inputs are taken exactly.
     """
-    keypoints = np.asarray(keypoints, dtype=np.float32)
-    scores = np.asarray(scores, dtype=np.float32)
+    keypoints = np.asarray(keypoints, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
     if keypoints.shape != (NUM_KEYPOINTS, 2) or scores.shape != (NUM_KEYPOINTS,):
         raise ValueError(f"render_pose needs keypoints (133, 2) and scores (133,), got {keypoints.shape} and {scores.shape}")
     if width <= 0 or height <= 0:
@@ -136,7 +144,7 @@ def render_pose(
     canvas = np.zeros((height, width, 3), np.uint8)
 
     body_pts, body_sc = _openpose_body(keypoints, scores)
-    drawn = body_sc >= np.float32(body_threshold)
+    drawn = body_sc >= body_threshold
     for (a, b), color in zip(BODY_LINKS, BODY_LINK_COLORS):
         if drawn[a] and drawn[b]:
             _draw_body_link(canvas, _ipoint(body_pts[a]), _ipoint(body_pts[b]), color)

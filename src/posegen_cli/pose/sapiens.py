@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from posegen_cli.device import resolve_device
 from posegen_cli.errors import InputError, MissingModelError, ResourceError
+from posegen_cli.pose.render import encode_normals
 from posegen_cli.pose.types import NUM_KEYPOINTS, PersonPose
 from posegen_cli.report import Reporter
 
@@ -135,6 +136,16 @@ def _out_of_memory_as_resource_error(what: str, batch: int) -> Iterator[None]:
         ) from None
 
 
+def _backend_device(device: str, batch_size: int, reporter: Reporter | None, what: str, alternative: str = "") -> torch.device:
+    """The device a backend runs on, after checking its batch size; the CPU gets a warning, it takes minutes per frame."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    resolved = resolve_device(device)
+    if resolved.type == "cpu":
+        (reporter or Reporter()).warn(f"Sapiens {what} on the CPU: expect tens of seconds to minutes per frame (use a GPU{alternative})")
+    return resolved
+
+
 def _normalise_batch(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (N, H, W, 3) RGB to the float32 (N, 3, H, W) input, normalised on the target device."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
@@ -148,14 +159,18 @@ def _normalise_batch(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def box_center_scale(box: np.ndarray, frame_size: tuple[int, int], padding: float = BOX_PADDING) -> tuple[np.ndarray, np.ndarray]:
-    """Centre and padded size of a box, widened to the *frame's* aspect ratio (the lite demo's rule)."""
+    """Centre and padded size of a box, widened to the *frame's* aspect ratio (the lite demo's rule).
+
+    Every step is an array operation, as in the lite demo, so a float32 detector box keeps float32
+    (NumPy 1 would widen scalar steps to float64 and shift the warp matrix and keypoints by an ulp).
+    """
     box = np.asarray(box)
-    x1, y1, x2, y2 = box[0], box[1], box[2], box[3]
-    center = np.array([x1 + x2, y1 + y2]) * 0.5
-    box_w, box_h = (x2 - x1) * padding, (y2 - y1) * padding
+    center = np.array([box[0] + box[2], box[1] + box[3]]) * 0.5
+    size = np.array([box[2] - box[0], box[3] - box[1]]) * padding
+    box_w, box_h = size[:1], size[1:]
     width, height = frame_size
     aspect = width / height
-    scale = np.array([box_w, box_w / aspect]) if box_w > box_h * aspect else np.array([box_h * aspect, box_h])
+    scale = np.concatenate([box_w, box_w / aspect] if box_w[0] > (box_h * aspect)[0] else [box_h * aspect, box_h])
     return center, scale
 
 
@@ -197,8 +212,9 @@ def decode_heatmaps(heatmaps: np.ndarray, kernel: int = BLUR_KERNEL) -> tuple[np
     """DARK-UDP decoding of (K, H, W) heatmaps: sub-pixel (x, y) in heatmap pixels and the raw peak values.
 
     Clipping, log and edge padding are elementwise, so they are applied to the 3x3 neighbourhood of each
-    peak only (clamped indices are the edge padding): the same numbers as the full-map computation up to
-    float32 rounding in ``log`` (measured at most 5e-7 heatmap pixels), at two thirds of the cost.
+    peak only (clamped indices are the edge padding): the same numbers as the full-map computation at
+    two thirds of the cost. The dtypes are the lite demo's (float32 maps, a float64 Newton step that is
+    subtracted in float64 and rounded once), which makes the result bit-identical to it.
     Keypoints whose peak is not positive get location (-1, -1) without refinement (the release reads
     arbitrary memory there; their score keeps them from being drawn either way).
     """
@@ -230,7 +246,7 @@ def decode_heatmaps(heatmaps: np.ndarray, kernel: int = BLUR_KERNEL) -> tuple[np
     dxy = 0.5 * (down_right - right - down + centre + centre - left - up + up_left)
     hessian = np.stack([dxx, dxy, dxy, dyy], axis=-1).reshape(-1, 2, 2)
     inverse = np.linalg.inv(hessian + np.finfo(np.float32).eps * np.eye(2))
-    keypoints[sel] -= (inverse @ gradient)[..., 0].astype(np.float32)
+    keypoints[sel] -= (inverse @ gradient)[..., 0]
     return keypoints, scores
 
 
@@ -264,14 +280,8 @@ class SapiensPoseBackend:
         checkpoint: str | Path | None = None,
         reporter: Reporter | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-        self.device = resolve_device(device)
+        self.device = _backend_device(device, batch_size, reporter, f"pose {model_size} runs", ", or a lighter --backend")
         self.batch_size = batch_size
-        if self.device.type == "cpu":
-            (reporter or Reporter()).warn(
-                f"Sapiens pose {model_size} runs on the CPU: expect tens of seconds to minutes per frame (use a GPU, or a lighter --backend)"
-            )
         path = Path(checkpoint) if checkpoint is not None else resolve_checkpoint(pose_checkpoint(model_size), models_dir)
         self.model = load_torchscript(path, self.device)
         if detector is None:
@@ -310,8 +320,8 @@ class SapiensPoseBackend:
                 for (i, row), (_, center, scale), (keypoints, scores) in zip(batch, crops, decoded):
                     people[i].append(
                         PersonPose(
-                            keypoints=heatmap_to_image(keypoints, center, scale).astype(np.float32),
-                            scores=scores.astype(np.float32),
+                            keypoints=heatmap_to_image(keypoints, center, scale),  # float64, as the release pickles them
+                            scores=scores,
                             box=np.asarray(row[:4], dtype=np.float32),
                             box_score=float(row[4]),
                         )
@@ -337,9 +347,7 @@ def segmentation_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> np.
 def normal_codes_from_output(vectors: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """uint8 (H, W, 3) normal codes, the release's ``normal.npy`` frame: upsample, unit length (+1e-5), truncate."""
     up = F.interpolate(vectors[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-    n = up.cpu().numpy().transpose(1, 2, 0)
-    n = n / (np.linalg.norm(n, axis=-1, keepdims=True) + np.float32(1e-5))
-    return ((n + 1) / 2 * 255).astype(np.uint8)
+    return encode_normals(up.cpu().numpy().transpose(1, 2, 0))
 
 
 class SapiensNormalBackend:
@@ -359,14 +367,8 @@ class SapiensNormalBackend:
         normal_checkpoint_path: str | Path | None = None,
         reporter: Reporter | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-        self.device = resolve_device(device)
+        self.device = _backend_device(device, batch_size, reporter, f"seg {seg_size} and normal {normal_size} run")
         self.batch_size = batch_size
-        if self.device.type == "cpu":
-            (reporter or Reporter()).warn(
-                f"Sapiens seg {seg_size} and normal {normal_size} run on the CPU: expect tens of seconds to minutes per frame (use a GPU)"
-            )
         seg_path = Path(seg_checkpoint_path) if seg_checkpoint_path is not None else resolve_checkpoint(seg_checkpoint(seg_size), models_dir)
         normal_path = (
             Path(normal_checkpoint_path) if normal_checkpoint_path is not None else resolve_checkpoint(normal_checkpoint(normal_size), models_dir)

@@ -19,8 +19,8 @@ LEFT_WRIST, RIGHT_WRIST = 9, 10
 class PersonPose:
     """One detected person in one frame, in source-frame pixels."""
 
-    keypoints: np.ndarray  # (133, 2) float32, x then y
-    scores: np.ndarray  # (133,) float32
+    keypoints: np.ndarray  # (133, 2) float, x then y (Sapiens: float64, as the release keeps them)
+    scores: np.ndarray  # (133,) float
     box: np.ndarray  # (4,) float32: x1, y1, x2, y2
     box_score: float
 
