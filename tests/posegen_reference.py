@@ -228,14 +228,15 @@ def reference_forward(
         sharing_block = sharing_step and i in share.blocks
         if sharing_block and mode == "anch":
             share.saved[("sa", branch, step, i)] = (k_all.clone(), v_all.clone())
-        o = linear(sd, p + "self_attn.o", sdpa(q_all, k_all, v_all, heads))
-        v_new = v + m[2] * o[:, :nv]
-        r_new = r + rm[2] * o[:, nv:]
+        # The release projects the video and the reference rows with two separate GEMMs.
+        o = sdpa(q_all, k_all, v_all, heads)
+        v_new = v + m[2] * linear(sd, p + "self_attn.o", o[:, :nv])
+        r_new = r + rm[2] * linear(sd, p + "self_attn.o", o[:, nv:])
         if sharing_block and mode == "base":
             k_s, v_s = share.saved[("sa", branch, step, i)]
-            o2 = linear(sd, p + "self_attn.o", sdpa(q_all, k_s, v_s, heads))
-            v2 = v + m[2] * o2[:, :nv]
-            r_new = r + rm[2] * o2[:, nv:]
+            o2 = sdpa(q_all, k_s, v_s, heads)
+            v2 = v + m[2] * linear(sd, p + "self_attn.o", o2[:, :nv])
+            r_new = r + rm[2] * linear(sd, p + "self_attn.o", o2[:, nv:])
             if share.use_mask:
                 prev = otsu((prev_sum / prev_cnt).reshape(-1, h, w)).reshape(v.shape[0], -1)
                 curr = otsu((curr_sum / curr_cnt).reshape(-1, h, w)).reshape(v.shape[0], -1)

@@ -17,6 +17,7 @@ from posegen_cli.models import (
     load_release_model,
     tiny_transformer_config,
 )
+from posegen_cli.models.convert import diffusers_key_to_release, release_key_to_diffusers
 
 torch.set_num_threads(1)
 
@@ -115,6 +116,20 @@ def test_converted_folder_loads_strictly_and_matches_the_merged_reference(tmp_pa
         out = model(**inputs).sample
         ref = reference_from_inputs({k: v.to(torch.bfloat16) for k, v in expected.items()}, release_config(model.config), inputs)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("use_hand_proj", [False, True])
+def test_key_mapping_is_invertible_and_matches_the_spec_table(use_hand_proj: bool) -> None:
+    keys = PoseGenTransformer3DModel(**tiny_transformer_config(use_hand_proj=use_hand_proj)).state_dict().keys()
+    for key in keys:
+        release = diffusers_key_to_release(key)
+        assert release is not None and release_key_to_diffusers(release) == key, key
+    assert set(to_release_names(dict.fromkeys(keys))) == {diffusers_key_to_release(k) for k in keys}
+    assert diffusers_key_to_release("blocks.0.norm2.weight") == "blocks.0.norm3.weight"
+    assert diffusers_key_to_release("scale_shift_table") == "head.modulation"
+    assert diffusers_key_to_release("blocks.3.attn2.norm_added_k.weight") == "blocks.3.cross_attn.norm_k_img.weight"
+    assert diffusers_key_to_release("blocks.0.attn1.to_q.lora_A.weight") is None
+    assert diffusers_key_to_release("rope.freqs") is None
 
 
 def test_merge_runs_in_the_dtype_of_the_first_base_tensor(tmp_path: Path) -> None:

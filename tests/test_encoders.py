@@ -168,7 +168,10 @@ def reference_clip(sd: dict[str, torch.Tensor], cfg, image: torch.Tensor) -> tor
     for i in range(cfg.num_hidden_layers - 1):
         b = p + f"encoder.layers.{i}."
         h = ln(x, b + "layer_norm1")
-        q, k, v = (lin(h, b + f"self_attn.{m}_proj").view(1, -1, heads, dim // heads).transpose(1, 2) for m in "qkv")
+        # The release's to_qkv: one GEMM over the concatenated q, k, v weights, then split.
+        w_qkv = torch.cat([sd[b + f"self_attn.{m}_proj.weight"] for m in "qkv"])
+        b_qkv = torch.cat([sd[b + f"self_attn.{m}_proj.bias"] for m in "qkv"])
+        q, k, v = (t.reshape(1, -1, heads, dim // heads).transpose(1, 2) for t in F.linear(h, w_qkv, b_qkv).chunk(3, -1))
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, -1, dim)
         x = x + lin(a, b + "self_attn.out_proj")
         h = ln(x, b + "layer_norm2")
@@ -194,3 +197,16 @@ def test_clip_features_match_the_release(image_dir):
     expected = reference_clip(model.state_dict(), model.config, image)
     assert got.shape == (1, 257, 20) and got.dtype == BF16
     assert torch.equal(got, expected)
+
+
+def test_clip_attention_runs_one_fused_qkv_gemm_like_the_release(image_dir):
+    """The release's ``to_qkv`` is one GEMM; the three split projections must not run on their own."""
+    model = load_image_encoder(image_dir / "image_encoder", BF16)
+    calls = []
+    attention = [m for m in model.modules() if hasattr(m, "q_proj")]
+    assert len(attention) == model.config.num_hidden_layers
+    hooks = [getattr(a, f"{m}_proj").register_forward_hook(lambda *_: calls.append(1)) for a in attention for m in "qkv"]
+    encode_clip(model, torch.zeros(1, 3, 64, 36, dtype=BF16))
+    for hook in hooks:
+        hook.remove()
+    assert calls == []

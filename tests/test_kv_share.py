@@ -181,3 +181,20 @@ def test_invalid_use_is_rejected() -> None:
     cache.start_replay()
     with pytest.raises(RuntimeError, match="before 'uncond'"), torch.no_grad():
         model(**segment_inputs(12, model), kv_share=cache.view(1, "uncond"))
+
+
+def test_source_attention_projects_video_and_reference_rows_separately() -> None:
+    """Like the plain path, the release's source path applies ``o`` to the video and reference rows as two GEMMs."""
+    model = build(4)
+    anchor, other = segment_inputs(13, model), segment_inputs(14, model)
+    cache = KVShareCache({0}, {3}, [1], max_map_block=1)
+    run_segment(model, anchor, cache)
+    cache.start_replay()
+    rows: list[int] = []
+    hook = model.blocks[3].attn1.to_out[0].register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[1]))
+    with torch.no_grad():
+        call = {**other, "timestep": TIMESTEPS[0]}
+        model(**call, kv_share=cache.view(0, "cond"))
+    hook.remove()
+    n_video, n_ref = 3 * 6 * 5, 6 * 5
+    assert rows == [n_video, n_ref, n_video, n_ref]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from posegen_cli import hub
 from posegen_cli.errors import InputError, MissingModelError
-from posegen_cli.models import KVShareCache
+from posegen_cli.models import KVShareCache, load_release_model
 from posegen_cli.pipelines.conditioning import condition_mask
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.pipelines.scheduling import make_scheduler
@@ -264,3 +264,17 @@ def test_onload_triggers_an_offload_hook_before_reading_the_device():
     module._hf_hook = Hook()
     assert onload(module) == torch.device("cpu")
     assert module._hf_hook.calls == 1 and module.weight.dtype == torch.float64
+
+
+def test_pipeline_variants_hold_the_release_merged_weights(pipe, tiny_dir):
+    """The pipeline switches in the exact form: each variant's DiT equals the release's merge of that folder."""
+    assert pipe.variants is not None and pipe.variants.mode == "exact"
+    try:
+        for name, folder in (("transition", "720p-81f-cond"), ("base", "720p-81f-base")):
+            pipe.use_variant(name)
+            merged = load_release_model(tiny_dir / "posegen" / folder, pipe.transformer.dtype)
+            ours = pipe.transformer.state_dict()
+            assert pipe.transformer.config.shift_ref_pos == merged.config.shift_ref_pos
+            assert all(torch.equal(ours[k], v) for k, v in merged.state_dict().items()), name
+    finally:
+        pipe.use_variant("base")

@@ -152,3 +152,34 @@ def test_rope_chunking_changes_no_bit() -> None:
     freqs = transformer_module.rope_freqs(12, (3, 4, 5), -5, torch.device("cpu"))
     assert torch.equal(transformer_module.apply_rope(x, freqs, chunk_tokens=7), transformer_module.apply_rope(x, freqs))
     assert not torch.equal(transformer_module.apply_rope(x, freqs), x)
+
+
+def test_rope_table_is_computed_on_the_cpu_like_the_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The release precomputes its complex128 table on the CPU; CUDA float64 sin/cos/pow may differ in the last bit."""
+    seen: list[torch.device] = []
+    polar = torch.polar
+
+    def spy(abs_: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+        seen.append(angle.device)
+        return polar(abs_, angle)
+
+    monkeypatch.setattr(torch, "polar", spy)
+    transformer_module._cpu_rope_freqs.cache_clear()
+    moved = transformer_module.rope_freqs(12, (2, 3, 7), -7, torch.device("meta"))
+    cpu = transformer_module.rope_freqs(12, (2, 3, 7), -7, torch.device("cpu"))
+    assert seen == [torch.device("cpu")], "computed once on the CPU, then reused for the next forward"
+    assert moved.device.type == "meta" and moved.shape == cpu.shape == (42, 1, 6) and moved.dtype == torch.complex128
+
+
+def test_self_attention_output_projects_video_and_reference_rows_separately() -> None:
+    """The release applies ``o`` to the video rows and to the reference rows as two GEMMs (their shapes matter on GPU)."""
+    model = build(17, num_layers=2)
+    inputs = make_inputs(18, model.config)
+    rows: list[int] = []
+    hooks = [b.attn1.to_out[0].register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[1])) for b in model.blocks]
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    n_video, n_ref = 3 * 3 * 4, 3 * 4
+    assert rows == [n_video, n_ref] * 2

@@ -91,6 +91,28 @@ def release_key_to_diffusers(key: str) -> str | None:
     return None if target is None else f"{target}.{param}"
 
 
+_TOP_MODULES_BACK = {v: k for k, v in _TOP_MODULES.items()}
+_BLOCK_MODULES_BACK = {v: k for k, v in _BLOCK_MODULES.items()}
+
+
+def diffusers_key_to_release(key: str) -> str | None:
+    """Release parameter name for a diffusers parameter name, or None: the inverse of :func:`release_key_to_diffusers`."""
+    if key == "scale_shift_table":
+        return "head.modulation"
+    match = _BLOCK.fullmatch(key)
+    if match and match.group(2) == "scale_shift_table":
+        return f"blocks.{match.group(1)}.modulation"
+    module, _, param = key.rpartition(".")
+    if param not in ("weight", "bias"):
+        return None
+    if module in _TOP_MODULES_BACK:
+        return f"{_TOP_MODULES_BACK[module]}.{param}"
+    match = _BLOCK.fullmatch(module)
+    if match and match.group(2) in _BLOCK_MODULES_BACK:
+        return f"blocks.{match.group(1)}.{_BLOCK_MODULES_BACK[match.group(2)]}.{param}"
+    return None
+
+
 def release_config_to_diffusers(config: dict[str, Any], source: Path) -> dict[str, Any]:
     """The diffusers config of ``PoseGenTransformer3DModel`` for a release ``model_config.json``."""
     missing = [f for f in _REQUIRED_FIELDS if f not in config]

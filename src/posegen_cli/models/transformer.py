@@ -9,6 +9,7 @@ attention goes through diffusers' attention dispatch so the backends apply.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -68,17 +69,27 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def _axis_angles(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device)[: dim // 2] / dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
     return positions.to(torch.float64)[:, None] * inv_freq[None, :]
 
 
 def rope_freqs(head_dim: int, grid: tuple[int, int, int], w_offset: int, device: torch.device) -> torch.Tensor:
-    """Complex128 rotations [f*h*w, 1, head_dim/2] for tokens at (f, h, w + w_offset), float64 as the release."""
+    """Complex128 rotations [f*h*w, 1, head_dim/2] for tokens at (f, h, w + w_offset), moved to ``device``.
+
+    Computed in float64 on the CPU, where the release precomputes its table: CUDA's float64 pow/sin/cos are
+    not correctly rounded, so a table computed on the GPU may differ in the last bit.
+    """
+    return _cpu_rope_freqs(head_dim, tuple(grid), w_offset).to(device)
+
+
+@functools.lru_cache(maxsize=4)
+def _cpu_rope_freqs(head_dim: int, grid: tuple[int, int, int], w_offset: int) -> torch.Tensor:
+    """The CPU table of :func:`rope_freqs`, kept for the next forward (every step uses the same grid); read-only."""
     f, h, w = grid
     df, dh, dw = rope_axis_dims(head_dim)
-    af = _axis_angles(df, torch.arange(f, device=device))
-    ah = _axis_angles(dh, torch.arange(h, device=device))
-    aw = _axis_angles(dw, torch.arange(w, device=device) + w_offset)
+    af = _axis_angles(df, torch.arange(f))
+    ah = _axis_angles(dh, torch.arange(h))
+    aw = _axis_angles(dw, torch.arange(w) + w_offset)
     angles = torch.cat(
         [
             af.view(f, 1, 1, -1).expand(f, h, w, -1),
@@ -140,6 +151,15 @@ class PoseGenTransformerBlock(WanTransformerBlock):
         v = attn.to_v(a).unflatten(2, (heads, -1))
         return apply_rope(q, freqs), apply_rope(k, freqs), v
 
+    def _project_out(self, out: torch.Tensor, n_video: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention output projection of the video rows and the reference rows as two GEMMs.
+
+        The release projects the two streams separately; one GEMM over all rows has another shape, for which
+        cuBLAS may pick a kernel with another reduction order.
+        """
+        proj = self.attn1.to_out[0]
+        return proj(out[:, :n_video]), proj(out[:, n_video:])
+
     def forward(  # type: ignore[override]
         self,
         hidden_states: torch.Tensor,
@@ -169,15 +189,15 @@ class PoseGenTransformerBlock(WanTransformerBlock):
             share.record_kv(block_index, k_all, v_all)
         backend = self.attn1.processor._attention_backend
         n_video = x.shape[1]
-        out = self.attn1.to_out[0](attention(q_all, k_all, v_all, backend))
+        out, out_ref = self._project_out(attention(q_all, k_all, v_all, backend), n_video)
         source = share.source_kv(block_index) if share is not None else None
         x_res, ref_res = x, ref
-        x = x_res + gate_msa * out[:, :n_video]
-        ref = ref_res + r_gate_msa * out[:, n_video:]
+        x = x_res + gate_msa * out
+        ref = ref_res + r_gate_msa * out_ref
         if source is not None:
-            out_src = self.attn1.to_out[0](attention(q_all, source[0], source[1], backend))
-            x_src = x_res + gate_msa * out_src[:, :n_video]
-            ref = ref_res + r_gate_msa * out_src[:, n_video:]
+            out_src, out_src_ref = self._project_out(attention(q_all, source[0], source[1], backend), n_video)
+            x_src = x_res + gate_msa * out_src
+            ref = ref_res + r_gate_msa * out_src_ref
             background = share.background(block_index)
             x = x_src if background is None else torch.where(background[..., None], x_src, x)
 

@@ -2,7 +2,8 @@
 
 diffusers' ``CLIPImageProcessor`` resizes the short side and center-crops, cutting the head and feet off a portrait; the
 release instead squashes the whole 9:16 frame to 224x224 (bicubic, no antialias) in the model dtype. The processor is
-therefore bypassed and these steps are done with torch.
+therefore bypassed and these steps are done with torch. The tower's attention computes q, k and v with one fused
+GEMM, as the release's ``to_qkv`` does, instead of transformers' three.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionModel
+from transformers.models.clip.modeling_clip import CLIPAttention
 
 from posegen_cli.pipelines.offload import onload
 
@@ -19,10 +21,36 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class ReleaseCLIPAttention(CLIPAttention):
+    """CLIP self-attention with one fused q/k/v GEMM, as the release's ``to_qkv`` computes it.
+
+    transformers splits the weight into three projections; on the GPU three GEMMs of a third of the width
+    may be given kernels with another reduction order than the release's single one.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: object):  # type: ignore[override]
+        if attention_mask is not None:
+            raise ValueError("the release's image tower attends without a mask")
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        b, s, _ = hidden_states.shape
+        q, k, v = (t.view(b, s, self.num_heads, self.head_dim).transpose(1, 2) for t in F.linear(hidden_states, weight, bias).chunk(3, -1))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, -1)
+        return self.out_proj(out), None
+
+
+def use_release_attention(model: CLIPVisionModel) -> CLIPVisionModel:
+    """Switch this model's attention modules to :class:`ReleaseCLIPAttention` (same parameters)."""
+    for module in model.modules():
+        if type(module) is CLIPAttention:
+            module.__class__ = ReleaseCLIPAttention
+    return model
+
+
 def load_image_encoder(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> CLIPVisionModel:
-    """The ViT-H/14 image tower of the Wan I2V repository (``image_encoder/``)."""
+    """The ViT-H/14 image tower of the Wan I2V repository (``image_encoder/``), with the release's fused q/k/v."""
     model = CLIPVisionModel.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+    return use_release_attention(model).to(device).eval()
 
 
 def clip_pixels(image: torch.Tensor, size: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5Enco
 
 from posegen_cli.fsutil import atomic_dir
 from posegen_cli.models import PoseGenTransformer3DModel, tiny_transformer_config
-from posegen_cli.models.convert import _BLOCK_MODULES, _TOP_MODULES
+from posegen_cli.models.convert import diffusers_key_to_release
 from posegen_cli.pipelines.image import CLIP_MEAN, CLIP_STD
 from posegen_cli.testing.tokenizer import make_tiny_tokenizer
 
@@ -127,21 +127,6 @@ OWN_TENSORS = ("patch_embedding.", "ref_patch_embedding.", "hand_patch_embedding
 """Fully trained per checkpoint; everything else is the shared Wan base."""
 
 
-def release_key(diffusers_key: str) -> str:
-    """The release (DiffSynth) name of a diffusers parameter name: the inverse of the converter's table."""
-    top = {v: k for k, v in _TOP_MODULES.items()}
-    block = {v: k for k, v in _BLOCK_MODULES.items()}
-    if diffusers_key == "scale_shift_table":
-        return "head.modulation"
-    module, _, param = diffusers_key.rpartition(".")
-    if param == "scale_shift_table":
-        return f"{module}.modulation"
-    if module in top:
-        return f"{top[module]}.{param}"
-    prefix, index, rest = module.split(".", 2)
-    return f"{prefix}.{index}.{block[rest]}.{param}"
-
-
 def release_config(config: dict) -> dict:
     """``model_config.json`` fields (the only ones the release's loader accepts) for a tiny diffusers config."""
     return {
@@ -172,7 +157,9 @@ def release_state_dict(base: dict[str, torch.Tensor], seed: int) -> dict[str, to
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for key, value in base.items():
-        name = release_key(key)
+        name = diffusers_key_to_release(key)
+        if name is None:
+            raise ValueError(f"{key} has no release name")
         if key.startswith(OWN_TENSORS):
             value = _random_like(value.shape, g, 0.3)
         module, _, param = name.rpartition(".")
