@@ -380,7 +380,7 @@ def test_large_sources_get_a_half_size_overlay(tmp_path):
 
 
 def test_align_to_renders_the_retargeted_skeleton_on_the_model_canvas(extracted, moving_clip, reference_image_path, tmp_path):
-    from posegen_cli.pose.framing import map_points_to_model
+    from posegen_cli.pose.framing import frame_to_model, map_points_to_model
 
     kwargs = {"from_keypoints": extracted.keypoints, "align_to": reference_image_path, "lossless": True, "reporter": quiet()}
     none = extract_pose(moving_clip, tmp_path / "none", align="none", **kwargs)
@@ -389,6 +389,9 @@ def test_align_to_renders_the_retargeted_skeleton_on_the_model_canvas(extracted,
     assert (framed.width, framed.height) == (720, 1280)
     assert np.allclose(framed.keypoints, map_points_to_model(raw.keypoints, 360, 640))  # 9:16 source: a 2x resize
     assert none.keypoints.read_bytes() == extracted.keypoints.read_bytes()  # keypoints.npz stays in the source frame
+    # --align none is the release's path: drawn at the source size (360x640 here), then framed to 720x1280
+    for t, frame in enumerate(iter_frames(none.pose_video)):
+        assert np.array_equal(frame, frame_to_model(render_pose(raw.keypoints[t], raw.scores[t], 360, 640))), f"frame {t}"
 
     auto = extract_pose(moving_clip, tmp_path / "auto", align="auto", **kwargs)
     assert (auto.width, auto.height, auto.frame_count) == (720, 1280, 20) and not auto.cached

@@ -377,6 +377,9 @@ def _write_aligned(
 ) -> dict[str, Any]:
     """Retarget the extracted skeleton onto the reference person and render both videos on the model canvas.
 
+    With ``mode="none"`` the skeleton is drawn at the source size and then framed, as the release does, so
+    line widths match its conditioning videos for any source resolution.
+
     The hand video follows the skeleton: each extracted hand frame is framed like the reference and moved
     by the fitted transform (``align.align_hand_frame``); black stays black.
     """
@@ -399,11 +402,13 @@ def _write_aligned(
         hand_writer = stack.enter_context(VideoWriter(target / HAND_FILE, track.fps, lossless=lossless, preset=CONDITIONING_PRESET))
         progress = stack.enter_context(reporter.progress())
         task = progress.add_task("rendering aligned pose", total=track.frame_count, unit="frames")
+        thresholds = {"body_threshold": settings.body_threshold, "hand_threshold": settings.hand_threshold}
         for i, hand in zip(range(track.frame_count), hand_frames):
-            pose = render_pose(
-                aligned.keypoints[i], aligned.scores[i], width, height,
-                body_threshold=settings.body_threshold, hand_threshold=settings.hand_threshold,
-            )  # fmt: skip
+            if mode == "none":
+                # The release's path exactly: drawn at the source size (fixed pixel widths), then framed.
+                pose = frame_to_model(render_pose(track.keypoints[i], track.scores[i], track.width, track.height, **thresholds))
+            else:
+                pose = render_pose(aligned.keypoints[i], aligned.scores[i], width, height, **thresholds)
             pose_writer.write(pose)
             if hand is None:
                 hand_writer.write(black)
