@@ -57,7 +57,7 @@ OVERLAY_CRF, OVERLAY_PRESET = 23, "ultrafast"
 """The overlay is only for people to look at, so it is encoded as cheaply as possible."""
 OVERLAY_HALVE_ABOVE = 960
 """Sources whose longer side exceeds this get a half-size overlay: a quarter of the encoding work."""
-_CACHE_VERSION = 2  # bump when the rendering or the file layout changes
+_CACHE_VERSION = 3  # bump when the rendering or the file layout changes
 
 
 @dataclass(frozen=True)
