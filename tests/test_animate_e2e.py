@@ -48,9 +48,9 @@ def test_animate_end_to_end(tmp_path: Path, reference_image_path: Path, driving_
     decoded = np.stack(list(iter_frames(output)))
     assert decoded.shape == (36, 112, 64, 3)
 
-    # the reference is cut at the knees: the half-body preset, fitted to the 2-block tiny model and 2 steps
+    # the reference is cut at the knees: the half-body preset (steps 0-1 as in the release), blocks fitted to the 2-block tiny model
     assert result.shot == "half-body"
-    assert (result.kv.steps, result.kv.blocks) == ((0, 1), (1, 2))
+    assert (result.kv.steps, result.kv.blocks) == ((0, 2), (1, 2))
     assert result.subject == "man"
     assert result.computed == [0, 2, 4, 1, 3] and result.reused == []
     summary = result.summary()
@@ -162,9 +162,21 @@ def test_preview_caps_size_and_steps() -> None:
     assert (job.height, job.width, job.steps) == (*PREVIEW_SIZE, PREVIEW_STEPS)
     assert PREVIEW_SIZE[0] * 9 == PREVIEW_SIZE[1] * 16 and PREVIEW_SIZE[0] % 16 == PREVIEW_SIZE[1] % 16 == 0
     assert resolve_settings(AnimateOptions(preview=True, steps=4)).steps == 4
+    # a landscape job previews in landscape; a job already smaller than the preview keeps its size
+    landscape = resolve_settings(AnimateOptions(preview=True, resolution="1280x720"))
+    assert (landscape.height, landscape.width) == PREVIEW_SIZE[::-1]
+    small = resolve_settings(AnimateOptions(preview=True, resolution="256x448"))
+    assert (small.height, small.width) == (448, 256)
+    square = resolve_settings(AnimateOptions(preview=True, resolution="1024x1024"))
+    assert (square.height, square.width) == (384, 384)
     full = resolve_settings(AnimateOptions())
     assert (full.height, full.width, full.steps, full.kv_steps) == (1280, 720, 25, None)
     assert resolve_settings(AnimateOptions(kv_steps="0-4", kv_blocks="30-40")).kv_blocks == (30, 40)
+
+
+def test_default_quality_is_the_release_quality() -> None:
+    """The release saves with imageio quality 9, which imageio-ffmpeg turns into libx264 ``-crf int((1 - 9/10) * 51)``."""
+    assert AnimateOptions().crf == int((1 - 9 / 10) * 51) == 5
 
 
 def test_cli_animate_json(tmp_path: Path, reference_image_path: Path, driving_clip: Path, tiny_models: Path) -> None:

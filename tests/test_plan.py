@@ -231,10 +231,15 @@ def test_presets_are_the_release_table_at_full_size(shot: str, steps: tuple[int,
     assert kv.step_list == list(range(*steps)) and kv.block_list == list(range(*blocks))
 
 
-def test_presets_scale_to_shorter_schedules_and_shallower_models() -> None:
-    # 8 preview steps: 2/25 and 4/25 of the schedule round to 1 step
-    assert kv_share_ranges("half-body", 8, 40).steps == (0, 1)
-    assert kv_share_ranges("distant", 12, 40).steps == (0, 2)
+def test_preset_steps_are_step_indices_like_the_release_and_blocks_scale_to_shallower_models() -> None:
+    # the release's -s 0 2 shares steps 0 and 1 whatever --num_inference_steps is
+    assert kv_share_ranges("half-body", 8, 40).steps == (0, 2)
+    assert kv_share_ranges("distant", 12, 40).steps == (0, 4)
+    assert kv_share_ranges("close-up", 50, 40).steps == (0, 1)
+    assert kv_share_ranges("full-body", 50, 40).step_list == [0, 1, 2, 3]
+    # fewer steps than the preset: every step there is (the release's range simply runs out)
+    assert kv_share_ranges("distant", 2, 40).steps == (0, 2)
+    assert kv_share_ranges("half-body", 1, 40).steps == (0, 1)
     # a 4-block model: maps from block 0-1, sharing in the last block
     kv = kv_share_ranges("full-body", 25, 4)
     assert (kv.max_map_block, kv.blocks) == (1, (3, 4))

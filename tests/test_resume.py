@@ -6,6 +6,10 @@ when the job ends, even when it ends by an exception.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +17,19 @@ import pytest
 import torch
 from animate_inputs import DRIVING_FRAMES, TEST_OPTIONS, make_driving_clip
 
+import posegen_cli
 from posegen_cli.errors import ResourceError
 from posegen_cli.longvideo import AnimateOptions, animate
 from posegen_cli.longvideo import renderer as renderer_module
-from posegen_cli.longvideo.plan import Segment
+from posegen_cli.longvideo.plan import Segment, plan_segments
+from posegen_cli.longvideo.segments import release_mp4_roundtrip, render_segments
+from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.models import KVShareCache
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.report import Reporter
 from posegen_cli.testing import make_tiny_models
-from posegen_cli.video import iter_frames
+from posegen_cli.video import iter_frames, write_video
 
 torch.set_num_threads(1)
 
@@ -158,3 +165,162 @@ def test_resume_after_a_crash(
     calls.clear()
     again = animate(reference_image_path, driving_clip, output, options=options, reporter=Reporter(quiet=True))
     assert again.computed == [] and sorted(again.reused) == [0, 1, 2, 3, 4] and calls == []
+
+
+KILLED_WHILE_ENCODING = """
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from posegen_cli.longvideo import AnimateOptions, animate, engine
+from posegen_cli.report import Reporter
+
+real_merge = engine.iter_merged
+
+def merge_then_get_killed(*args):
+    for count, frame in enumerate(real_merge(*args)):
+        if count == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        yield frame
+
+engine.iter_merged = merge_then_get_killed
+reference, driving, output, options = sys.argv[2:]
+try:
+    animate(Path(reference), Path(driving), Path(output), options=AnimateOptions(**json.loads(options)), reporter=Reporter(quiet=True))
+except KeyboardInterrupt:
+    print("interrupted", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    sys.exit(130)
+"""
+
+
+def test_kill_cleans_up_like_ctrl_c(tmp_path: Path, reference_image_path: Path, driving_clip: Path, tiny_models: Path) -> None:
+    """``kill`` (SIGTERM) mid-encode: no partial output is left, the segments are kept, and the next run resumes."""
+    output = tmp_path / "out" / "video.mp4"
+    output.parent.mkdir()
+    work_root = tmp_path / "work"
+    settings = {**TEST_OPTIONS, "models_dir": str(tiny_models), "shot": "half-body", "work_dir": str(work_root)}
+    source_root = str(Path(posegen_cli.__file__).resolve().parents[1])
+    args = [source_root, str(reference_image_path), str(driving_clip), str(output), json.dumps(settings)]
+    run = subprocess.run([sys.executable, "-c", KILLED_WHILE_ENCODING, *args], check=False, capture_output=True, text=True)
+    assert run.returncode == 130, run.stderr[-2000:]
+    # the default SIGTERM action is back once animate returns
+    assert run.stdout.split() == ["interrupted", "True"]
+    assert list(output.parent.iterdir()) == []
+    (work,) = work_root.iterdir()
+    assert sorted(p.name for p in work.glob("segment-*.npy")) == [f"segment-{i:04d}.npy" for i in range(5)]
+    assert not list(work.glob(".*partial*"))
+    options = AnimateOptions(**{**settings, "models_dir": tiny_models, "work_dir": work_root})
+    result = animate(reference_image_path, driving_clip, output, options=options, reporter=Reporter(quiet=True))
+    assert result.computed == [] and len(result.reused) == 5 and output.exists()
+
+
+class NoiseRenderer:
+    """Stands in for the models: each segment is seeded noise; transitions record the head and tail they are given."""
+
+    num_steps = 1
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.outputs: list[np.ndarray] = []
+        self.heads: list[np.ndarray] = []
+        self.tails: list[np.ndarray] = []
+
+    def _frames(self, pose: np.ndarray, on_step, steps: int | None = None) -> np.ndarray:
+        self.calls += 1
+        for step in range(steps or self.num_steps):
+            on_step(step + 1)
+        rng = np.random.default_rng(self.calls)
+        # smooth colour fields, so H.264 changes them a little, not beyond recognition
+        frames = np.clip(pose.astype(np.int16) // 2 + rng.integers(0, 64, (len(pose), 1, 1, 3)), 0, 255).astype(np.uint8)
+        self.outputs.append(frames)
+        return frames
+
+    def render_anchor(self, pose, hand, on_step, *, record, frames_needed=True):
+        return self._frames(pose, on_step, None if frames_needed else self.anchor_steps())
+
+    def anchor_steps(self) -> int:
+        return 1
+
+    def render_base(self, pose, hand, on_step):
+        return self._frames(pose, on_step)
+
+    def render_transition(self, pose, hand, head, tail, on_step):
+        self.heads.append(head)
+        self.tails.append(tail)
+        return self._frames(pose, on_step)
+
+    def release_kv(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("compat_mp4", [False, True])
+def test_compat_mp4_conditions_and_merges_decoded_segments(tmp_path: Path, compat_mp4: bool) -> None:
+    """``--compat-mp4``: as in the release, transitions see, and the merge reads, the segments' decoded CRF-5 mp4s."""
+    size = (32, 48)
+    gradient = np.linspace(0, 255, size[0] * size[1] * 3).reshape(*size, 3).astype(np.uint8)
+    pose_video = write_video(tmp_path / "pose.mp4", [np.roll(gradient, i, axis=1) for i in range(40)], 30, lossless=True)
+    plan = plan_segments(40, 13, 5, 4)
+    work = WorkDir.for_job([pose_video], {"compat_mp4": compat_mp4}, tmp_path / "work")
+    renderer = NoiseRenderer()
+    sources = FrameSource(pose_video, size), FrameSource(pose_video, size)
+    render_segments(
+        plan, renderer, *sources, work, total_frames=40, frame_shape=size, head=5, tail=4, reporter=Reporter(quiet=True),
+        compat_mp4=compat_mp4,
+    )  # fmt: skip
+    stored = {index: np.asarray(work.load_segment(index)) for index in range(5)}
+    exact = {seg.index: frames for seg, frames in zip(plan, renderer.outputs)}
+    for index, frames in stored.items():
+        assert frames.shape == (13, *size, 3)
+        if compat_mp4:
+            # what is stored (and so merged) is the mp4 round trip: close to what was rendered, but not equal
+            np.testing.assert_array_equal(frames, release_mp4_roundtrip(exact[index], tmp_path))
+            assert not np.array_equal(frames, exact[index])
+            assert np.abs(frames.astype(int) - exact[index]).mean() < 4
+        else:
+            np.testing.assert_array_equal(frames, exact[index])
+    for heads, tails, (before, after) in zip(renderer.heads, renderer.tails, [(0, 2), (2, 4)]):
+        np.testing.assert_array_equal(heads, stored[before][-5:])
+        np.testing.assert_array_equal(tails, stored[after][:4])
+
+
+class RecordingReporter(Reporter):
+    """A quiet reporter that keeps each progress display, to read its tasks afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.displays: list = []
+
+    @contextlib.contextmanager
+    def progress(self):
+        with super().progress() as display:
+            self.displays.append(display)
+            yield display
+
+
+def test_overall_progress_counts_only_the_work_left(tmp_path: Path) -> None:
+    """A resumed job's overall bar (and so its rate and ETA) covers only the steps it still has to run."""
+    size = (16, 16)
+    pose_video = write_video(tmp_path / "pose.mp4", [np.full((*size, 3), 9 * i, np.uint8) for i in range(40)], 30, lossless=True)
+    plan = plan_segments(40, 13, 5, 4)
+    work = WorkDir.for_job([pose_video], {}, tmp_path / "work")
+
+    def run(renderer: NoiseRenderer) -> tuple[float | None, float]:
+        reporter = RecordingReporter()
+        sources = FrameSource(pose_video, size), FrameSource(pose_video, size)
+        render_segments(plan, renderer, *sources, work, total_frames=40, frame_shape=size, head=5, tail=4, reporter=reporter)
+        overall = reporter.displays[-1].tasks[0]
+        return overall.total, overall.completed
+
+    first = NoiseRenderer()
+    first.num_steps = 3
+    assert run(first) == (15, 15)
+    # transition 3 lost: 3 steps left
+    work.segment_path(3).unlink()
+    again = NoiseRenderer()
+    again.num_steps = 3
+    assert run(again) == (3, 3)
+    # base 4 lost too: it and the anchor's K/V rebuild (anchor_steps = 1), then the transition
+    work.segment_path(4).unlink()
+    work.segment_path(3).unlink()
+    third = NoiseRenderer()
+    third.num_steps = 3
+    assert run(third) == (7, 7)

@@ -139,7 +139,9 @@ def animate(
     offload: Annotated[Offload, typer.Option("--offload", help="Keep models on the CPU until needed (model) or stream blocks (group) to fit smaller GPUs.")] = Offload.none,
     preview: Annotated[bool, typer.Option("--preview", help="Low resolution and few steps, to check a job fast.")] = False,
     no_audio: Annotated[bool, typer.Option("--no-audio", help="Do not copy the driving video's audio.")] = False,
-    crf: Annotated[int, typer.Option("--crf", min=0, max=51, help="H.264 quality (lower is better; 18 is visually lossless).")] = 18,
+    crf: Annotated[int, typer.Option("--crf", min=0, max=51, help="H.264 quality (lower is better; 5 is the release's quality 9, 18 is visually lossless).")] = 5,
+    compat_mp4: Annotated[bool, typer.Option("--compat-mp4", help="Pass every segment through the release's CRF-5 mp4 round trip before transitions and the merge use it (closest to the release's output).")] = False,
+    anchor: Annotated[int, typer.Option("--anchor", min=0, help="Segment whose background the other base segments copy (even: 0, 2, 4, ...); pick another if it has camera motion.")] = 0,
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Where finished segments are kept for resuming (default: the posegen cache).")] = None,
     keep_intermediates: Annotated[bool, typer.Option("--keep-intermediates", help="Keep the segment files and conditioning videos after success.")] = False,
     models_dir: ModelsDir = None,
@@ -160,7 +162,8 @@ def animate(
         options = AnimateOptions(
             prompt=prompt, subject=subject, seed=seed, steps=steps, guidance=guidance, resolution=resolution,
             shot=shot.value, kv_steps=kv_steps, kv_blocks=kv_blocks, align=align.value, pose_backend=pose_backend.value,
-            offload=offload.value, preview=preview, audio=not no_audio, crf=crf, work_dir=work_dir,
+            offload=offload.value, preview=preview, audio=not no_audio, crf=crf, compat_mp4=compat_mp4, anchor=anchor,
+            work_dir=work_dir,
             keep_intermediates=keep_intermediates, models_dir=models_dir, device=device, dtype=dtype,
         )
         result = run_animate(reference, driving, output, options=options, reporter=reporter)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
 """Part of every work folder's key: bump when a change makes old finished segments wrong."""
 
 
@@ -190,6 +192,7 @@ def work_settings(
         "pose_backend": options.pose_backend,
         "anchor": options.anchor,
         "pad": options.pad,
+        "compat_mp4": options.compat_mp4,
         "segment": [options.segment_frames, options.head, options.tail],
         "models": [str(path.resolve()) for path in model_dirs],
         "device": device.type,
@@ -222,6 +225,27 @@ def _write_video(
     return audio
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """``kill`` (SIGTERM) stops the job as Ctrl-C does, so partial files are removed and the K/V cache is freed.
+
+    Python's default SIGTERM action ends the process without running any cleanup; finished segments survive
+    either way. Signal handlers can only be set from the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def animate(
     reference: Path,
     driving: Path,
@@ -233,9 +257,22 @@ def animate(
 ) -> AnimateResult:
     """Generate ``output`` from the ``reference`` photo and the ``driving`` video's motion.
 
-    Re-running after a crash or Ctrl-C with the same inputs and settings continues from the finished segments.
-    ``after_segment`` runs after each newly generated segment is stored.
+    Re-running after a crash, Ctrl-C or ``kill`` with the same inputs and settings continues from the finished
+    segments. ``after_segment`` runs after each newly generated segment is stored.
     """
+    with terminate_as_interrupt():
+        return _animate(reference, driving, output, options=options, reporter=reporter, after_segment=after_segment)
+
+
+def _animate(
+    reference: Path,
+    driving: Path,
+    output: Path,
+    *,
+    options: AnimateOptions,
+    reporter: Reporter,
+    after_segment: Callable[[Segment], None] | None,
+) -> AnimateResult:
     job = resolve_settings(options)
     reference = require_file(reference, "reference image")
     driving = require_file(driving, "driving video")
@@ -301,7 +338,8 @@ def animate(
         with timer("segments"):
             stats: SegmentStats = render_segments(
                 plan, renderer, pose_source, hand_source, work, total_frames=info.frame_count, frame_shape=size,
-                head=options.head, tail=options.tail, reporter=reporter, after_segment=after_segment,
+                head=options.head, tail=options.tail, reporter=reporter, compat_mp4=options.compat_mp4,
+                after_segment=after_segment,
             )  # fmt: skip
     finally:
         pose_source.close()

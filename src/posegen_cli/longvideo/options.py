@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -11,7 +12,7 @@ from typing import Any
 from posegen_cli.errors import InputError
 
 PREVIEW_SIZE = (512, 288)
-"""(height, width) of ``--preview``: exactly 9:16 and multiples of 16, a twentieth of the 720x1280 pixels."""
+"""(height, width) of ``--preview`` for the 720x1280 default: 9:16, multiples of 16, 0.4x each side."""
 PREVIEW_STEPS = 8
 OFFLOAD_MODES = ("none", "model", "group")
 ALIGN_MODES = ("auto", "limbs", "none")
@@ -35,9 +36,12 @@ class AnimateOptions:
     offload: str = "none"
     preview: bool = False
     audio: bool = True
-    crf: int = 18
+    crf: int = 5
+    """The release's imageio ``quality=9``: libx264 CRF int((1 - 0.9) * 51) = 5, yuv420p (port spec §4.6)."""
     work_dir: Path | None = None
     keep_intermediates: bool = False
+    compat_mp4: bool = False
+    """Pass every segment through the release's CRF-5 mp4 round trip before transitions and the merge use it."""
     models_dir: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -70,6 +74,16 @@ def parse_range(text: str | None, flag: str) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
+def preview_size(height: int, width: int) -> tuple[int, int]:
+    """``--preview`` keeps the requested shape (portrait or landscape) at about ``PREVIEW_SIZE``'s pixels, or fewer."""
+    factor = min(1.0, math.sqrt(PREVIEW_SIZE[0] * PREVIEW_SIZE[1] / (height * width)))
+
+    def fit(side: int) -> int:
+        return max(16, 16 * math.floor(side * factor / 16 + 0.5))
+
+    return fit(height), fit(width)
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """The options made concrete: sizes, step count, ranges; what the work folder's key is built from."""
@@ -99,7 +113,7 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
     if steps < 1:
         raise InputError(f"--steps {steps}: need at least 1")
     if options.preview:
-        height, width = min((height, width), PREVIEW_SIZE)
+        height, width = preview_size(height, width)
         steps = min(steps, PREVIEW_STEPS)
     if options.offload not in OFFLOAD_MODES:
         raise InputError(f"--offload {options.offload!r} is not known (use {', '.join(OFFLOAD_MODES)})")

@@ -2,8 +2,9 @@
 
 Sharing more steps and blocks keeps the background steadier but spreads artefacts when the subject mask is
 wrong, and the mask is worse the smaller the subject, so wider shots share more. Ranges are half-open, as the
-release's ``-s``/``-b`` flags, and are given for the 25-step, 40-block model; other step counts and depths
-(previews, tiny test models) get the same fractions of their schedule and depth.
+release's ``-s``/``-b`` flags. Steps are denoising-step indices, as in the release, whatever the step count
+(``--steps 10`` still shares steps 0-1 for a half-body shot; fewer steps than the preset cut it short). Blocks
+are given for the 40-block model; shallower models (tiny test models) get the same fraction of their depth.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import numpy as np
 
 from posegen_cli.errors import InputError
 
-REFERENCE_STEPS = 25
 REFERENCE_BLOCKS = 40
 MAX_MAP_BLOCK = 10
 """Last block whose cross-attention maps build the subject mask (the release's ``max_block_idx``)."""
@@ -82,7 +82,7 @@ def kv_share_ranges(
     preset_steps, preset_blocks = SHOT_PRESETS[shot]
     max_map_block = MAX_MAP_BLOCK * num_blocks // REFERENCE_BLOCKS
     if steps is None:
-        steps = (preset_steps[0], max(1, _scale(preset_steps[1], REFERENCE_STEPS, num_steps)))
+        steps = (preset_steps[0], min(preset_steps[1], num_steps))
     if blocks is None:
         first = max(max_map_block + 1, _scale(preset_blocks[0], REFERENCE_BLOCKS, num_blocks))
         blocks = (min(first, num_blocks - 1), _scale(preset_blocks[1], REFERENCE_BLOCKS, num_blocks))

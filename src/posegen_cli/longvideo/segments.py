@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -20,6 +21,11 @@ from posegen_cli.longvideo.plan import ANCHOR, BASE, Segment, segment_frame_indi
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.report import Reporter
+from posegen_cli.video import iter_frames, write_video
+
+RELEASE_FPS = 30
+RELEASE_CRF = 5
+"""How the release saves every segment: imageio at 30 fps, quality 9 = libx264 CRF 5, yuv420p (port spec §4.6)."""
 
 StepCallback = Callable[[int], None]
 """Called after each denoising step with the number of steps done in this segment."""
@@ -51,6 +57,19 @@ class SegmentRenderer(Protocol):
         ...
 
 
+def release_mp4_roundtrip(frames: np.ndarray, folder: Path) -> np.ndarray:
+    """``frames`` as the release's later stages see them: saved as its segment mp4, then decoded again.
+
+    The release conditions each transition on, and merges, the decoded mp4 files of its segments (port spec §6,
+    §7.11); ``--compat-mp4`` stores these lossy frames instead of the exact ones.
+    """
+    path = write_video(folder / "roundtrip.mp4", frames, RELEASE_FPS, crf=RELEASE_CRF)
+    try:
+        return np.stack(list(iter_frames(path)))
+    finally:
+        path.unlink(missing_ok=True)
+
+
 @dataclass
 class SegmentStats:
     computed: list[int] = field(default_factory=list)
@@ -71,31 +90,38 @@ def render_segments(
     head: int,
     tail: int,
     reporter: Reporter,
+    compat_mp4: bool = False,
     after_segment: Callable[[Segment], None] | None = None,
 ) -> SegmentStats:
     """Make sure every segment of ``plan`` (in generation order) is in ``work``; returns what was done.
 
-    ``after_segment`` runs once each segment is safely stored (progress hooks, and crash injection in tests).
+    ``compat_mp4`` stores each segment as the release's mp4 round trip would give it back. ``after_segment`` runs
+    once each segment is safely stored (progress hooks, and crash injection in tests).
     """
     stats = SegmentStats()
     shape_of = {seg.index: (seg.frames, *frame_shape, 3) for seg in plan}
     done = {index for index, shape in work.finished().items() if shape_of.get(index) == shape}
     bases_left = any(seg.kind == BASE and seg.index not in done for seg in plan)
-    steps = renderer.num_steps
+
+    def steps_to_run(seg: Segment) -> int:
+        """Denoising steps ``seg`` still needs: all, the anchor's shared ones to rebuild the K/V, or none."""
+        if seg.index not in done:
+            return renderer.num_steps
+        return renderer.anchor_steps() if seg.kind == ANCHOR and bases_left else 0
+
     try:
         with reporter.progress() as progress:
-            overall = progress.add_task("all segments", total=len(plan) * steps, unit="steps")
+            # reused segments are not counted, so the overall rate and ETA of a resumed job are those of its real work
+            overall = progress.add_task("all segments", total=sum(steps_to_run(seg) for seg in plan), unit="steps")
             for seg in plan:
                 label = f"segment {seg.index} ({seg.kind}, frames {seg.start}-{seg.stop - 1})"
-                finished = seg.index in done
-                rebuild = seg.kind == ANCHOR and finished and bases_left
-                if finished and not rebuild:
+                todo = steps_to_run(seg)
+                if todo == 0:
                     stats.reused.append(seg.index)
-                    progress.advance(overall, steps)
                     continue
+                rebuild = seg.index in done
                 if seg.kind not in (ANCHOR, BASE):
                     renderer.release_kv()
-                todo = renderer.anchor_steps() if rebuild else steps
                 task = progress.add_task(("rebuilding K/V of " if rebuild else "") + label, total=todo, unit="steps")
 
                 def on_step(count: int, task: int = task) -> None:
@@ -106,7 +132,7 @@ def render_segments(
                 pose_frames, hand_frames = pose.read(indices), hand.read(indices)
                 began = time.perf_counter()
                 if seg.kind == ANCHOR:
-                    frames = renderer.render_anchor(pose_frames, hand_frames, on_step, record=bases_left, frames_needed=not finished)
+                    frames = renderer.render_anchor(pose_frames, hand_frames, on_step, record=bases_left, frames_needed=not rebuild)
                 elif seg.kind == BASE:
                     frames = renderer.render_base(pose_frames, hand_frames, on_step)
                 else:
@@ -118,9 +144,10 @@ def render_segments(
                 if rebuild:
                     stats.rebuilt_anchor = True
                     stats.reused.append(seg.index)
-                    progress.advance(overall, steps - todo)
                     continue
                 assert frames is not None
+                if compat_mp4:
+                    frames = release_mp4_roundtrip(frames, work.path)
                 work.save_segment(seg.index, frames, seconds)
                 stats.computed.append(seg.index)
                 stats.seconds[seg.index] = seconds
