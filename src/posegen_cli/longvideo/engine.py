@@ -116,8 +116,8 @@ class AnimateResult:
             if self.segment_seconds
             else None,
             "shot": self.shot,
-            "kv_steps": list(self.kv.steps),
-            "kv_blocks": list(self.kv.blocks),
+            "kv_steps": "{}-{}".format(*self.kv.steps),
+            "kv_blocks": "{}-{}".format(*self.kv.blocks),
             "subject": self.subject,
             "seconds": {name: round(value, 2) for name, value in self.phases.items()},
             "total_seconds": round(sum(self.phases.values()), 2),
