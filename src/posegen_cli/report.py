@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,15 +15,18 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    ProgressColumn,
-    Task,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.markup import escape
 from rich.text import Text
+
+LOG_INTERVAL = 30.0
+"""Seconds between progress lines when stderr is a log file rather than a terminal."""
 
 
 class RateColumn(ProgressColumn):
@@ -43,14 +47,15 @@ class Reporter:
     quiet: bool = False
     json_output: bool = False
     console: Console = field(default_factory=lambda: Console(stderr=True))
+    log_interval: float = LOG_INTERVAL
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message)
+            self.console.print(escape(message))
 
     def warn(self, message: str) -> None:
         """Warnings show even with ``--quiet``: they change what the user gets."""
-        self.console.print(f"[yellow]warning:[/yellow] {message}")
+        self.console.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
     @contextlib.contextmanager
     def progress(self) -> Iterator[Progress]:
@@ -65,7 +70,28 @@ class Reporter:
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=self.console, disable=self.quiet, transient=False) as progress:
-            yield progress
+            if self.quiet or self.console.is_terminal:
+                yield progress
+                return
+            # rich redraws nothing until the end when stderr is a file: log a line per open task instead.
+            stop = threading.Event()
+            logger = threading.Thread(target=self._log_progress, args=(progress, stop), daemon=True)
+            logger.start()
+            try:
+                yield progress
+            finally:
+                stop.set()
+                logger.join()
+
+    def _log_progress(self, progress: Progress, stop: threading.Event) -> None:
+        while not stop.wait(self.log_interval):
+            for task in progress.tasks:
+                if task.finished or not task.total:
+                    continue
+                eta = f", {task.time_remaining:.0f} s left" if task.time_remaining is not None else ""
+                self.console.print(
+                    f"{escape(task.description)}: {task.completed:g}/{task.total:g} ({task.percentage:.0f}%{eta})", highlight=False
+                )
 
     def summary(self, data: dict[str, Any], title: str | None = None) -> None:
         """The command's result: JSON on stdout for scripts, else a short key/value list for people."""
