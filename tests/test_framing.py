@@ -171,6 +171,8 @@ def test_crop_warnings() -> None:
     assert msg is not None and "driving video is 1920x1080, not 9:16" in msg and "656 px on the left and 656 px on the right" in msg
     msg = crop_warning(720, 1600, "reference image")
     assert msg is not None and "160 px at the top and 160 px at the bottom" in msg
+    msg = crop_warning(720, 1280, "reference image", (112, 64))  # a 64x112 output is not 9:16: name its shape
+    assert msg is not None and "not the 64x112 output's shape" in msg and "9:16" not in msg
     reporter = Reporter(quiet=True)
     reporter.console.begin_capture()
     assert warn_if_cropped(reporter, 1280, 720, "hand video") is True

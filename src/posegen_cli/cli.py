@@ -349,8 +349,21 @@ def _doctor_report(models_dir: Optional[Path]) -> dict[str, Any]:
     }
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages replace the libraries' tqdm bars and load-time chatter."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def run() -> None:
     """Console-script entry point."""
+    if not {"-h", "--help", "--version"} & set(sys.argv[1:]):
+        _quiet_libraries()
     app()
 
 

@@ -162,6 +162,9 @@ def model_path(name: str, models_dir: str | Path | None = None, *, download: boo
 def fetch(spec: ModelSpec) -> Path:
     """Download ``spec``'s files into the Hugging Face cache (huggingface_hub shows its own progress bars)."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import enable_progress_bars
+
+    enable_progress_bars()  # the CLI silences library bars for loading, not for downloads
 
     try:
         return Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=list(spec.allow_patterns)))

@@ -108,9 +108,11 @@ def crop_warning(width: int, height: int, what: str, size: tuple[int, int] = MOD
         where = f"{x0} px on the left and {width - w - x0} px on the right"
     else:
         where = f"{y0} px at the top and {height - h - y0} px at the bottom"
+    out_h, out_w = size
+    aspect = "9:16" if out_w * 16 == out_h * 9 else f"the {out_w}x{out_h} output's shape"
     return (
-        f"{what} is {width}x{height}, not 9:16: the model sees a {w}x{h} centre crop "
-        f"({where} are cut); crop or pad it to 9:16 yourself to choose what stays"
+        f"{what} is {width}x{height}, not {aspect}: the model sees a {w}x{h} centre crop "
+        f"({where} are cut); crop or pad it to {aspect} yourself to choose what stays"
     )
 
 
