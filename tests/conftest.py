@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from animate_inputs import DRIVING_FRAMES, make_driving_clip
+
+from posegen_cli.testing import make_tiny_models
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -27,3 +30,15 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def reference_image_path(shared_data: Path) -> Path:
     return shared_data / "reference_person.png"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete random model set in the real download layout (``make-tiny-models``)."""
+    return make_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def driving_clip(tmp_path_factory: pytest.TempPathFactory, reference_image_path: Path) -> Path:
+    """The reference photo moving, with a tone: a driving video with a person and audio."""
+    return make_driving_clip(reference_image_path, tmp_path_factory.mktemp("driving") / "driving.mp4", DRIVING_FRAMES)

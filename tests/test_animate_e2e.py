@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from animate_inputs import DRIVING_FRAMES, TEST_OPTIONS, make_driving_clip
+from animate_inputs import TEST_OPTIONS
 
 from posegen_cli.cache import cache_root
 from posegen_cli.errors import InputError, MissingModelError, ResourceError
@@ -19,20 +19,9 @@ from posegen_cli.longvideo.options import PREVIEW_SIZE, PREVIEW_STEPS, resolve_s
 from posegen_cli.longvideo.plan import overlap_before, plan_segments, timeline_order
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.report import Reporter
-from posegen_cli.testing import make_tiny_models
 from posegen_cli.video import iter_frames, probe_video, write_video
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def driving_clip(tmp_path_factory: pytest.TempPathFactory, reference_image_path: Path) -> Path:
-    return make_driving_clip(reference_image_path, tmp_path_factory.mktemp("driving") / "driving.mp4", DRIVING_FRAMES)
 
 
 def test_animate_end_to_end(tmp_path: Path, reference_image_path: Path, driving_clip: Path, tiny_models: Path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -27,14 +25,8 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    return make_tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_dir) -> PoseGenPipeline:
-    return PoseGenPipeline.from_models(tiny_dir, device="cpu", dtype="float32")
+def pipe(tiny_models) -> PoseGenPipeline:
+    return PoseGenPipeline.from_models(tiny_models, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +40,15 @@ def driving(seed: int, n: int = 81, h: int = H, w: int = W) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
-def test_tiny_models_have_the_download_layout(tiny_dir):
-    wan = tiny_dir / "wan-i2v-720p"
+def test_tiny_models_have_the_download_layout(tiny_models):
+    wan = tiny_models / "wan-i2v-720p"
     for sub in ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor"):
         assert (wan / sub).is_dir(), sub
     assert not (wan / "transformer").exists()
-    assert hub.model_path("wan-i2v-720p", tiny_dir) == wan
-    assert hub.model_path("posegen", tiny_dir) == tiny_dir / "posegen"
+    assert hub.model_path("wan-i2v-720p", tiny_models) == wan
+    assert hub.model_path("posegen", tiny_models) == tiny_models / "posegen"
     for variant in ("720p-81f-base", "720p-81f-cond"):
-        folder = tiny_dir / "posegen" / variant
+        folder = tiny_models / "posegen" / variant
         shards = sorted(folder.glob("*.bin"))
         assert (folder / "model_config.json").is_file() and len(shards) == 2
         keys = [k for shard in shards for k in torch.load(shard, weights_only=True)]
@@ -66,12 +58,12 @@ def test_tiny_models_have_the_download_layout(tiny_dir):
         assert "pipe.dit.ref_patch_embedding.weight" in keys
 
 
-def test_tiny_models_are_reproducible(tiny_dir, tmp_path):
+def test_tiny_models_are_reproducible(tiny_models, tmp_path):
     again = make_tiny_models(tmp_path / "again")
     for rel in ("wan-i2v-720p/vae/diffusion_pytorch_model.safetensors", "wan-i2v-720p/text_encoder/model.safetensors"):
-        a, b = load_file(tiny_dir / rel), load_file(again / rel)
+        a, b = load_file(tiny_models / rel), load_file(again / rel)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    a = torch.load(tiny_dir / "posegen/720p-81f-cond/pytorch_model-00001-of-00002.bin", weights_only=True)
+    a = torch.load(tiny_models / "posegen/720p-81f-cond/pytorch_model-00001-of-00002.bin", weights_only=True)
     b = torch.load(again / "posegen/720p-81f-cond/pytorch_model-00001-of-00002.bin", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -266,13 +258,13 @@ def test_onload_triggers_an_offload_hook_before_reading_the_device():
     assert module._hf_hook.calls == 1 and module.weight.dtype == torch.float64
 
 
-def test_pipeline_variants_hold_the_release_merged_weights(pipe, tiny_dir):
+def test_pipeline_variants_hold_the_release_merged_weights(pipe, tiny_models):
     """The pipeline switches in the exact form: each variant's DiT equals the release's merge of that folder."""
     assert pipe.variants is not None and pipe.variants.mode == "exact"
     try:
         for name, folder in (("transition", "720p-81f-cond"), ("base", "720p-81f-base")):
             pipe.use_variant(name)
-            merged = load_release_model(tiny_dir / "posegen" / folder, pipe.transformer.dtype)
+            merged = load_release_model(tiny_models / "posegen" / folder, pipe.transformer.dtype)
             ours = pipe.transformer.state_dict()
             assert pipe.transformer.config.shift_ref_pos == merged.config.shift_ref_pos
             assert all(torch.equal(ours[k], v) for k, v in merged.state_dict().items()), name

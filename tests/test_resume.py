@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from animate_inputs import DRIVING_FRAMES, TEST_OPTIONS, make_driving_clip
+from animate_inputs import TEST_OPTIONS
 
 import posegen_cli
 from posegen_cli.errors import ResourceError
@@ -28,20 +28,9 @@ from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.models import KVShareCache
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.report import Reporter
-from posegen_cli.testing import make_tiny_models
 from posegen_cli.video import iter_frames, write_video
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def driving_clip(tmp_path_factory: pytest.TempPathFactory, reference_image_path: Path) -> Path:
-    return make_driving_clip(reference_image_path, tmp_path_factory.mktemp("driving") / "driving.mp4", DRIVING_FRAMES)
 
 
 GENERATION_ORDER = [0, 2, 4, 1, 3]

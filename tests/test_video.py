@@ -94,18 +94,16 @@ def test_read_frames_any_order(tmp_path: Path) -> None:
 
 def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
     target = tmp_path / "out.mp4"
-    with pytest.raises(RuntimeError, match="boom"):
-        with VideoWriter(target, 25) as writer:
-            for frame in _noise_frames(3):
-                writer.write(frame)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), VideoWriter(target, 25) as writer:
+        for frame in _noise_frames(3):
+            writer.write(frame)
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_empty_write_leaves_no_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no frames"):
-        with VideoWriter(tmp_path / "out.mp4", 25):
-            pass
+    with pytest.raises(ValueError, match="no frames"), VideoWriter(tmp_path / "out.mp4", 25):
+        pass
     assert list(tmp_path.iterdir()) == []
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -70,7 +69,7 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16 or float32.")]
 ModelsDir = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--models-dir", envvar="POSEGEN_MODELS_DIR", help="Folder with local model copies (<dir>/<model name>/) instead of the Hugging Face cache."),
 ]
 
@@ -125,15 +124,15 @@ def animate(
     reference: Annotated[Path, typer.Argument(help="Photo of the person to animate (PNG/JPEG).", show_default=False)],
     driving: Annotated[Path, typer.Argument(help="Video whose motion the person performs.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output video (H.264 at the driving video's fps, with its audio).")] = Path("posegen.mp4"),
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Caption of the reference; skips automatic captioning.")] = None,
-    subject: Annotated[Optional[str], typer.Option("--subject", help="Subject word of the caption (woman, man, ...) used for background K/V sharing.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Caption of the reference; skips automatic captioning.")] = None,
+    subject: Annotated[str | None, typer.Option("--subject", help="Subject word of the caption (woman, man, ...) used for background K/V sharing.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Noise seed, the same for every segment as in the release.")] = 42,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps per segment.")] = 25,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 5.0,
     resolution: Annotated[str, typer.Option("--resolution", help="Output size WxH, multiples of 16 (the model was trained at 720x1280).")] = "720x1280",
     shot: Annotated[ShotType, typer.Option("--shot", help="K/V-sharing preset; auto picks it from the subject's size in the reference.")] = ShotType.auto,
-    kv_steps: Annotated[Optional[str], typer.Option("--kv-steps", help="Override the preset's shared steps, e.g. '0-2' (start-end, end exclusive).")] = None,
-    kv_blocks: Annotated[Optional[str], typer.Option("--kv-blocks", help="Override the preset's shared blocks, e.g. '34-40'.")] = None,
+    kv_steps: Annotated[str | None, typer.Option("--kv-steps", help="Override the preset's shared steps, e.g. '0-2' (start-end, end exclusive).")] = None,
+    kv_blocks: Annotated[str | None, typer.Option("--kv-blocks", help="Override the preset's shared blocks, e.g. '34-40'.")] = None,
     align: Annotated[AlignMode, typer.Option("--align", help="Move the driving skeleton onto the reference person: scale+offset (auto), also limb lengths (limbs), or not at all.")] = AlignMode.auto,
     pose_backend: Annotated[Backend, typer.Option("--pose-backend", help="Pose extractor: sapiens (the paper's, GPU), mediapipe (CPU, offline), auto.")] = Backend.auto,
     offload: Annotated[Offload, typer.Option("--offload", help="Keep models on the CPU until needed (model) or stream blocks (group) to fit smaller GPUs.")] = Offload.none,
@@ -142,7 +141,7 @@ def animate(
     crf: Annotated[int, typer.Option("--crf", min=0, max=51, help="H.264 quality (lower is better; 5 is the release's quality 9, 18 is visually lossless).")] = 5,
     compat_mp4: Annotated[bool, typer.Option("--compat-mp4", help="Pass every segment through the release's CRF-5 mp4 round trip before transitions and the merge use it (closest to the release's output).")] = False,
     anchor: Annotated[int, typer.Option("--anchor", min=0, help="Segment whose background the other base segments copy (even: 0, 2, 4, ...); pick another if it has camera motion.")] = 0,
-    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Where finished segments are kept for resuming (default: the posegen cache).")] = None,
+    work_dir: Annotated[Path | None, typer.Option("--work-dir", help="Where finished segments are kept for resuming (default: the posegen cache).")] = None,
     keep_intermediates: Annotated[bool, typer.Option("--keep-intermediates", help="Keep the segment files and conditioning videos after success.")] = False,
     models_dir: ModelsDir = None,
     device: Device = "auto",
@@ -157,7 +156,8 @@ def animate(
     """
 
     def work(reporter: Reporter) -> None:
-        from posegen_cli.longvideo import AnimateOptions, animate as run_animate
+        from posegen_cli.longvideo import AnimateOptions
+        from posegen_cli.longvideo import animate as run_animate
 
         options = AnimateOptions(
             prompt=prompt, subject=subject, seed=seed, steps=steps, guidance=guidance, resolution=resolution,
@@ -175,7 +175,7 @@ def animate(
 @app.command("extract-pose")
 def extract_pose(
     video: Annotated[Path, typer.Argument(help="Driving video.", show_default=False)],
-    out_dir: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default: <video name>_pose next to the video).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default: <video name>_pose next to the video).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", help="sapiens (the paper's extractor, GPU), mediapipe (CPU, offline), auto.")] = Backend.auto,
     hand_normals: Annotated[HandNormals, typer.Option("--hand-normals", help="Hand-normal video from Sapiens normals, or none: a black video (in distribution: the model saw 10% black hands). auto: sapiens with the sapiens backend.")] = HandNormals.auto,
     track: Annotated[bool, typer.Option("--track", help="Follow the same person across frames (box IoU) instead of the top-scoring one each frame.")] = False,
@@ -187,8 +187,8 @@ def extract_pose(
     seg_size: Annotated[str, typer.Option("--seg-size", help="Sapiens segmentation model: 0.6b or 1b (the release's).")] = "1b",
     normal_size: Annotated[str, typer.Option("--normal-size", help="Sapiens normal model: 0.3b, 0.6b, 1b or 2b (the release's).")] = "2b",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Frames per Sapiens batch on the GPU.")] = 8,
-    from_keypoints: Annotated[Optional[Path], typer.Option("--from-keypoints", help="Render from a keypoints.npz or OpenPose JSON folder instead of detecting.")] = None,
-    align_to: Annotated[Optional[Path], typer.Option("--align-to", help="Reference photo: retarget the skeleton onto this person and frame it at 720x1280.")] = None,
+    from_keypoints: Annotated[Path | None, typer.Option("--from-keypoints", help="Render from a keypoints.npz or OpenPose JSON folder instead of detecting.")] = None,
+    align_to: Annotated[Path | None, typer.Option("--align-to", help="Reference photo: retarget the skeleton onto this person and frame it at 720x1280.")] = None,
     align: Annotated[AlignMode, typer.Option("--align", help="With --align-to: scale+offset (auto), also limb lengths (limbs), or none.")] = AlignMode.auto,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Extract again even if this video was extracted with the same settings.")] = False,
     models_dir: ModelsDir = None,
@@ -217,9 +217,9 @@ def extract_pose(
 @app.command()
 def prompt(
     image: Annotated[Path, typer.Argument(help="Reference photo.", show_default=False)],
-    out_dir: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for prompt.txt and prompt.json (default: next to the image).")] = None,
-    text: Annotated[Optional[str], typer.Option("--prompt", help="Use this caption instead of generating one (still finds the subject tokens).")] = None,
-    subject: Annotated[Optional[str], typer.Option("--subject", help="Subject word to locate (default: picked from the caption).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for prompt.txt and prompt.json (default: next to the image).")] = None,
+    text: Annotated[str | None, typer.Option("--prompt", help="Use this caption instead of generating one (still finds the subject tokens).")] = None,
+    subject: Annotated[str | None, typer.Option("--subject", help="Subject word to locate (default: picked from the caption).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed for the captioner.")] = 42,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=16, help="Longest caption, in captioner tokens (the release: 512).")] = 512,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Caption again even if this image was captioned with the same settings.")] = False,
@@ -245,7 +245,7 @@ def prompt(
 
 @app.command()
 def download(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Models to fetch (default: everything `animate` needs). See `posegen doctor` for names.", show_default=False)] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Models to fetch (default: everything `animate` needs). See `posegen doctor` for names.", show_default=False)] = None,
     quiet: Quiet = False,
     json_output: Json = False,
     debug: Debug = False,
@@ -305,7 +305,7 @@ def doctor(
     _run(quiet, json_output, debug, work)
 
 
-def _doctor_report(models_dir: Optional[Path]) -> dict[str, Any]:
+def _doctor_report(models_dir: Path | None) -> dict[str, Any]:
     import torch
 
     from posegen_cli import hub

@@ -134,7 +134,7 @@ def find_local(name: str, models_dir: str | Path | None = None) -> Path | None:
 
     try:
         path = Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=list(spec.allow_patterns), local_files_only=True))
-    except Exception:
+    except OSError:  # LocalEntryNotFoundError and friends: not in the cache
         return None
     return path if _complete(path, spec) else None
 
@@ -168,7 +168,7 @@ def fetch(spec: ModelSpec) -> Path:
 
     try:
         return Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=list(spec.allow_patterns)))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - network, auth, gating and disk errors all end as one clear line
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MissingModelError(
             f"cannot download {spec.name} ({spec.repo_id}): {reason} (check the network, accept the licence on the Hub if gated, and run `posegen download {spec.name}` again)"

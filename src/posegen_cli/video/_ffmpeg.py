@@ -18,7 +18,7 @@ def ffmpeg_exe() -> str:
 
 def run_ffmpeg(args: list[str]) -> subprocess.CompletedProcess:
     """Run ffmpeg quietly; the caller decides what a non-zero exit means."""
-    return subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", *args], capture_output=True, text=True)
+    return subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", *args], capture_output=True, text=True, check=False)
 
 
 def stream_header(path: Path) -> str:
@@ -47,7 +47,7 @@ def has_audio_stream(header: str) -> bool:
     return any(re.search(r"Stream #\d+:\d+.*: Audio:", line) for line in header.splitlines())
 
 
-def fps_arg(fps: Fraction | float | int) -> str:
+def fps_arg(fps: Fraction | float) -> str:
     """ffmpeg's exact rational form, so 30000/1001 is not rounded to 29.97."""
     frac = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
     return f"{frac.numerator}/{frac.denominator}"

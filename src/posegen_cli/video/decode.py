@@ -74,7 +74,7 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None) -> It
 
 def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
     """Frames at ``indices`` (any order, repeats allowed) as (N, H, W, 3), in one decoding pass."""
-    wanted = sorted(set(int(i) for i in indices))
+    wanted = sorted({int(i) for i in indices})
     if not wanted:
         raise ValueError("read_frames needs at least one index")
     if wanted[0] < 0:

@@ -30,7 +30,7 @@ class VideoWriter:
     def __init__(
         self,
         path: str | Path,
-        fps: Fraction | float | int,
+        fps: Fraction | float,
         *,
         crf: int = 18,
         lossless: bool = False,
@@ -127,7 +127,7 @@ class VideoWriter:
 def write_video(
     path: str | Path,
     frames: Iterable[np.ndarray],
-    fps: Fraction | float | int,
+    fps: Fraction | float,
     **kwargs,
 ) -> Path:
     """Encode an iterable of RGB uint8 frames (see :class:`VideoWriter` for the options)."""
