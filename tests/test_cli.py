@@ -49,7 +49,7 @@ def test_download_offline_is_one_clear_line() -> None:
     result = runner.invoke(app, ["download", "--quiet", "posegen"])
     assert result.exit_code == 3
     lines = _error_lines(result)
-    assert len(lines) == 1 and "Jessie459/PoseGen" in lines[0] and "posegen download posegen" in lines[0]
+    assert len(lines) == 1 and "Jessie459/PoseGen" in lines[0] and "HF_HUB_OFFLINE" in lines[0] and "posegen download posegen" in lines[0]
 
 
 def test_download_unknown_name() -> None:
@@ -67,11 +67,42 @@ def test_doctor_json_reports_missing_models(tmp_path: Path) -> None:
 
 def test_doctor_sees_models_in_models_dir(tmp_path: Path) -> None:
     (tmp_path / "posegen" / "720p-81f-base").mkdir(parents=True)
+    (tmp_path / "posegen" / "720p-81f-base" / "model_config.json").write_text("{}")
     (tmp_path / "sapiens-detector").mkdir()
     (tmp_path / "sapiens-detector" / "rtmdet_m_8xb32-100e_coco-obj365-person-235e8209.pth").write_bytes(b"x")
     report = json.loads(runner.invoke(app, ["doctor", "--json", "--models-dir", str(tmp_path)]).stdout)
-    assert report["models"]["posegen"] == "present" and report["models"]["sapiens-detector"] == "present"
-    assert report["models"]["wan-i2v-720p"] == "missing"
+    # the cond folder is missing: a half-finished download is not "present"
+    assert report["models"]["posegen"] == "missing" and report["models"]["sapiens-detector"] == "present"
+    (tmp_path / "posegen" / "720p-81f-cond").mkdir()
+    (tmp_path / "posegen" / "720p-81f-cond" / "model_config.json").write_text("{}")
+    report = json.loads(runner.invoke(app, ["doctor", "--json", "--models-dir", str(tmp_path)]).stdout)
+    assert report["models"]["posegen"] == "present" and report["models"]["wan-i2v-720p"] == "missing"
+
+
+def test_a_stage_needs_only_its_parts(tmp_path: Path) -> None:
+    from posegen_cli import hub
+    from posegen_cli.errors import MissingModelError
+
+    tokenizer = tmp_path / "wan-i2v-720p" / "tokenizer"
+    tokenizer.mkdir(parents=True)
+    (tokenizer / "tokenizer.json").write_text("{}")
+    assert hub.model_path("wan-i2v-720p", tmp_path, parts=("tokenizer/*",)) == tmp_path / "wan-i2v-720p"
+    with pytest.raises(MissingModelError, match="wan-i2v-720p not found"):
+        hub.model_path("wan-i2v-720p", tmp_path)
+    with pytest.raises(ValueError, match="has no part 'transformer/\\*'"):
+        hub.model_path("wan-i2v-720p", tmp_path, parts=("transformer/*",))
+
+
+def test_download_fetches_what_a_partial_cache_lacks(monkeypatch) -> None:
+    from posegen_cli import hub
+
+    fetched = []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "fetch", lambda spec: fetched.append(spec.name) or Path("/cache") / spec.name)
+    result = runner.invoke(app, ["download", "--json", "posegen", "sapiens-detector"])
+    assert result.exit_code == 0, result.output
+    assert fetched == ["posegen", "sapiens-detector"]  # always asked: snapshot_download skips what is complete
+    assert json.loads(result.stdout) == {"posegen": "/cache/posegen", "sapiens-detector": "/cache/sapiens-detector"}
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from posegen_cli.errors import InputError
-from posegen_cli.video import VideoWriter, iter_frames, load_image, mux_audio, probe_video, read_frames, write_video
+from posegen_cli.errors import InputError, PosegenError
+from posegen_cli.video import VideoWriter, iter_frames, load_image, mux_audio, probe_video, write_video
 from posegen_cli.video._ffmpeg import run_ffmpeg
 
 
@@ -83,13 +83,12 @@ def test_mux_without_audio_source_keeps_video(tmp_path: Path) -> None:
     assert probe_video(out).frame_count == 4 and not probe_video(out).has_audio
 
 
-def test_read_frames_any_order(tmp_path: Path) -> None:
-    frames = _noise_frames(8)
-    out = write_video(tmp_path / "clip.mp4", frames, 8, lossless=True)
-    got = read_frames(out, [5, 1, 5, 0])
-    assert np.array_equal(got, np.stack([frames[5], frames[1], frames[5], frames[0]]))
-    with pytest.raises(InputError, match="has no frame 9"):
-        read_frames(out, [9])
+def test_ffmpeg_failure_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PosegenError, match=r"ffmpeg failed writing .*out\.mp4: .*preset"):
+        with VideoWriter(tmp_path / "out.mp4", 25, preset="no-such-preset") as writer:
+            for frame in _noise_frames(30):
+                writer.write(frame)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_write_leaves_no_file(tmp_path: Path) -> None:

@@ -262,7 +262,7 @@ def download(
         for name in wanted:
             spec = hub.MODELS[name]
             reporter.info(f"{name}: {spec.repo_id} (~{spec.size_gb:g} GB, {spec.licence})")
-            paths[name] = str(hub.model_path(name, download=True))
+            paths[name] = str(hub.download(name))
         reporter.summary(paths, title="Downloaded")
 
     _run(quiet, json_output, debug, work)

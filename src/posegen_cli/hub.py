@@ -9,7 +9,6 @@ checkpoint folder already holds a complete DiT.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +24,6 @@ class ModelSpec:
     licence: str
     used_by: str
     revision: str = "main"
-
-    @property
-    def first_file(self) -> str:
-        """A file whose presence shows the download finished (patterns are folders or exact files)."""
-        return self.allow_patterns[0].rstrip("*").rstrip("/")
 
 
 _WAN = "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers"
@@ -67,7 +61,7 @@ def _registry() -> dict[str, ModelSpec]:
         ),
         ModelSpec(
             "qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct",
-            ("config.json", "*.safetensors", "*.json", "merges.txt", "vocab.json"),
+            ("config.json", "*.safetensors", "*.json"),  # tokenizer.json serves the fast tokenizer; merges.txt is not needed
             size_gb=16.6, licence="Apache-2.0", used_by="prompt: captions the reference image",
         ),
         ModelSpec(
@@ -119,30 +113,42 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
-def _complete(root: Path, spec: ModelSpec) -> bool:
-    return (root / spec.first_file).exists()
+def _patterns(spec: ModelSpec, parts: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The allow patterns a stage needs: all of the model's, or the ``parts`` it names (a subset)."""
+    if parts is None:
+        return spec.allow_patterns
+    unknown = [part for part in parts if part not in spec.allow_patterns]
+    if unknown:
+        raise ValueError(f"{spec.name} has no part {unknown[0]!r} (its parts: {', '.join(spec.allow_patterns)})")
+    return parts
 
 
-def find_local(name: str, models_dir: str | Path | None = None) -> Path | None:
-    """The folder holding ``name`` without touching the network, or None."""
+def _complete(root: Path, patterns: tuple[str, ...]) -> bool:
+    """Every pattern matches at least one file, so a half-finished download never counts as present."""
+    return root.is_dir() and all(any(path.is_file() for path in root.glob(pattern)) for pattern in patterns)
+
+
+def find_local(name: str, models_dir: str | Path | None = None, *, parts: tuple[str, ...] | None = None) -> Path | None:
+    """The folder holding ``name`` (or just its ``parts``) without touching the network, or None."""
     spec = get_spec(name)
+    patterns = _patterns(spec, parts)
     root = models_dir_from_env(models_dir)
     if root is not None:
         candidate = root / name
-        return candidate if _complete(candidate, spec) else None
+        return candidate if _complete(candidate, patterns) else None
     from huggingface_hub import snapshot_download
 
     try:
-        path = Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=list(spec.allow_patterns), local_files_only=True))
+        path = Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=list(patterns), local_files_only=True))
     except OSError:  # LocalEntryNotFoundError and friends: not in the cache
         return None
-    return path if _complete(path, spec) else None
+    return path if _complete(path, patterns) else None
 
 
-def model_path(name: str, models_dir: str | Path | None = None, *, download: bool = True) -> Path:
-    """The local folder of ``name`` in its repository's layout, downloading it if allowed and needed."""
+def model_path(name: str, models_dir: str | Path | None = None, *, parts: tuple[str, ...] | None = None, download: bool = True) -> Path:
+    """The local folder of ``name`` in its repository's layout, downloading (only ``parts``, if given) when needed."""
     spec = get_spec(name)
-    local = find_local(name, models_dir)
+    local = find_local(name, models_dir, parts=parts)
     if local is not None:
         return local
     root = models_dir_from_env(models_dir)
@@ -156,18 +162,18 @@ def model_path(name: str, models_dir: str | Path | None = None, *, download: boo
         )
     if not download:
         raise MissingModelError(f"model {name} ({spec.repo_id}) is not downloaded (run `posegen download {name}`)")
-    return fetch(spec)
+    return fetch(spec, parts=parts)
 
 
-def fetch(spec: ModelSpec) -> Path:
-    """Download ``spec``'s files into the Hugging Face cache (huggingface_hub shows its own progress bars)."""
+def fetch(spec: ModelSpec, *, parts: tuple[str, ...] | None = None) -> Path:
+    """Download ``spec``'s files (or its ``parts``) into the Hugging Face cache, with huggingface_hub's progress bars."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import enable_progress_bars
 
     enable_progress_bars()  # the CLI silences library bars for loading, not for downloads
-
+    patterns = _patterns(spec, parts)
     try:
-        return Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=list(spec.allow_patterns)))
+        return Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=list(patterns)))
     except Exception as exc:  # noqa: BLE001 - network, auth, gating and disk errors all end as one clear line
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MissingModelError(
@@ -175,5 +181,9 @@ def fetch(spec: ModelSpec) -> Path:
         ) from None
 
 
-def download(names: Iterable[str]) -> dict[str, Path]:
-    return {name: model_path(name, download=True) for name in names}
+def download(name: str) -> Path:
+    """Fetch whatever of ``name`` the Hugging Face cache lacks (a finished model costs one metadata call)."""
+    spec = get_spec(name)
+    if offline():
+        raise MissingModelError(f"cannot download {name} ({spec.repo_id}): HF_HUB_OFFLINE is set (unset it and run `posegen download {name}`)")
+    return fetch(spec)

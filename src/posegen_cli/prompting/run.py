@@ -82,7 +82,7 @@ def load_text_tokenizer(models_dir: str | Path | None = None) -> TextTokenizer:
     from posegen_cli.hub import MODELS, model_path
     from posegen_cli.pipelines.text import load_tokenizer
 
-    folder = model_path(TEXT_MODEL, models_dir) / "tokenizer"
+    folder = model_path(TEXT_MODEL, models_dir, parts=("tokenizer/*",)) / "tokenizer"
     return TextTokenizer(load_tokenizer(folder), f"{MODELS[TEXT_MODEL].repo_id}/tokenizer", folder_revision(folder))
 
 

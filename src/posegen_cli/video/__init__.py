@@ -1,7 +1,7 @@
 """Video and image I/O: streaming decode, atomic H.264 encode, audio muxing."""
 
 from posegen_cli.video.audio import mux_audio
-from posegen_cli.video.decode import VideoInfo, iter_frames, probe_video, read_frames
+from posegen_cli.video.decode import VideoInfo, iter_frames, probe_video
 from posegen_cli.video.encode import VideoWriter, available_bytes, write_video
 from posegen_cli.video.image import load_image
 
@@ -13,6 +13,5 @@ __all__ = [
     "load_image",
     "mux_audio",
     "probe_video",
-    "read_frames",
     "write_video",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -70,21 +70,3 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None) -> It
                 yield np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
     finally:
         reader.close()
-
-
-def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
-    """Frames at ``indices`` (any order, repeats allowed) as (N, H, W, 3), in one decoding pass."""
-    wanted = sorted({int(i) for i in indices})
-    if not wanted:
-        raise ValueError("read_frames needs at least one index")
-    if wanted[0] < 0:
-        raise InputError(f"negative frame index {wanted[0]} requested from {path}")
-    found: dict[int, np.ndarray] = {}
-    for offset, frame in enumerate(iter_frames(path, start=wanted[0], stop=wanted[-1] + 1)):
-        index = wanted[0] + offset
-        if index in wanted:
-            found[index] = frame
-    missing = [i for i in wanted if i not in found]
-    if missing:
-        raise InputError(f"{path} has no frame {missing[0]}: it has fewer than {wanted[-1] + 1} frames")
-    return np.stack([found[int(i)] for i in indices])

@@ -6,14 +6,16 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import numpy as np
 
-from posegen_cli.errors import InputError, ResourceError
+from posegen_cli.errors import InputError, PosegenError, ResourceError
 from posegen_cli.fsutil import atomic_path
 from posegen_cli.video._ffmpeg import ffmpeg_exe, fps_arg
 from posegen_cli.video.audio import mux_audio
@@ -48,6 +50,7 @@ class VideoWriter:
         self.frame_count = 0
         self._size: tuple[int, int] | None = None
         self._proc: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
         self._stack = contextlib.ExitStack()
         self._tmp: Path | None = None
 
@@ -65,7 +68,9 @@ class VideoWriter:
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", fps_arg(self.fps), "-i", "-",
             *codec, "-movflags", "+faststart", "-f", "mp4", str(self._video_target()),
         ]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        # ffmpeg's messages go to a file: an unread pipe could fill up and stall the writer.
+        self._log = self._stack.enter_context(tempfile.TemporaryFile())
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=self._log)
 
     def _video_target(self) -> Path:
         assert self._tmp is not None
@@ -88,13 +93,15 @@ class VideoWriter:
             raise self._failure() from None
         self.frame_count += 1
 
-    def _failure(self) -> Exception:
-        assert self._proc is not None
+    def _failure(self) -> PosegenError:
+        assert self._proc is not None and self._log is not None
         self._proc.wait()
-        err = self._proc.stderr.read().decode(errors="replace").strip() if self._proc.stderr else ""
+        self._log.seek(0)
+        err = self._log.read().decode(errors="replace").strip()
         if "No space left" in err:
             return ResourceError(f"disk full while writing {self.path} (free some space and run again)")
-        return RuntimeError(f"ffmpeg failed writing {self.path}: {err.splitlines()[-1] if err else 'unknown error'}")
+        reason = err.splitlines()[0] if err else f"exit code {self._proc.returncode}"  # the cause comes first
+        return PosegenError(f"ffmpeg failed writing {self.path}: {reason} (check the folder is writable; --debug shows more)", exit_code=1)
 
     def _finish(self, ok: bool) -> None:
         """Close ffmpeg; on success check it and mux the audio into the temporary file."""
@@ -110,7 +117,7 @@ class VideoWriter:
             if ok and self.frame_count == 0:
                 raise ValueError(f"no frames were written to {self.path}")
             if ok and self.audio_from is not None:
-                mux_audio(self._video_target(), self.audio_from, self._tmp)
+                mux_audio(self._video_target(), self.audio_from, self._tmp, duration=float(self.frame_count / Fraction(self.fps)))
         finally:
             if self.audio_from is not None:
                 self._video_target().unlink(missing_ok=True)
