@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,16 +20,37 @@ from posegen_cli.longvideo.merge import merge_segments
 from posegen_cli.longvideo.options import PREVIEW_SIZE, PREVIEW_STEPS, resolve_settings
 from posegen_cli.longvideo.plan import overlap_before, plan_segments, timeline_order
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pose import extract as extract_module
 from posegen_cli.report import Reporter
 from posegen_cli.video import iter_frames, probe_video, write_video
 
 torch.set_num_threads(1)
 
 
-def test_animate_end_to_end(tmp_path: Path, reference_image_path: Path, driving_clip: Path, tiny_models: Path) -> None:
+def counted(monkeypatch: pytest.MonkeyPatch, modules: list[object], name: str) -> list[object]:
+    """Wrap the function ``name`` in each of ``modules`` so every call's first argument is recorded in one list."""
+    calls: list[object] = []
+    for module in modules:
+        real = getattr(module, name)
+
+        def wrapper(first: object, *args: object, real: Callable[..., Any] = real, **kwargs: object) -> Any:
+            calls.append(first)
+            return real(first, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_animate_end_to_end(
+    tmp_path: Path, reference_image_path: Path, driving_clip: Path, tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     output = tmp_path / "result.mp4"
     options = AnimateOptions(**TEST_OPTIONS, models_dir=tiny_models, keep_intermediates=True, crf=1)
+    # --shot auto and pose alignment both need the reference person; the driving video is decoded to count its frames
+    detections = counted(monkeypatch, [extract_module], "extract_reference_pose")
+    probes = counted(monkeypatch, [engine, extract_module], "probe_video")
     result = animate(reference_image_path, driving_clip, output, options=options, reporter=Reporter(quiet=True))
+    assert len(detections) == 1 and probes == [driving_clip]
 
     info = probe_video(output)
     assert (info.width, info.height) == (64, 112)

@@ -412,6 +412,25 @@ def test_align_to_renders_the_retargeted_skeleton_on_the_model_canvas(extracted,
     assert again.cached and again.pose_video.read_bytes() == auto.pose_video.read_bytes()
 
 
+def test_align_to_uses_a_given_reference_pose_and_video_info(extracted, moving_clip, reference_image_path, tmp_path, monkeypatch):
+    """``animate`` has already detected the reference and probed the video; neither is done again."""
+    from posegen_cli.pose.framing import frame_to_model
+
+    kwargs = {"from_keypoints": extracted.keypoints, "align_to": reference_image_path, "use_cache": False, "reporter": quiet()}
+    detected = extract_pose(moving_clip, tmp_path / "detected", **kwargs)
+    person = extract_reference_pose(frame_to_model(load_image(reference_image_path)), "mediapipe")
+    info = probe_video(moving_clip)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("given, so not computed again")
+
+    monkeypatch.setattr(extract_module, "extract_reference_pose", refuse)
+    monkeypatch.setattr(extract_module, "probe_video", refuse)
+    given = extract_pose(moving_clip, tmp_path / "given", info=info, reference_pose=person, **kwargs)
+    assert given.alignment == detected.alignment
+    assert load_npz(given.aligned_keypoints).keypoints.tolist() == load_npz(detected.aligned_keypoints).keypoints.tolist()
+
+
 def test_align_to_checks_its_inputs(moving_clip, tmp_path):
     with pytest.raises(InputError, match="reference image .*not found"):
         extract_pose(moving_clip, tmp_path / "o", align_to=tmp_path / "missing.png", reporter=quiet())

@@ -129,6 +129,12 @@ def test_npz_errors_name_the_file(tmp_path):
     junk.write_bytes(b"not a zip")
     with pytest.raises(InputError, match="junk.npz"):
         load_npz(junk)
+    # a download or copy cut short: zipfile's BadZipFile, not an OSError or ValueError
+    whole = save_npz(random_track(), tmp_path / "whole.npz").read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match="cannot read keypoints from .*truncated.npz"):
+        load_npz(truncated)
 
 
 def test_track_shape_is_checked():

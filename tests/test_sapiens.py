@@ -283,6 +283,38 @@ def test_sapiens_backend_with_track_follows_one_box(tmp_path: Path, monkeypatch:
     assert on_left.tolist() == ([True] * 6 if track else [True, False] * 3)
 
 
+def test_batch_size_reaches_both_sapiens_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--batch-size`` goes from extract_pose through the backend factories into the Sapiens constructors."""
+    from posegen_cli.pose import extract as extract_module
+    from posegen_cli.pose.types import PersonPose
+    from posegen_cli.video import write_video
+
+    batch_sizes: dict[str, object] = {}
+
+    class PoseStandIn:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            batch_sizes["pose"] = kwargs.get("batch_size", "not passed")
+
+        def detect(self, frames):
+            person = PersonPose(np.full((133, 2), 10.0), np.full(133, 0.9), np.array([0, 0, 20, 20], np.float32), 0.9)
+            return [[person] for _ in frames]
+
+    class NormalStandIn:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            batch_sizes["normal"] = kwargs.get("batch_size", "not passed")
+
+        def normals_and_segmentation(self, frames):
+            return [(np.zeros(f.shape, np.uint8), np.zeros(f.shape[:2], np.int64)) for f in frames]
+
+    monkeypatch.setattr(sp, "SapiensPoseBackend", PoseStandIn)
+    monkeypatch.setattr(sp, "SapiensNormalBackend", NormalStandIn)
+    clip = write_video(tmp_path / "clip.mp4", [np.zeros((64, 48, 3), np.uint8)] * 4, 25)
+    extract_module.extract_pose(
+        clip, tmp_path / "out", backend="sapiens", hand_normals="sapiens", batch_size=3, use_cache=False, reporter=Reporter(quiet=True)
+    )
+    assert batch_sizes == {"pose": 3, "normal": 3}
+
+
 def test_no_detection_falls_back_to_the_whole_frame(tmp_path: Path, person: np.ndarray) -> None:
     maps = gaussian_maps(np.full((133, 2), [96.0, 128.0]), np.full(133, 0.5), sigma=2.0)
     save_script(PlantedHeatmaps(torch.from_numpy(maps)), pose_dir(tmp_path))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -40,3 +42,17 @@ def require_file(path: str | Path, what: str) -> Path:
     if not p.is_file():
         raise InputError(f"{what} is not a file: {p} (pass a file, not a folder)")
     return p
+
+
+@contextlib.contextmanager
+def out_of_memory_as(message: str) -> Iterator[None]:
+    """Turn a CUDA out-of-memory error inside the block into a one-line ResourceError(``message``).
+
+    torch is imported only on entry, so the CLI can import this module without it.
+    """
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise ResourceError(message) from None

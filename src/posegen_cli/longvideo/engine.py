@@ -38,6 +38,7 @@ from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
+from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
 
@@ -140,24 +141,26 @@ def check_output_path(output: Path, inputs: list[Path]) -> Path:
     return output
 
 
-def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter: Reporter) -> str:
+def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter: Reporter) -> tuple[str, PersonPose | None]:
     """``--shot auto`` reads the reference person's visible keypoints and height; an explicit shot is kept.
 
     The person is detected on the reference framed at the model's full 720x1280, whatever the job's size, so a
-    preview picks the same preset as the real run.
+    preview picks the same preset as the real run. That is also the frame pose alignment detects on, so the
+    person is returned too (None with an explicit shot) for ``extract_pose`` to reuse instead of loading the
+    detector again.
     """
     if options.shot != "auto":
-        return options.shot
+        return options.shot, None
     from posegen_cli.pose.extract import extract_reference_pose
 
     framed_reference = frame_to_model(image)
     person = extract_reference_pose(framed_reference, options.pose_backend, device=device, models_dir=options.models_dir)
     if person is None:
         reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set --shot to choose)")
-        return DEFAULT_SHOT
+        return DEFAULT_SHOT, None
     shot = classify_shot(person.keypoints, person.scores, person.box, framed_reference.shape[0])
     reporter.info(f"reference framing: {shot} (override with --shot)")
-    return shot
+    return shot, person
 
 
 def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], output: Path) -> None:
@@ -305,9 +308,10 @@ def _animate(
     with timer("pose"):
         from posegen_cli.pose.extract import extract_pose
 
+        shot, reference_pose = pick_shot(options, image, options.device, reporter)
         poses = extract_pose(
             driving, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,
-            device=options.device, models_dir=options.models_dir, reporter=reporter,
+            device=options.device, models_dir=options.models_dir, reporter=reporter, info=info, reference_pose=reference_pose,
         )  # fmt: skip
         if poses.frame_count != info.frame_count:
             raise InputError(f"pose extraction of {driving} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
@@ -319,7 +323,6 @@ def _animate(
             reference, work.stage_dir("prompt"), prompt=options.prompt, subject=options.subject, seed=options.seed,
             device=options.device, models_dir=options.models_dir, reporter=reporter,
         )  # fmt: skip
-        shot = pick_shot(options, image, options.device, reporter)
 
     with timer("load models"):
         from posegen_cli.longvideo.renderer import PipelineRenderer

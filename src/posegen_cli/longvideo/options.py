@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from posegen_cli.errors import InputError
+from posegen_cli.pose.align import ALIGN_MODES
 
 PREVIEW_SIZE = (512, 288)
 """(height, width) of ``--preview`` for the 720x1280 default: 9:16, multiples of 16, 0.4x each side."""
 PREVIEW_STEPS = 8
 OFFLOAD_MODES = ("none", "model", "group")
-ALIGN_MODES = ("auto", "limbs", "none")
 
 
 @dataclass

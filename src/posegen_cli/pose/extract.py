@@ -42,7 +42,7 @@ from posegen_cli.pose.keypoints import (
 from posegen_cli.pose.render import BODY_THRESHOLD, HAND_THRESHOLD, overlay_pose, render_hand_normals, render_pose
 from posegen_cli.pose.types import NUM_KEYPOINTS, NormalBackend, PersonPose, PoseBackend
 from posegen_cli.report import Reporter
-from posegen_cli.video import VideoWriter, iter_frames, load_image, probe_video
+from posegen_cli.video import VideoInfo, VideoWriter, iter_frames, load_image, probe_video
 
 BACKENDS = ("auto", "sapiens", "mediapipe")
 HAND_NORMAL_SOURCES = ("auto", "sapiens", "none")
@@ -131,9 +131,10 @@ def make_pose_backend(
     static: bool = False,
     model_size: str = "2b",
     models_dir: Path | None = None,
+    batch_size: int = 8,
     reporter: Reporter | None = None,
 ) -> PoseBackend:
-    """A constructed backend; the heavy imports happen only for the one asked for."""
+    """A constructed backend; the heavy imports happen only for the one asked for (MediaPipe takes one frame at a time)."""
     if name == "mediapipe":
         from posegen_cli.pose.mediapipe_backend import MediaPipePoseBackend
 
@@ -141,17 +142,25 @@ def make_pose_backend(
     if name == "sapiens":
         from posegen_cli.pose.sapiens import SapiensPoseBackend
 
-        return SapiensPoseBackend(model_size=model_size, device=device, models_dir=models_dir, reporter=reporter)
+        return SapiensPoseBackend(model_size=model_size, device=device, models_dir=models_dir, batch_size=batch_size, reporter=reporter)
     raise InputError(f"--backend {name!r} is not known (use {', '.join(BACKENDS)})")
 
 
 def make_normal_backend(
-    *, device: str = "auto", seg_size: str = "1b", normal_size: str = "2b", models_dir: Path | None = None, reporter: Reporter | None = None
+    *,
+    device: str = "auto",
+    seg_size: str = "1b",
+    normal_size: str = "2b",
+    models_dir: Path | None = None,
+    batch_size: int = 8,
+    reporter: Reporter | None = None,
 ) -> NormalBackend:
     """Sapiens seg + normal models (the only normal source; MediaPipe bundles none)."""
     from posegen_cli.pose.sapiens import SapiensNormalBackend
 
-    return SapiensNormalBackend(seg_size=seg_size, normal_size=normal_size, device=device, models_dir=models_dir, reporter=reporter)
+    return SapiensNormalBackend(
+        seg_size=seg_size, normal_size=normal_size, device=device, models_dir=models_dir, batch_size=batch_size, reporter=reporter
+    )
 
 
 def _closing(stack: contextlib.ExitStack, backend: object) -> None:
@@ -319,14 +328,16 @@ def _render_outputs(
         detector = None
         if given is None:
             detector = make_pose_backend(
-                settings.backend, device=device, model_size=settings.model_size, models_dir=models_dir, reporter=reporter
-            )
+                settings.backend, device=device, model_size=settings.model_size, models_dir=models_dir, batch_size=batch_size,
+                reporter=reporter,
+            )  # fmt: skip
             _closing(stack, detector)
         normals = None
         if settings.hand_normals == "sapiens":
             normals = make_normal_backend(
-                device=device, seg_size=settings.seg_size, normal_size=settings.normal_size, models_dir=models_dir, reporter=reporter
-            )
+                device=device, seg_size=settings.seg_size, normal_size=settings.normal_size, models_dir=models_dir,
+                batch_size=batch_size, reporter=reporter,
+            )  # fmt: skip
             _closing(stack, normals)
         progress = stack.enter_context(reporter.progress())
         task = progress.add_task("extracting pose", total=total, unit="frames")
@@ -368,6 +379,7 @@ def _write_aligned(
     target: Path,
     *,
     reference: Path,
+    reference_pose: PersonPose | None,
     mode: str,
     settings: ExtractSettings,
     lossless: bool,
@@ -380,6 +392,8 @@ def _write_aligned(
     With ``mode="none"`` the skeleton is drawn at the source size and then framed, as the release does, so
     line widths match its conditioning videos for any source resolution.
 
+    ``reference_pose`` is the person already detected on the framed reference, or None to detect it here.
+
     The hand video follows the skeleton: each extracted hand frame is framed like the reference and moved
     by the fitted transform (``align.align_hand_frame``); black stays black.
     """
@@ -391,7 +405,8 @@ def _write_aligned(
     detector = settings.backend if settings.backend in BACKENDS else "auto"
     aligned = align_driving_poses(
         framed_reference, track.keypoints, track.scores, (track.width, track.height), mode=mode, reporter=reporter,
-        backend=detector, device=device, models_dir=models_dir, png_path=target / ALIGNMENT_PNG, reference_name=reference.name,
+        reference_pose=reference_pose, backend=detector, device=device, models_dir=models_dir, png_path=target / ALIGNMENT_PNG,
+        reference_name=reference.name,
     )  # fmt: skip
     before = map_points_to_model(track.keypoints, track.width, track.height, (height, width))
     save_npz(KeypointTrack(aligned.keypoints, aligned.scores, track.fps, width, height, track.backend), target / ALIGNED_KEYPOINTS_FILE)
@@ -440,6 +455,8 @@ def extract_pose(
     normal_size: str = "2b",
     models_dir: Path | None = None,
     batch_size: int = 8,
+    info: VideoInfo | None = None,
+    reference_pose: PersonPose | None = None,
 ) -> ExtractResult:
     """Make ``pose.mp4``, ``hand.mp4``, ``keypoints.npz`` and ``overlay.mp4`` for ``video`` in ``out_dir``.
 
@@ -449,6 +466,10 @@ def extract_pose(
     retargets the skeleton onto that person (``align``: auto, limbs, none) and renders ``pose.mp4`` and
     ``hand.mp4`` on the model's 720x1280 canvas, with ``keypoints_aligned.npz`` and ``alignment.png``;
     ``keypoints.npz`` and ``overlay.mp4`` stay in the source frame.
+
+    Callers that already hold them pass ``info`` (``probe_video(video)``, which decodes the whole video) and
+    ``reference_pose`` (the highest-scoring person on ``frame_to_model(align_to)``, as ``extract_reference_pose``
+    finds it), so neither is computed twice.
     """
     reporter = reporter or Reporter()
     video = Path(video)
@@ -462,7 +483,8 @@ def extract_pose(
         align_to = require_file(align_to, "reference image (--align-to)")
         if align not in ALIGN_MODES:
             raise InputError(f"--align {align!r} is not known (use {', '.join(ALIGN_MODES)})")
-    info = probe_video(video)
+    if info is None:
+        info = probe_video(video)
     if from_keypoints is not None:
         from_keypoints = Path(from_keypoints)
         if not from_keypoints.exists():
@@ -494,8 +516,8 @@ def extract_pose(
 
     def produce_aligned(source: Path, target: Path) -> dict[str, Any]:
         return _write_aligned(
-            source, target, reference=align_to, mode=align, settings=settings, lossless=lossless, device=device,
-            models_dir=models_dir, reporter=reporter,
+            source, target, reference=align_to, reference_pose=reference_pose, mode=align, settings=settings, lossless=lossless,
+            device=device, models_dir=models_dir, reporter=reporter,
         )  # fmt: skip
 
     key = cache_key([video, *_keypoint_files(from_keypoints)], {"version": _CACHE_VERSION, **asdict(settings)})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 from posegen_cli.errors import InputError
 from posegen_cli.fsutil import atomic_dir, atomic_path
 from posegen_cli.pose.types import FACE_SIZE, FACE_START, HAND_SIZE, LEFT_HAND_START, NUM_KEYPOINTS, RIGHT_HAND_START, PersonPose
+from posegen_cli.video._ffmpeg import fps_arg
 
 NPZ_KEYS = ("keypoints", "scores", "fps", "width", "height", "backend")
 
@@ -107,10 +109,6 @@ def box_from_points(keypoints: np.ndarray, scores: np.ndarray) -> np.ndarray:
 # npz
 
 
-def _fps_text(fps: Fraction) -> str:
-    return f"{fps.numerator}/{fps.denominator}"
-
-
 def save_npz(track: KeypointTrack, path: str | Path) -> Path:
     """Write ``keypoints.npz`` atomically; ``fps`` is a float for other tools, ``fps_exact`` the fraction."""
     path = Path(path)
@@ -120,7 +118,7 @@ def save_npz(track: KeypointTrack, path: str | Path) -> Path:
             keypoints=track.keypoints,
             scores=track.scores,
             fps=np.float64(track.fps),
-            fps_exact=np.array(_fps_text(track.fps)),
+            fps_exact=np.array(fps_arg(track.fps)),
             width=np.int64(track.width),
             height=np.int64(track.height),
             backend=np.array(track.backend),
@@ -145,7 +143,7 @@ def load_npz(path: str | Path) -> KeypointTrack:
                 height=int(data["height"]),
                 backend=str(data["backend"]),
             )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise InputError(f"cannot read keypoints from {path}: {exc} (pass a keypoints.npz written by posegen extract-pose)") from None
 
 

@@ -8,9 +8,8 @@ trained on what that code produced.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from posegen_cli.device import resolve_device
-from posegen_cli.errors import InputError, MissingModelError, ResourceError
+from posegen_cli.errors import InputError, MissingModelError, out_of_memory_as
+from posegen_cli.hub import MODELS, model_path
 from posegen_cli.pose.render import encode_normals
 from posegen_cli.pose.types import NUM_KEYPOINTS, PersonPose
 from posegen_cli.report import Reporter
@@ -39,29 +39,17 @@ LITE_STD = (58.5, 57.0, 57.5)
 BOX_PADDING = 1.25
 BLUR_KERNEL = 11
 NUM_SEG_CLASSES = 28
-LEFT_HAND_CLASS = 5
-RIGHT_HAND_CLASS = 14
 
-POSE_SIZES = ("0.3b", "0.6b", "1b", "2b")
-SEG_SIZES = ("0.6b", "1b")
-NORMAL_SIZES = ("0.3b", "0.6b", "1b", "2b")
 
-_POSE_FILES = {
-    "0.3b": "sapiens_0.3b_coco_wholebody_best_coco_wholebody_AP_620_torchscript.pt2",
-    "0.6b": "sapiens_0.6b_coco_wholebody_best_coco_wholebody_AP_695_torchscript.pt2",
-    "1b": "sapiens_1b_coco_wholebody_best_coco_wholebody_AP_727_torchscript.pt2",
-    "2b": "sapiens_2b_coco_wholebody_best_coco_wholebody_AP_745_torchscript.pt2",
-}
-_SEG_FILES = {
-    "0.6b": "sapiens_0.6b_goliath_best_goliath_mIoU_7777_epoch_178_torchscript.pt2",
-    "1b": "sapiens_1b_goliath_best_goliath_mIoU_7994_epoch_151_torchscript.pt2",
-}
-_NORMAL_FILES = {
-    "0.3b": "sapiens_0.3b_normal_render_people_epoch_66_torchscript.pt2",
-    "0.6b": "sapiens_0.6b_normal_render_people_epoch_200_torchscript.pt2",
-    "1b": "sapiens_1b_normal_render_people_epoch_115_torchscript.pt2",
-    "2b": "sapiens_2b_normal_render_people_epoch_70_torchscript.pt2",
-}
+def _sizes(task: str) -> tuple[str, ...]:
+    """The sizes the hub table lists for ``sapiens-<task>-<size>``, smallest first."""
+    prefix = f"sapiens-{task}-"
+    return tuple(name.removeprefix(prefix) for name in MODELS if name.startswith(prefix))
+
+
+POSE_SIZES = _sizes("pose")
+SEG_SIZES = _sizes("seg")
+NORMAL_SIZES = _sizes("normal")
 
 
 @dataclass(frozen=True)
@@ -74,20 +62,22 @@ class SapiensCheckpoint:
 
 def pose_checkpoint(size: str) -> SapiensCheckpoint:
     """The 133-point checkpoints live only in noahcao/sapiens-pose-coco, under the lite host tree."""
-    _check_size("pose", size, POSE_SIZES)
-    return SapiensCheckpoint(
-        f"sapiens-pose-{size}", f"sapiens_lite_host/torchscript/pose/checkpoints/sapiens_{size}/{_POSE_FILES[size]}"
-    )
+    return _checkpoint("pose", size, POSE_SIZES)
 
 
 def seg_checkpoint(size: str) -> SapiensCheckpoint:
-    _check_size("seg", size, SEG_SIZES)
-    return SapiensCheckpoint(f"sapiens-seg-{size}", _SEG_FILES[size])
+    return _checkpoint("seg", size, SEG_SIZES)
 
 
 def normal_checkpoint(size: str) -> SapiensCheckpoint:
-    _check_size("normal", size, NORMAL_SIZES)
-    return SapiensCheckpoint(f"sapiens-normal-{size}", _NORMAL_FILES[size])
+    return _checkpoint("normal", size, NORMAL_SIZES)
+
+
+def _checkpoint(task: str, size: str, sizes: tuple[str, ...]) -> SapiensCheckpoint:
+    """The file is the hub entry's one download pattern, so the two tables cannot drift apart."""
+    _check_size(task, size, sizes)
+    name = f"sapiens-{task}-{size}"
+    return SapiensCheckpoint(name, MODELS[name].allow_patterns[0])
 
 
 def _check_size(task: str, size: str, sizes: tuple[str, ...]) -> None:
@@ -97,8 +87,6 @@ def _check_size(task: str, size: str, sizes: tuple[str, ...]) -> None:
 
 def resolve_checkpoint(checkpoint: SapiensCheckpoint, models_dir: str | Path | None = None) -> Path:
     """The local file of ``checkpoint`` through the model registry (downloads when allowed)."""
-    from posegen_cli.hub import model_path
-
     path = model_path(checkpoint.name, models_dir) / checkpoint.relpath
     if not path.is_file():
         raise MissingModelError(f"{checkpoint.name}: {path} is missing (run `posegen download {checkpoint.name}` again)")
@@ -125,15 +113,9 @@ def _check_output(out: torch.Tensor, n: int, channels: int, size: tuple[int, int
         raise MissingModelError(f"the Sapiens {what} model returned shape {tuple(out.shape)}, expected {expected} (wrong checkpoint file?)")
 
 
-@contextlib.contextmanager
-def _out_of_memory_as_resource_error(what: str, batch: int) -> Iterator[None]:
-    """A CUDA OOM becomes a one-line ResourceError that says what to lower."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        raise ResourceError(
-            f"the GPU ran out of memory running Sapiens {what} on {batch} images at once (lower the batch size or pick a smaller model size)"
-        ) from None
+def _out_of_memory_message(what: str, batch: int) -> str:
+    """What to lower when Sapiens ``what`` runs out of GPU memory."""
+    return f"the GPU ran out of memory running Sapiens {what} on {batch} images at once (lower the batch size or pick a smaller model size)"
 
 
 def _backend_device(device: str, batch_size: int, reporter: Reporter | None, what: str, alternative: str = "") -> torch.device:
@@ -293,7 +275,7 @@ class SapiensPoseBackend:
     @torch.inference_mode()
     def heatmaps(self, crops: np.ndarray) -> np.ndarray:
         """Raw heatmaps (N, 133, 256, 192) float32 for uint8 crops (N, 1024, 768, 3), N <= batch size: what a benchmark times."""
-        with _out_of_memory_as_resource_error("pose", len(crops)):
+        with out_of_memory_as(_out_of_memory_message("pose", len(crops))):
             result = self.model(_normalise_batch(crops, self.device))
         _check_output(result, len(crops), NUM_KEYPOINTS, HEATMAP_SIZE, "pose")
         return result.float().cpu().numpy()
@@ -382,7 +364,7 @@ class SapiensNormalBackend:
         logits, vectors = [], []
         for start in range(0, len(inputs), self.batch_size):
             x = _normalise_batch(inputs[start : start + self.batch_size], self.device)
-            with _out_of_memory_as_resource_error("seg and normal", len(x)):
+            with out_of_memory_as(_out_of_memory_message("seg and normal", len(x))):
                 seg = self.seg_model(x)
                 normal = self.normal_model(x)
             _check_output(seg, len(x), NUM_SEG_CLASSES, DENSE_OUTPUT_SIZE, "seg")

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 from transformers.generation.streamers import BaseStreamer
 
-from posegen_cli.errors import InputError, ResourceError
+from posegen_cli.errors import InputError, out_of_memory_as
 from posegen_cli.prompting.clean import clean_prompt, prompt_line
 from posegen_cli.report import Reporter
 
@@ -85,13 +85,11 @@ def caption_settings(
 def load_captioner(path: str | Path, *, device: torch.device, dtype: torch.dtype, name: str, revision: str) -> Captioner:
     """Load Qwen2.5-VL from a local folder onto ``device`` in ``dtype``."""
     path = Path(path)
-    try:
+    with out_of_memory_as(
+        f"GPU out of memory loading {name} (about 17 GB in bf16); free the GPU, use --device cpu, "
+        f"or pass --prompt TEXT to skip captioning"
+    ):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype, device_map=str(device))
-    except torch.cuda.OutOfMemoryError:
-        raise ResourceError(
-            f"GPU out of memory loading {name} (about 17 GB in bf16); free the GPU, use --device cpu, "
-            f"or pass --prompt TEXT to skip captioning"
-        ) from None
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     image_processor = AutoImageProcessor.from_pretrained(str(path))
     return Captioner(model=model.eval(), tokenizer=tokenizer, image_processor=image_processor, name=name, revision=revision)
@@ -160,16 +158,14 @@ def caption_image(
     with reporter.progress() as progress, torch.random.fork_rng(devices=_rng_devices(model.device)):
         task = progress.add_task("captioning", total=max_new_tokens, unit="tokens")
         torch.manual_seed(seed)
-        try:
+        with out_of_memory_as(
+            f"GPU out of memory while captioning with {captioner.name}; free the GPU, use --device cpu, or pass --prompt TEXT"
+        ):
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
                 streamer=_TokenProgress(lambda n: progress.advance(task, n)),
             )
-        except torch.cuda.OutOfMemoryError:
-            raise ResourceError(
-                f"GPU out of memory while captioning with {captioner.name}; free the GPU, use --device cpu, or pass --prompt TEXT"
-            ) from None
         generated = out[0, inputs["input_ids"].shape[1] :]
         progress.update(task, total=len(generated), completed=len(generated))
     caption = prompt_line(captioner.tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False))
