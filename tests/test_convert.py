@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.hooks.group_offloading import ModuleGroup
 from posegen_reference import make_inputs, randomize_, reference_from_inputs, release_config, to_release_names
 
 from posegen_cli.errors import InputError
@@ -18,30 +19,10 @@ from posegen_cli.models import (
     tiny_transformer_config,
 )
 from posegen_cli.models.convert import diffusers_key_to_release, release_key_to_diffusers
+from posegen_cli.testing import LORA_TARGETS
+from posegen_cli.testing import release_config as release_json
 
 torch.set_num_threads(1)
-
-LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o", "ffn.0", "ffn.2")
-
-
-def release_json(cfg: dict) -> dict:
-    """model_config.json as the release writes it (WanModel's constructor arguments)."""
-    return {
-        "dim": cfg["num_attention_heads"] * cfg["attention_head_dim"],
-        "in_dim": cfg["in_channels"],
-        "ffn_dim": cfg["ffn_dim"],
-        "out_dim": cfg["out_channels"],
-        "text_dim": cfg["text_dim"],
-        "freq_dim": cfg["freq_dim"],
-        "eps": cfg["eps"],
-        "patch_size": list(cfg["patch_size"]),
-        "num_heads": cfg["num_attention_heads"],
-        "num_layers": cfg["num_layers"],
-        "has_image_input": True,
-        "shift_ref_pos": cfg["shift_ref_pos"],
-        "use_hand": cfg["use_hand"],
-        "use_hand_proj": cfg["use_hand_proj"],
-    }
 
 
 def write_release_folder(
@@ -52,7 +33,7 @@ def write_release_folder(
     lora_dtype: torch.dtype = torch.float32,
     override: tuple[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Write ``base`` (release names) plus rank-2 LoRA pairs as three peft-named .bin shards.
+    """Write ``base`` (release names) plus rank-2 LoRA pairs on ``LORA_TARGETS`` as three peft-named .bin shards.
 
     Returns the merged release-named state dict computed here, independently: W + B @ A in the base dtype.
     ``override`` puts a different value for one key into the *last* shard, which the release lets win.
@@ -170,7 +151,7 @@ def corrupt(folder: Path, how: str) -> str:
         return "lacks the 'pipe.dit.' prefix"
     if how == "lone_lora":
         data = torch.load(shard, weights_only=True)
-        data["pipe.dit.blocks.0.cross_attn.k.lora_B.default.weight"] = torch.zeros(24, 2)
+        data["pipe.dit.blocks.0.cross_attn.k_img.lora_B.default.weight"] = torch.zeros(24, 2)
         torch.save(data, shard)
         return "no matching lora_A"
     if how == "missing_key":
@@ -231,11 +212,42 @@ def test_exact_variants_switch_in_place_bitwise_equal_to_merging(tmp_path: Path,
             ref = reference_from_inputs({k: v.to(dtype) for k, v in merged.items()}, release_config(cfg), inputs)
             assert torch.equal(out, ref), name
     assert variants.model is model, "switching must not build a second model"
-    memory = variants.memory.as_dict()
+    memory = variants.memory
     merged_model_bytes = sum(p.nbytes for p in load_release_model(tmp_path / "base", dtype).parameters())
-    assert memory["two_models_bytes"] == 2 * merged_model_bytes
-    assert memory["saved_bytes"] == memory["two_models_bytes"] - memory["held_bytes"]
-    assert len(memory["switch_seconds"]) == 4
+    assert memory.two_models_bytes == 2 * merged_model_bytes
+    assert len(memory.switch_seconds) == 4
+
+
+GROUP_OFFLOAD_DEVICES = [("cpu", False)] + ([("cuda", True)] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize(("device", "use_stream"), GROUP_OFFLOAD_DEVICES)
+def test_variants_switch_under_group_offloading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str, use_stream: bool) -> None:
+    """``--offload group``: a resume that starts with transitions switches before the first forward, and the
+    transition's hand embedding is another module. Each output must equal a resident model's, and the hooks must
+    onload every weight the forward reads (on the CPU a module left out of the hooks runs anyway, so that is checked
+    by recording what the groups onload; on CUDA it would be a device mismatch)."""
+    two_variant_folders(tmp_path)
+    resident = PoseGenVariants.from_release(tmp_path / "base", tmp_path / "cond", dtype=torch.float32, device=device)
+    variants = PoseGenVariants.from_release(tmp_path / "base", tmp_path / "cond", dtype=torch.float32)
+    model = variants.model
+    model.enable_group_offload(torch.device(device), offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream)
+    onloaded: set[int] = set()
+    onload = ModuleGroup.onload_
+
+    def recording_onload(group: ModuleGroup) -> None:
+        onloaded.update(id(p) for m in group.modules for p in m.parameters())
+        onloaded.update(id(p) for p in group.parameters)
+        onload(group)
+
+    monkeypatch.setattr(ModuleGroup, "onload_", recording_onload)
+    inputs = {k: v.to(device) for k, v in make_inputs(12, model.config).items()}
+    with torch.no_grad():
+        for name in ("transition", "base", "transition"):
+            onloaded.clear()
+            out = variants.activate(name)(**inputs).sample
+            assert torch.equal(out, resident.activate(name)(**inputs).sample), name
+            assert {id(p) for p in model.parameters()} <= onloaded, f"{name}: weights outside the offload groups"
 
 
 def test_adapter_variants_stay_close_to_merging(tmp_path: Path) -> None:
@@ -246,8 +258,8 @@ def test_adapter_variants_stay_close_to_merging(tmp_path: Path) -> None:
         for name, merged, cfg in (("transition", merged_cond, cfg_cond), ("base", merged_base, cfg_base)):
             out = variants.activate(name)(**inputs).sample
             assert (out - reference_from_inputs(merged, release_config(cfg), inputs)).abs().max().item() <= 1e-5, name
-    memory = variants.memory.as_dict()
-    assert memory["host_bytes"] == 0 and 0 < memory["held_bytes"] < memory["two_models_bytes"]
+    memory = variants.memory
+    assert memory.host_bytes == 0 and 0 < memory.held_bytes < memory.two_models_bytes
 
     with torch.no_grad():
         bf16 = PoseGenVariants.from_release(tmp_path / "base", tmp_path / "cond", dtype=torch.bfloat16, mode="adapter")

@@ -12,7 +12,7 @@ from posegen_cli import hub
 from posegen_cli.errors import InputError, MissingModelError
 from posegen_cli.models import KVShareCache, load_release_model
 from posegen_cli.pipelines.conditioning import condition_mask
-from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, check_model_size
 from posegen_cli.pipelines.scheduling import make_scheduler
 from posegen_cli.pipelines.text import DEFAULT_NEGATIVE
 from posegen_cli.pipelines.vae import decode_latents, encode_video, frames_to_tensor, tensor_to_frames
@@ -220,6 +220,15 @@ def test_bad_segment_inputs_are_input_errors(pipe, embeds):
         pipe.encode_reference(np.zeros((100, 60, 3), np.uint8), 100, 60)
     with pytest.raises(InputError, match="uint8 RGB"):
         pipe.encode_reference(np.zeros((100, 60), np.uint8), H, W)
+
+
+def test_size_rule_names_what_was_given():
+    """The CLI reuses the pipeline's multiple-of-16 rule for ``--resolution``; the message names the flag."""
+    check_model_size(1280, 720, "--resolution")
+    with pytest.raises(InputError, match=r"^--resolution 100x200 \(WxH\): .*multiples of 16"):
+        check_model_size(200, 100, "--resolution")
+    with pytest.raises(InputError, match="^model size 720x0"):
+        check_model_size(0, 720)
 
 
 def test_default_negative_prompt_is_the_wan_chinese_text():

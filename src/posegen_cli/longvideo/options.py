@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from posegen_cli.errors import InputError
+from posegen_cli.pipelines import check_model_size
 from posegen_cli.pose.align import ALIGN_MODES
 
 PREVIEW_SIZE = (512, 288)
@@ -59,8 +60,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
     if not match:
         raise InputError(f"--resolution {text!r} is not WxH (e.g. 720x1280)")
     width, height = int(match.group(1)), int(match.group(2))
-    if width <= 0 or height <= 0 or width % 16 or height % 16:
-        raise InputError(f"--resolution {text}: width and height must be positive multiples of 16 (e.g. 720x1280, 288x512)")
+    check_model_size(height, width, "--resolution")
     return height, width
 
 

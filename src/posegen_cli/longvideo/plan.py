@@ -37,10 +37,6 @@ class Segment:
     def frames(self) -> int:
         return self.stop - self.start
 
-    @property
-    def is_transition(self) -> bool:
-        return self.kind == TRANSITION
-
 
 def segment_start(index: int, frames: int = 81, head: int = 21, tail: int = 20) -> int:
     """Timeline position of segment ``index``: start(2k) = k(2·frames − head − tail), start(2k+1) = start(2k) + frames − head."""

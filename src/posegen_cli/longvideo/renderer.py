@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from posegen_cli.longvideo.presets import KVShareRanges
-from posegen_cli.longvideo.segments import StepCallback
+from posegen_cli.longvideo.segments import ProgressCallback
 from posegen_cli.models import KVShareCache
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 
@@ -58,7 +58,7 @@ class PipelineRenderer:
         self,
         pose: np.ndarray,
         hand: np.ndarray,
-        on_step: StepCallback,
+        on_step: ProgressCallback,
         *,
         head: np.ndarray | None = None,
         tail: np.ndarray | None = None,
@@ -90,7 +90,7 @@ class PipelineRenderer:
         return self.kv.steps[1]
 
     def render_anchor(
-        self, pose: np.ndarray, hand: np.ndarray, on_step: StepCallback, *, record: bool, frames_needed: bool = True
+        self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback, *, record: bool, frames_needed: bool = True
     ) -> np.ndarray | None:
         self._use("base")
         self.release_kv()
@@ -105,14 +105,14 @@ class PipelineRenderer:
             self.cache.start_replay()
         return frames
 
-    def render_base(self, pose: np.ndarray, hand: np.ndarray, on_step: StepCallback) -> np.ndarray:
+    def render_base(self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback) -> np.ndarray:
         if self.cache is None:
             raise RuntimeError("base segments need the anchor's K/V: render the anchor first")
         self._use("base")
         return self._run(pose, hand, on_step, kv_share=self.cache)
 
     def render_transition(
-        self, pose: np.ndarray, hand: np.ndarray, head: np.ndarray, tail: np.ndarray, on_step: StepCallback
+        self, pose: np.ndarray, hand: np.ndarray, head: np.ndarray, tail: np.ndarray, on_step: ProgressCallback
     ) -> np.ndarray:
         self._use("transition")
         return self._run(pose, hand, on_step, head=head, tail=tail)

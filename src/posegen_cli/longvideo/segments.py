@@ -27,7 +27,7 @@ RELEASE_FPS = 30
 RELEASE_CRF = 5
 """How the release saves every segment: imageio at 30 fps, quality 9 = libx264 CRF 5, yuv420p (port spec §4.6)."""
 
-StepCallback = Callable[[int], None]
+ProgressCallback = Callable[[int], None]
 """Called after each denoising step with the number of steps done in this segment."""
 
 
@@ -37,7 +37,7 @@ class SegmentRenderer(Protocol):
     num_steps: int
 
     def render_anchor(
-        self, pose: np.ndarray, hand: np.ndarray, on_step: StepCallback, *, record: bool, frames_needed: bool = True
+        self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback, *, record: bool, frames_needed: bool = True
     ) -> np.ndarray | None:
         """Denoise the anchor, keeping its K/V if ``record``; with ``frames_needed=False`` stop after the last shared step."""
         ...
@@ -46,10 +46,10 @@ class SegmentRenderer(Protocol):
         """Denoising steps needed to rebuild the cache (the last shared step + 1)."""
         ...
 
-    def render_base(self, pose: np.ndarray, hand: np.ndarray, on_step: StepCallback) -> np.ndarray: ...
+    def render_base(self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback) -> np.ndarray: ...
 
     def render_transition(
-        self, pose: np.ndarray, hand: np.ndarray, head: np.ndarray, tail: np.ndarray, on_step: StepCallback
+        self, pose: np.ndarray, hand: np.ndarray, head: np.ndarray, tail: np.ndarray, on_step: ProgressCallback
     ) -> np.ndarray: ...
 
     def release_kv(self) -> None:

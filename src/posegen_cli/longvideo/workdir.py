@@ -84,9 +84,6 @@ class WorkDir:
                 done[index] = tuple(entry["shape"])
         return done
 
-    def has_segment(self, index: int, shape: tuple[int, ...]) -> bool:
-        return self.finished().get(index) == tuple(shape)
-
     def save_segment(self, index: int, frames: np.ndarray, seconds: float) -> None:
         """Store a finished segment, then record it; a crash between the two only costs recomputing it."""
         target = self.segment_path(index)

@@ -11,6 +11,10 @@ reloads a second model. Two forms:
 - ``mode="adapter"``: both LoRAs stay loaded as peft adapters and a switch is ``set_adapters`` plus a copy of
   the own tensors: nothing extra in host memory and near-instant switches, but W·x + B·(A·x) rounds differently
   from (W + B·A)·x in bf16 (the tests state the bound).
+
+Under diffusers' group offloading (``--offload group``) a switch stays correct: the hooks offload every group when
+they are applied, so the parameters ``activate`` writes into are the host copies each group is onloaded from (the
+pinned copies with ``use_stream=True``); a swapped-in hand embedding gets the hooks rebuilt around it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from diffusers.hooks import HookRegistry
+from diffusers.hooks.group_offloading import (
+    _GROUP_OFFLOADING,
+    _LAYER_EXECUTION_TRACKER,
+    _LAZY_PREFETCH_GROUP_OFFLOADING,
+    _apply_group_offloading,
+    _get_top_level_group_offload_hook,
+)
 from torch import nn
 
 from posegen_cli.errors import InputError
@@ -72,18 +84,6 @@ class VariantMemory:
     def two_models_bytes(self) -> int:
         return 2 * self.merged_model_bytes
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "held_bytes": self.held_bytes,
-            "two_models_bytes": self.two_models_bytes,
-            "saved_bytes": self.two_models_bytes - self.held_bytes,
-            "model_bytes": self.model_bytes,
-            "host_bytes": self.host_bytes,
-            "variant_bytes": self.variant_bytes,
-            "load_seconds": round(self.load_seconds, 3),
-            "switch_seconds": [round(x, 4) for x in self.switch_seconds],
-        }
-
 
 def _hand_module(config: dict, sd: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> nn.Module:
     """A variant's hand embedding when the two variants disagree on its structure (``use_hand_proj``)."""
@@ -110,6 +110,26 @@ def _peft_state_dict(ckpt: ReleaseCheckpoint, dtype: torch.dtype) -> dict[str, t
         out[f"{module}.lora_A.weight"] = down.to(dtype)
         out[f"{module}.lora_B.weight"] = up.to(dtype)
     return out
+
+
+def _swap_hand(model: PoseGenTransformer3DModel, hand: nn.Module) -> None:
+    """Install a variant's hand embedding, rebuilding group offloading (if on) so that it covers the new module.
+
+    diffusers binds each offload group to the modules present when offloading was applied (a plain Conv3d hand
+    embedding joins the model's top-level group, a Sequential one gets groups of its own), so a module swapped in
+    afterwards would never be onloaded. The hooks are removed while the outgoing module is still attached (none stay
+    behind on it for when it returns), then applied again with the same settings: re-pinning already pinned host
+    copies returns them as they are, and the first forward afterwards traces the prefetch order again.
+    """
+    top = _get_top_level_group_offload_hook(model)
+    if top is None:
+        model.hand_patch_embedding = hand
+        return
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+        registry.remove_hook(name, recurse=True)
+    model.hand_patch_embedding = hand
+    _apply_group_offloading(model, top.config)
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -240,7 +260,7 @@ class PoseGenVariants:
         for key, tensor in variant.own.items():
             params[key].copy_(tensor)
         if variant.hand is not None:
-            model.hand_patch_embedding = variant.hand
+            _swap_hand(model, variant.hand)
         model.register_to_config(**variant.config)
         self.active = name
         self.memory.switch_seconds.append(time.perf_counter() - start)

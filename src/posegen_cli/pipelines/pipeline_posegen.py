@@ -17,7 +17,7 @@ from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscret
 from transformers import CLIPVisionModel, PreTrainedTokenizerBase, UMT5EncoderModel
 
 from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, MissingModelError, ResourceError
+from posegen_cli.errors import InputError, MissingModelError, out_of_memory_as
 from posegen_cli.hub import model_path
 from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, PoseGenVariants
 from posegen_cli.pipelines.conditioning import check_segment_frames, condition_mask, paste_head_tail
@@ -54,8 +54,8 @@ SIZE_MULTIPLE = 16
 StepCallback = Callable[["PoseGenPipeline", int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
 
 
-def _oom_error(what: str) -> ResourceError:
-    return ResourceError(f"GPU out of memory while {what} (try --offload group, a smaller --preview size, or a GPU with more memory)")
+def _oom_message(what: str) -> str:
+    return f"GPU out of memory while {what} (try --offload group, a smaller --preview size, or a GPU with more memory)"
 
 
 class PoseGenPipeline(DiffusionPipeline):
@@ -126,7 +126,7 @@ class PoseGenPipeline(DiffusionPipeline):
         place = "cpu" if offload != "none" else dev
         if reporter is not None:
             reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
-        try:
+        with out_of_memory_as(_oom_message("loading the models")):
             variants = PoseGenVariants.from_release(
                 posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER, dtype=dt, device=place, reporter=reporter
             )
@@ -149,8 +149,6 @@ class PoseGenPipeline(DiffusionPipeline):
                 pipe.transformer.enable_group_offload(
                     onload_device=dev, offload_type="block_level", num_blocks_per_group=1, use_stream=True
                 )
-        except torch.cuda.OutOfMemoryError:
-            raise _oom_error("loading the models") from None
         return pipe
 
     def use_variant(self, name: Variant) -> None:
@@ -168,11 +166,9 @@ class PoseGenPipeline(DiffusionPipeline):
         """umT5 embeddings [1, 512, 4096] of the prompt and of the negative prompt (once per job)."""
         if self.text_encoder is None or self.tokenizer is None:
             raise MissingModelError("this pipeline was loaded without the text encoder; pass precomputed prompt embeddings")
-        try:
+        with out_of_memory_as(_oom_message("encoding the prompt")):
             positive = encode_text(self.tokenizer, self.text_encoder, prompt)
             negative = encode_text(self.tokenizer, self.text_encoder, negative_prompt)
-        except torch.cuda.OutOfMemoryError:
-            raise _oom_error("encoding the prompt") from None
         device = self._execution_device
         return positive.to(device), negative.to(device)
 
@@ -192,11 +188,9 @@ class PoseGenPipeline(DiffusionPipeline):
             raise InputError(f"the reference image must be uint8 RGB [H, W, 3], got {image.dtype} {tuple(image.shape)}")
         framed = image if image.shape[:2] == (height, width) else frame_to_model(image, (height, width))
         pixels = frames_to_tensor(framed[None]).to(self.model_dtype)
-        try:
+        with out_of_memory_as(_oom_message("encoding the reference image")):
             latents = encode_untiled(self.vae, pixels)
             embeds = encode_clip(self.image_encoder, pixels[:, :, 0])
-        except torch.cuda.OutOfMemoryError:
-            raise _oom_error("encoding the reference image") from None
         device = self._execution_device
         return embeds.to(device), latents.to(device)
 
@@ -261,7 +255,7 @@ class PoseGenPipeline(DiffusionPipeline):
         ``callback_on_step_end(pipe, step, timestep, {"latents": ...})`` may return a dict with new ``latents``.
         """
         height, width = reference_latents.shape[-2] * SPATIAL, reference_latents.shape[-1] * SPATIAL
-        try:
+        with out_of_memory_as(_oom_message("generating a segment")):
             control_latents, hand_latents = self.encode_conditions(pose_frames, hand_frames, head_frames, tail_frames, height, width)
             latents = self._denoise(
                 prompt_embeds,
@@ -277,8 +271,6 @@ class PoseGenPipeline(DiffusionPipeline):
                 callback_on_step_end,
             )
             pixels = decode_latents(self.vae, latents)
-        except torch.cuda.OutOfMemoryError:
-            raise _oom_error("generating a segment") from None
         self.maybe_free_model_hooks()
         return tensor_to_frames(pixels)
 
@@ -337,10 +329,15 @@ class PoseGenPipeline(DiffusionPipeline):
         return latents
 
 
-def check_model_size(height: int, width: int) -> None:
-    """Raise an InputError unless both sides are positive multiples of 16."""
+def check_model_size(height: int, width: int, what: str = "model size") -> None:
+    """Raise an InputError unless both sides are positive multiples of 16: the one rule for the pipeline and ``--resolution``.
+
+    ``what`` names the size in the message (the CLI passes its flag).
+    """
     if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-        raise InputError(f"model size {width}x{height} (WxH) must be positive multiples of {SIZE_MULTIPLE}; pick e.g. 720x1280 or 352x640")
+        raise InputError(
+            f"{what} {width}x{height} (WxH): width and height must be positive multiples of {SIZE_MULTIPLE} (e.g. 720x1280, 288x512)"
+        )
 
 
 def _to_model_size(frames: np.ndarray, height: int, width: int) -> np.ndarray:

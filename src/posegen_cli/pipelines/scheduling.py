@@ -11,7 +11,6 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 SHIFT = 5.0
-NUM_STEPS = 25
 
 
 def make_scheduler(shift: float = SHIFT) -> FlowMatchEulerDiscreteScheduler:
