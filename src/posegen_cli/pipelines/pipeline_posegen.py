@@ -7,6 +7,7 @@ and transition checkpoints share one in-memory DiT and are switched with :meth:`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -304,22 +305,11 @@ class PoseGenPipeline(DiffusionPipeline):
         }
         positive, negative = prompt_embeds.to(device, dt), negative_prompt_embeds.to(device, dt)
         for step, t in enumerate(self.scheduler.timesteps):
-            timestep = model_timestep(t, dt, device)
-            velocity = self.transformer(
-                hidden_states=latents,
-                timestep=timestep,
-                encoder_hidden_states=positive,
-                kv_share=kv_share.view(step, "cond") if kv_share is not None else None,
-                **shared,
-            ).sample
+            forward = functools.partial(self.transformer, hidden_states=latents, timestep=model_timestep(t, dt, device), **shared)
+            # positive first: in base segments the negative branch reads the maps the positive one just made
+            velocity = forward(encoder_hidden_states=positive, kv_share=_branch_view(kv_share, step, "cond")).sample
             if guidance_scale != 1.0:
-                velocity_negative = self.transformer(
-                    hidden_states=latents,
-                    timestep=timestep,
-                    encoder_hidden_states=negative,
-                    kv_share=kv_share.view(step, "uncond") if kv_share is not None else None,
-                    **shared,
-                ).sample
+                velocity_negative = forward(encoder_hidden_states=negative, kv_share=_branch_view(kv_share, step, "uncond")).sample
                 velocity = guided_velocity(velocity, velocity_negative, guidance_scale)
             latents = euler_step(latents, velocity, sigmas[step], sigmas[step + 1])
             if callback_on_step_end is not None:
@@ -327,6 +317,11 @@ class PoseGenPipeline(DiffusionPipeline):
                 if update and "latents" in update:
                     latents = update["latents"]
         return latents
+
+
+def _branch_view(cache: KVShareCache | None, step: int, branch: str) -> Any:
+    """The K/V-sharing argument of one guidance branch's forward (None when the segment shares nothing)."""
+    return cache.view(step, branch) if cache is not None else None
 
 
 def check_model_size(height: int, width: int, what: str = "model size") -> None:
