@@ -350,7 +350,15 @@ def _doctor_report(models_dir: Path | None) -> dict[str, Any]:
 
 
 def _quiet_libraries() -> None:
-    """Our own progress bars and messages replace the libraries' tqdm bars and load-time chatter."""
+    """Our own progress bars and messages replace the libraries' tqdm bars and load-time chatter.
+
+    torchao (optional, for ``--quantize``), imported by diffusers when installed, logs the optional C++ kernels it
+    cannot load and a torch deprecation note; both are set quiet before anything imports them.
+    """
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

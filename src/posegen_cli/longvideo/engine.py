@@ -24,6 +24,7 @@ import torch
 from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import InputError, ResourceError, require_file
 from posegen_cli.longvideo.merge import iter_merged
+from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
     TRANSITION,
@@ -200,6 +201,9 @@ def work_settings(
         "models": [str(path.resolve()) for path in model_dirs],
         "device": device.type,
         "dtype": str(dtype),
+        # exact kernels and compilation change only rounding; quantised weights and approximate attention change more
+        "quantize": options.quantize,
+        "attention": "approximate" if options.attention in APPROXIMATE_ATTENTION else "exact",
     }
 
 
@@ -328,7 +332,12 @@ def _animate(
         from posegen_cli.longvideo.renderer import PipelineRenderer
         from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 
-        pipe = PoseGenPipeline.from_models(options.models_dir, device=device, dtype=dtype, offload=options.offload, reporter=reporter)
+        pipe = PoseGenPipeline.from_models(
+            options.models_dir, device=device, dtype=dtype, offload=options.offload, attention=options.attention,
+            compile=options.compile, quantize=options.quantize, reporter=reporter,
+        )  # fmt: skip
+        if pipe.attention is not None:
+            reporter.info(f"attention: {pipe.attention.describe()}")
         kv = kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, job.kv_steps, job.kv_blocks)
         renderer = PipelineRenderer(
             pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from posegen_cli.errors import InputError
+from posegen_cli.models.acceleration import ATTENTION_CHOICES, QUANTIZE_CHOICES
 from posegen_cli.pipelines import check_model_size
 from posegen_cli.pose.align import ALIGN_MODES
 
@@ -46,6 +47,14 @@ class AnimateOptions:
     models_dir: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    attention: str = "auto"
+    """Attention kernel: auto, native, cudnn, flash, flash3 or sage (``models.acceleration.ATTENTION_CHOICES``)."""
+    compile: bool = False
+    """Compile the transformer blocks (regional ``torch.compile``)."""
+    quantize: str = "none"
+    """torchao weights of the block linears: none, fp8 or int8 (``models.acceleration.QUANTIZE_CHOICES``)."""
+    gpu: str | None = None
+    """GPU the job planner estimates for (``longvideo.planner.GPUS``); None: the one present."""
     anchor: int = 0
     pad: bool = True
     segment_frames: int = 81
@@ -119,6 +128,10 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         raise InputError(f"--offload {options.offload!r} is not known (use {', '.join(OFFLOAD_MODES)})")
     if options.align not in ALIGN_MODES:
         raise InputError(f"--align {options.align!r} is not known (use {', '.join(ALIGN_MODES)})")
+    if options.attention not in ATTENTION_CHOICES:
+        raise InputError(f"--attention {options.attention!r} is not known (use {', '.join(ATTENTION_CHOICES)})")
+    if options.quantize not in QUANTIZE_CHOICES:
+        raise InputError(f"--quantize {options.quantize!r} is not known (use {', '.join(QUANTIZE_CHOICES)})")
     if not 0 <= options.crf <= 51:
         raise InputError(f"--crf {options.crf} is out of range (use 0..51; 18 is visually lossless)")
     return JobSettings(

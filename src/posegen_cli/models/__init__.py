@@ -2,16 +2,18 @@
 
 from posegen_cli.models.adapters import PoseGenVariants
 from posegen_cli.models.convert import convert_checkpoint, load_release_model, read_release_checkpoint
-from posegen_cli.models.kv_cache import KVShareCache, KVShareView
+from posegen_cli.models.kv_cache import KVShareCache, KVShareHook, KVShareView, kv_sharing
 from posegen_cli.models.transformer import PoseGenTransformer3DModel, tiny_transformer_config
 
 __all__ = [
     "KVShareCache",
+    "KVShareHook",
     "KVShareView",
     "PoseGenTransformer3DModel",
     "PoseGenVariants",
     "convert_checkpoint",
     "load_release_model",
     "read_release_checkpoint",
+    "kv_sharing",
     "tiny_transformer_config",
 ]

@@ -20,7 +20,8 @@ from transformers import CLIPVisionModel, PreTrainedTokenizerBase, UMT5EncoderMo
 from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import InputError, MissingModelError, out_of_memory_as
 from posegen_cli.hub import model_path
-from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, PoseGenVariants
+from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, PoseGenVariants, kv_sharing
+from posegen_cli.models.acceleration import AttentionChoice, compile_blocks, quantization_config, resolve_attention, set_attention
 from posegen_cli.pipelines.conditioning import check_segment_frames, condition_mask, paste_head_tail
 from posegen_cli.pipelines.image import encode_clip, load_image_encoder
 from posegen_cli.pipelines.scheduling import (
@@ -90,6 +91,7 @@ class PoseGenPipeline(DiffusionPipeline):
             scheduler=scheduler,
         )
         self.variants: PoseGenVariants | None = None
+        self.attention: AttentionChoice | None = None
 
     @classmethod
     def from_models(
@@ -100,6 +102,9 @@ class PoseGenPipeline(DiffusionPipeline):
         dtype: str | torch.dtype = "auto",
         offload: Offload = "none",
         load_encoders: bool = True,
+        attention: str = "auto",
+        compile: bool = False,
+        quantize: str = "none",
         reporter: Reporter | None = None,
     ) -> PoseGenPipeline:
         """Load every component once from the model registry (``--models-dir`` layout or the HF cache).
@@ -107,7 +112,8 @@ class PoseGenPipeline(DiffusionPipeline):
         The DiT is read from the release folders ``posegen/720p-81f-base`` and ``720p-81f-cond`` into one model
         holding both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed
         embeddings. ``offload``: "model" moves whole components to the GPU in turn, "group" streams the DiT's
-        blocks; both need CUDA.
+        blocks; both need CUDA. ``attention``, ``compile`` and ``quantize`` are the DiT speed-ups of
+        :mod:`posegen_cli.models.acceleration` (checked before anything loads); ``pipe.attention`` tells what ran.
         """
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
@@ -124,6 +130,8 @@ class PoseGenPipeline(DiffusionPipeline):
         for sub in (BASE_FOLDER, TRANSITION_FOLDER):
             if not (posegen / sub).is_dir():
                 raise MissingModelError(f"{posegen / sub} is missing (re-run `posegen download posegen`)")
+        attention_choice = resolve_attention(attention, dev, dt)
+        quantization = quantization_config(quantize, dev)
         place = "cpu" if offload != "none" else dev
         if reporter is not None:
             reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
@@ -140,6 +148,8 @@ class PoseGenPipeline(DiffusionPipeline):
                 scheduler=make_scheduler(),
             )
             pipe.variants = variants
+            if quantization is not None:
+                variants.quantize(quantization)
             if offload == "model":
                 pipe.enable_model_cpu_offload(device=dev)
             elif offload == "group":
@@ -150,6 +160,11 @@ class PoseGenPipeline(DiffusionPipeline):
                 pipe.transformer.enable_group_offload(
                     onload_device=dev, offload_type="block_level", num_blocks_per_group=1, use_stream=True
                 )
+            set_attention(pipe.transformer, attention_choice)
+            pipe.attention = attention_choice
+            if compile:
+                # group offloading's hooks run eagerly inside each block (graph breaks), so only then allow breaks
+                compile_blocks(pipe.transformer, fullgraph=offload == "none")
         return pipe
 
     def use_variant(self, name: Variant) -> None:
@@ -304,24 +319,22 @@ class PoseGenPipeline(DiffusionPipeline):
             "hand_latents": hand_latents.to(device, dt),
         }
         positive, negative = prompt_embeds.to(device, dt), negative_prompt_embeds.to(device, dt)
-        for step, t in enumerate(self.scheduler.timesteps):
-            forward = functools.partial(self.transformer, hidden_states=latents, timestep=model_timestep(t, dt, device), **shared)
-            # positive first: in base segments the negative branch reads the maps the positive one just made
-            velocity = forward(encoder_hidden_states=positive, kv_share=_branch_view(kv_share, step, "cond")).sample
-            if guidance_scale != 1.0:
-                velocity_negative = forward(encoder_hidden_states=negative, kv_share=_branch_view(kv_share, step, "uncond")).sample
-                velocity = guided_velocity(velocity, velocity_negative, guidance_scale)
-            latents = euler_step(latents, velocity, sigmas[step], sigmas[step + 1])
-            if callback_on_step_end is not None:
-                update = callback_on_step_end(self, step, t, {"latents": latents})
-                if update and "latents" in update:
-                    latents = update["latents"]
+        with kv_sharing(self.transformer, kv_share):
+            for step, t in enumerate(self.scheduler.timesteps):
+                forward = functools.partial(self.transformer, hidden_states=latents, timestep=model_timestep(t, dt, device), **shared)
+                # positive first: in base segments the negative branch reads the maps the positive one just made
+                with self.transformer.cache_context("cond", step_index=step, num_inference_steps=num_inference_steps):
+                    velocity = forward(encoder_hidden_states=positive).sample
+                if guidance_scale != 1.0:
+                    with self.transformer.cache_context("uncond", step_index=step, num_inference_steps=num_inference_steps):
+                        velocity_negative = forward(encoder_hidden_states=negative).sample
+                    velocity = guided_velocity(velocity, velocity_negative, guidance_scale)
+                latents = euler_step(latents, velocity, sigmas[step], sigmas[step + 1])
+                if callback_on_step_end is not None:
+                    update = callback_on_step_end(self, step, t, {"latents": latents})
+                    if update and "latents" in update:
+                        latents = update["latents"]
         return latents
-
-
-def _branch_view(cache: KVShareCache | None, step: int, branch: str) -> Any:
-    """The K/V-sharing argument of one guidance branch's forward (None when the segment shares nothing)."""
-    return cache.view(step, branch) if cache is not None else None
 
 
 def check_model_size(height: int, width: int, what: str = "model size") -> None:
