@@ -24,8 +24,8 @@ import torch
 from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import InputError, ResourceError, require_file
 from posegen_cli.longvideo.merge import iter_merged
-from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
+from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, ModelShape, expected_kernel, find_gpu, plan_job
 from posegen_cli.longvideo.plan import (
     TRANSITION,
     Segment,
@@ -38,6 +38,7 @@ from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
+from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION, quantization_config, resolve_attention
 from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
@@ -253,6 +254,63 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def model_shape(models_dir: Path | None) -> tuple[ModelShape, str]:
+    """The DiT's shape from the base checkpoint's ``model_config.json`` when it is on disk (read, not loaded), else
+    the release's 14B shape; and where it came from."""
+    import json
+
+    from posegen_cli.hub import find_local
+    from posegen_cli.models.convert import release_config_to_diffusers
+    from posegen_cli.pipelines.pipeline_posegen import BASE_FOLDER
+
+    root = find_local("posegen", models_dir)
+    config_file = None if root is None else Path(root) / BASE_FOLDER / "model_config.json"
+    if config_file is None or not config_file.is_file():
+        return WAN_I2V_14B, "Wan2.1-I2V-14B-720P + PoseGen (models not downloaded: the release's shape)"
+    config = release_config_to_diffusers(json.loads(config_file.read_text()), config_file)
+    return ModelShape.from_config(config), str(config_file)
+
+
+def plan_animate(driving: Path, *, options: AnimateOptions, reporter: Reporter) -> JobPlan:
+    """``--dry-run``: the segment plan, transformer passes, FLOPs, memory and time of the job, loading no model.
+
+    The GPU is ``options.gpu`` (a name of ``planner.GPUS``) or the one present; the attention kernel is what the run
+    would take there (``auto`` resolved as on that GPU, assuming no FlashAttention-3 package when it is not this one).
+    """
+    job = resolve_settings(options)
+    driving = require_file(driving, "driving video")
+    info = probe_video(driving)
+    plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
+    shape, shape_source = model_shape(options.models_dir)
+    shot = options.shot if options.shot != "auto" else DEFAULT_SHOT
+    kv = kv_share_ranges(shot, job.steps, shape.layers, job.kv_steps, job.kv_blocks)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, torch.device("cuda") if options.gpu is not None else device)
+    if options.gpu is not None:
+        try:
+            gpu = find_gpu(options.gpu)
+        except ValueError as exc:
+            raise InputError(f"--gpu: {exc}") from None
+        kernel = expected_kernel(options.attention, gpu.capability)
+    else:
+        gpu = find_gpu(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        kernel = resolve_attention(options.attention, device, dtype).choice if gpu is not None else expected_kernel(options.attention, None)
+    if options.quantize == "fp8" and (gpu is None or gpu.fp8_tflops is None):
+        raise InputError(f"--quantize fp8 needs an FP8 GPU; {gpu.name if gpu else 'no GPU'} has none (use int8 or none, or --gpu H100)")
+    result = plan_job(
+        plan, shape=shape, height=job.height, width=job.width, frames=options.segment_frames, steps=job.steps,
+        guidance=job.guidance, kv_steps=kv.steps, kv_blocks=kv.blocks, max_map_block=kv.max_map_block,
+        attention=kernel, compiled=options.compile, quantize=options.quantize, offload=options.offload, gpu=gpu,
+        dtype_bytes=2 if dtype != torch.float32 else 4,
+    )  # fmt: skip
+    result.settings.update(driving_frames=info.frame_count, fps=float(info.fps), shot=shot, model=shape_source)
+    if options.shot == "auto":
+        result.notes.append(f"--shot auto: planned with the {DEFAULT_SHOT} preset; the run picks the preset from the reference person")
+    if gpu is None:
+        result.notes.append("no GPU named or present: no time estimate (pass --gpu H100, H200, A100-80GB, L40S or 'RTX 4090')")
+    return result
+
+
 def animate(
     reference: Path,
     driving: Path,
@@ -286,6 +344,8 @@ def _animate(
     output = check_output_path(output, [reference, driving])
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    resolve_attention(options.attention, device, dtype)  # a kernel or quantisation that cannot run fails before any work
+    quantization_config(options.quantize, device)
     timer = PhaseTimer(device)
     size = (job.height, job.width)
 
