@@ -186,14 +186,16 @@ def test_compiled_blocks_equal_eager_and_a_swap_does_not_recompile(tmp_path: Pat
     torch._dynamo.reset()
 
 
-def test_inductor_compiled_blocks_match_eager() -> None:
+def test_aot_compiled_blocks_match_eager() -> None:
+    """Through AOTAutograd (functionalised graphs, as inductor receives them) the custom ops and side effects hold.
+    Inductor's own kernels are timed and checked against eager by ``benchmarks/gpu_suite.py`` (``--tiny`` on a CPU)."""
     model = build(5)
     eager = share_run(model)
     torch._dynamo.reset()
-    compile_blocks(model)
+    compile_blocks(model, backend="aot_eager")
     for mode, ours, theirs in zip(("record", "replay", "plain"), share_run(model), eager):
         for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=mode)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=mode)
     torch._dynamo.reset()
 
 
