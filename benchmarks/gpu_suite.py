@@ -38,15 +38,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from posegen_cli.longvideo.planner import ModelShape, activation_bytes, forward_flops, weight_bytes  # noqa: E402
-from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, kv_sharing, tiny_transformer_config  # noqa: E402
-from posegen_cli.models import acceleration  # noqa: E402
+from posegen_cli.longvideo.planner import ModelShape, activation_bytes, forward_flops, weight_bytes
+from posegen_cli.models import (
+    KVShareCache,
+    PoseGenTransformer3DModel,
+    acceleration,
+    kv_sharing,
+    tiny_transformer_config,
+)
 
 FULL = {
     "config": tiny_transformer_config(
-        num_attention_heads=40, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
-        image_dim=1280, added_kv_proj_dim=5120, use_hand_proj=True, shift_ref_pos=True,
-    ),  # fmt: skip
+        num_attention_heads=40,
+        attention_head_dim=128,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=13824,
+        num_layers=40,
+        image_dim=1280,
+        added_kv_proj_dim=5120,
+        use_hand_proj=True,
+        shift_ref_pos=True,
+    ),
     "latent": (21, 160, 90),
     "text_len": 512,
     "image_len": 257,
@@ -55,7 +68,9 @@ FULL = {
     "matmul": 8192,
 }
 TINY = {
-    "config": tiny_transformer_config(num_attention_heads=4, attention_head_dim=24, text_dim=64, freq_dim=32, ffn_dim=256, num_layers=4, image_dim=32),
+    "config": tiny_transformer_config(
+        num_attention_heads=4, attention_head_dim=24, text_dim=64, freq_dim=32, ffn_dim=256, num_layers=4, image_dim=32
+    ),
     "latent": (5, 32, 18),
     "text_len": 64,
     "image_len": 17,
@@ -174,7 +189,9 @@ class Suite:
             times.append(time.perf_counter() - start)
         seconds = sorted(times)[len(times) // 2]
         maps = self.setup["max_map_block"] + 1 if cache is not None else 0
-        flops = forward_flops(self.shape, self.grid, self.ref_grid, map_blocks=maps, replay_blocks=len(self.setup["share_blocks"]) if replay else 0)
+        flops = forward_flops(
+            self.shape, self.grid, self.ref_grid, map_blocks=maps, replay_blocks=len(self.setup["share_blocks"]) if replay else 0
+        )
         estimate = weight_bytes(self.shape, quantize, self.dtype.itemsize) + activation_bytes(
             self.shape, self.grid, self.ref_grid, replay=False, dtype_bytes=self.dtype.itemsize
         )
@@ -228,7 +245,10 @@ def optional_extras(suite: Suite, results: dict[str, Any]) -> None:
         return
     per_pass = suite.rows[0]["s_per_pass"]
     results["segment_seconds"] = {
-        name: {"passes": preset.steps * (1 if preset.guidance == 1.0 else 2), "dit_seconds": per_pass * preset.steps * (1 if preset.guidance == 1.0 else 2)}
+        name: {
+            "passes": preset.steps * (1 if preset.guidance == 1.0 else 2),
+            "dit_seconds": per_pass * preset.steps * (1 if preset.guidance == 1.0 else 2),
+        }
         for name, preset in speed.items()
     }
     print("segment timings (from the native eager pass):", json.dumps(results["segment_seconds"]), flush=True)
@@ -282,7 +302,9 @@ def run(setup: dict, device: torch.device, repeats: int, budget_s: float) -> dic
     print(f"\n{'configuration':38} {'s/pass':>8} {'TFLOP/s':>8} {'of mm':>6} {'peak GiB':>9} {'planner':>8}")
     for row in suite.rows:
         peak = "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
-        print(f"{row['config']:38} {row['s_per_pass']:8.3f} {row['tflops']:8.1f} {row['tflops'] / matmul:6.0%} {peak:>9} {row['planner_gib']:8.2f}")
+        print(
+            f"{row['config']:38} {row['s_per_pass']:8.3f} {row['tflops']:8.1f} {row['tflops'] / matmul:6.0%} {peak:>9} {row['planner_gib']:8.2f}"
+        )
     native = suite.rows[0]["s_per_pass"]
     exact = [r for r in suite.rows if "compiled" in r["config"] and "K/V" not in r["config"] and "fp8" not in r["config"]]
     replay = [r for r in suite.rows if r["config"].endswith("replay")]

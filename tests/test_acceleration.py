@@ -72,9 +72,10 @@ def test_cpu_attention_choices_equal_native() -> None:
     auto = resolve_attention("auto", CPU, torch.float32)
     assert (auto.choice, auto.backend, auto.exact) == ("native", "native", True)
     set_attention(model, auto)
-    assert all(torch.equal(a, b) for a, b in zip(sum(share_run(model), []), sum(native, [])))
+    flat = [out for outs in native for out in outs]
+    assert all(torch.equal(a, b) for a, b in zip([o for outs in share_run(model) for o in outs], flat))
     model.set_attention_backend("_native_math")  # the CPU's other exact SDPA kernel, through the same dispatcher
-    for a, b in zip(sum(share_run(model), []), sum(native, [])):
+    for a, b in zip([o for outs in share_run(model) for o in outs], flat):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

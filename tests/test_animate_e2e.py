@@ -16,10 +16,10 @@ from animate_inputs import TEST_OPTIONS
 from posegen_cli.cache import cache_root
 from posegen_cli.errors import InputError, MissingModelError, ResourceError
 from posegen_cli.longvideo import AnimateOptions, animate, engine, plan_animate
-from posegen_cli.models import PoseGenTransformer3DModel
 from posegen_cli.longvideo.merge import merge_segments
 from posegen_cli.longvideo.options import PREVIEW_SIZE, PREVIEW_STEPS, resolve_settings
 from posegen_cli.longvideo.plan import overlap_before, plan_segments, timeline_order
+from posegen_cli.models import PoseGenTransformer3DModel
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.pose import extract as extract_module
 from posegen_cli.report import Reporter

@@ -136,10 +136,9 @@ def test_gpu_table_and_names() -> None:
 
 
 def job(**overrides):
-    settings = dict(
-        shape=WAN_I2V_14B, height=1280, width=720, frames=81, steps=25, guidance=5.0, kv_steps=(0, 2), kv_blocks=(34, 40),
-        max_map_block=10, attention="flash3", compiled=True, quantize="none", offload="none", gpu=GPUS["H100"],
-    )  # fmt: skip
+    settings = {"shape": WAN_I2V_14B, "height": 1280, "width": 720, "frames": 81, "steps": 25, "guidance": 5.0, "kv_steps": (0, 2),
+                "kv_blocks": (34, 40), "max_map_block": 10, "attention": "flash3", "compiled": True, "quantize": "none",
+                "offload": "none", "gpu": GPUS["H100"]}  # fmt: skip
     settings.update(overrides)
     return plan_job(plan_segments(1800), **settings)
 
@@ -180,7 +179,9 @@ def test_dry_run_cli_loads_no_model_and_prints_json(tmp_path: Path, reference_im
 
 
 @pytest.mark.parametrize(("flag", "message"), [(["--attention", "flash3"], "needs a CUDA GPU"), (["--quantize", "fp8"], "FP8 GPU")])
-def test_unavailable_speed_options_exit_2_before_any_work(reference_image_path: Path, driving_clip: Path, tmp_path: Path, flag, message) -> None:
+def test_unavailable_speed_options_exit_2_before_any_work(
+    reference_image_path: Path, driving_clip: Path, tmp_path: Path, flag, message
+) -> None:
     result = CliRunner().invoke(app, ["animate", str(reference_image_path), str(driving_clip), "-o", str(tmp_path / "o.mp4"),
                                       "--device", "cpu", *flag])  # fmt: skip
     assert result.exit_code == 2, result.output

@@ -25,7 +25,6 @@ from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import InputError, ResourceError, require_file
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
-from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, ModelShape, expected_kernel, find_gpu, plan_job
 from posegen_cli.longvideo.plan import (
     TRANSITION,
     Segment,
@@ -34,6 +33,7 @@ from posegen_cli.longvideo.plan import (
     plan_segments,
     timeline_order,
 )
+from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, ModelShape, expected_kernel, find_gpu, plan_job
 from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot, kv_share_ranges
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource

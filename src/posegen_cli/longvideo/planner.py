@@ -38,13 +38,42 @@ class GPU:
 GPUS: dict[str, GPU] = {
     gpu.name: gpu
     for gpu in (
-        GPU("H200", 141 * 1e9 / GIB, 989.4, 1978.9, (9, 0), "NVIDIA H200 SXM datasheet: 141 GB HBM3e; 1,979/3,958 TFLOPS bf16/fp8 with sparsity, half dense"),
-        GPU("H100", 80 * 1e9 / GIB, 989.4, 1978.9, (9, 0), "NVIDIA H100 SXM datasheet: 80 GB HBM3; 1,979/3,958 TFLOPS bf16/fp8 with sparsity, half dense"),
+        GPU(
+            "H200",
+            141 * 1e9 / GIB,
+            989.4,
+            1978.9,
+            (9, 0),
+            "NVIDIA H200 SXM datasheet: 141 GB HBM3e; 1,979/3,958 TFLOPS bf16/fp8 with sparsity, half dense",
+        ),
+        GPU(
+            "H100",
+            80 * 1e9 / GIB,
+            989.4,
+            1978.9,
+            (9, 0),
+            "NVIDIA H100 SXM datasheet: 80 GB HBM3; 1,979/3,958 TFLOPS bf16/fp8 with sparsity, half dense",
+        ),
         GPU("A100-80GB", 80 * 1e9 / GIB, 312.0, None, (8, 0), "NVIDIA A100 datasheet: 80 GB HBM2e; 312 TFLOPS bf16 dense; no FP8"),
-        GPU("L40S", 48 * 1e9 / GIB, 362.05, 733.0, (8, 9), "NVIDIA L40S datasheet: 48 GB GDDR6; 362.05/733 TFLOPS bf16/fp8 dense (733/1,466 sparse)"),
-        GPU("RTX 4090", 24 * 1e9 / GIB, 165.2, 330.3, (8, 9), "NVIDIA Ada whitepaper: 24 GB GDDR6X; 165.2 bf16 and 330.3 fp8 TFLOPS dense with FP32 accumulate"),
+        GPU(
+            "L40S",
+            48 * 1e9 / GIB,
+            362.05,
+            733.0,
+            (8, 9),
+            "NVIDIA L40S datasheet: 48 GB GDDR6; 362.05/733 TFLOPS bf16/fp8 dense (733/1,466 sparse)",
+        ),
+        GPU(
+            "RTX 4090",
+            24 * 1e9 / GIB,
+            165.2,
+            330.3,
+            (8, 9),
+            "NVIDIA Ada whitepaper: 24 GB GDDR6X; 165.2 bf16 and 330.3 fp8 TFLOPS dense with FP32 accumulate",
+        ),
     )
 }
+
 
 def find_gpu(name: str) -> GPU:
     """The :data:`GPUS` entry whose name appears in ``name`` (a ``--gpu`` value or ``torch.cuda.get_device_name``)."""
@@ -405,7 +434,9 @@ def plan_job(
 
     notes = []
     if gpu is not None and capacity is not None and max(c.peak_gib for c in costs) * GIB > capacity:
-        notes.append(f"the estimated peak exceeds the {gpu.name}'s {gpu.memory_gib:.0f} GiB: use offload group (or model), or quantize fp8/int8")
+        notes.append(
+            f"the estimated peak exceeds the {gpu.name}'s {gpu.memory_gib:.0f} GiB: use offload group (or model), or quantize fp8/int8"
+        )
     if gpu is not None:
         notes.append("time: DiT passes only (VAE, encoders, pose and I/O not included), at assumed kernel utilisations")
     memory = {
@@ -423,10 +454,16 @@ def plan_job(
         gpu=None if gpu is None else gpu.name,
         gpu_source=None if gpu is None else gpu.source,
         settings={
-            "size": f"{width}x{height}", "frames_per_segment": frames, "steps": steps, "guidance": guidance,
-            "attention": attention, "compile": compiled, "quantize": quantize, "offload": offload,
+            "size": f"{width}x{height}",
+            "frames_per_segment": frames,
+            "steps": steps,
+            "guidance": guidance,
+            "attention": attention,
+            "compile": compiled,
+            "quantize": quantize,
+            "offload": offload,
             "tokens_per_pass": tokens,
-        },  # fmt: skip
+        },
         segments=costs,
         passes=sum(c.passes for c in costs),
         flops_per_pass=plain.total,
@@ -436,8 +473,11 @@ def plan_job(
         memory_gib=memory,
         peak_gib=max(c.peak_gib for c in costs),
         kv={
-            "steps": list(kv_steps), "blocks": list(kv_blocks), "bytes": kv_bytes, "gib": round(kv_bytes / GIB, 2),
+            "steps": list(kv_steps),
+            "blocks": list(kv_blocks),
+            "bytes": kv_bytes,
+            "gib": round(kv_bytes / GIB, 2),
             "placement": kv_place if kv_bytes else "none",
-        },  # fmt: skip
+        },
         notes=notes,
     )

@@ -12,8 +12,8 @@ __all__ = [
     "PoseGenTransformer3DModel",
     "PoseGenVariants",
     "convert_checkpoint",
+    "kv_sharing",
     "load_release_model",
     "read_release_checkpoint",
-    "kv_sharing",
     "tiny_transformer_config",
 ]

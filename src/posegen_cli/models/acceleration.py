@@ -95,7 +95,9 @@ def resolve_attention(requested: str, device: torch.device, dtype: torch.dtype) 
     if not half:
         raise InputError(f"attention kernel {requested!r} needs bfloat16 or float16 weights, not {dtype}; use bfloat16 or native attention")
     if cap < (8, 0):
-        raise InputError(f"attention kernel {requested!r} needs compute capability 8.0 or newer, this GPU has {cap[0]}.{cap[1]}; use native")
+        raise InputError(
+            f"attention kernel {requested!r} needs compute capability 8.0 or newer, this GPU has {cap[0]}.{cap[1]}; use native"
+        )
     if requested == "cudnn":
         return AttentionChoice(requested, "cudnn", "_native_cudnn", True, "cuDNN attention through PyTorch SDPA")
     if requested == "flash":
@@ -104,7 +106,9 @@ def resolve_attention(requested: str, device: torch.device, dtype: torch.dtype) 
         return AttentionChoice(requested, "flash", "_native_flash", True, "PyTorch's built-in FlashAttention-2 (flash-attn not installed)")
     if requested == "flash3":
         if cap[0] != 9:
-            raise InputError(f"attention kernel 'flash3' (FlashAttention-3) runs on Hopper GPUs (compute capability 9.x), this one has {cap[0]}.{cap[1]}; use flash or cudnn")
+            raise InputError(
+                f"attention kernel 'flash3' (FlashAttention-3) runs on Hopper GPUs (compute capability 9.x), this one has {cap[0]}.{cap[1]}; use flash or cudnn"
+            )
         if _importable("flash_attn_interface"):
             return AttentionChoice(requested, "flash3", "_flash_3", True, "FlashAttention-3 package")
         if _importable("kernels"):
@@ -176,14 +180,16 @@ def quantization_config(kind: str, device: torch.device) -> object | None:
         cap = _capability(device)
         if cap is None or cap < FP8_CAPABILITY:
             have = "a CPU" if cap is None else f"compute capability {cap[0]}.{cap[1]}"
-            raise InputError(f"fp8 weights need an FP8 GPU (compute capability 8.9 or newer: L40S, RTX 4090, H100, H200), not {have}; use int8 or none")
+            raise InputError(
+                f"fp8 weights need an FP8 GPU (compute capability 8.9 or newer: L40S, RTX 4090, H100, H200), not {have}; use int8 or none"
+            )
     torchao = _import_torchao()
     if kind == "fp8":
         return torchao.Float8DynamicActivationFloat8WeightConfig(granularity=torchao.PerRow())
     return torchao.Int8WeightOnlyConfig()
 
 
-def _import_torchao():  # noqa: ANN202 - returns the torchao.quantization module
+def _import_torchao():
     """torchao.quantization, with its import-time chatter (optional C++ kernels it could not load) kept quiet."""
     import logging
 
@@ -192,7 +198,7 @@ def _import_torchao():  # noqa: ANN202 - returns the torchao.quantization module
     for log in loggers:
         log.setLevel(logging.ERROR)
     try:
-        import torchao.quantization as quantization
+        from torchao import quantization
     except ImportError:
         raise InputError("quantized weights need torchao: pip install torchao (or pip install 'posegen[speed]')") from None
     finally:
