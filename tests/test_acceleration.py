@@ -234,3 +234,20 @@ def test_fp8_needs_fp8_hardware() -> None:
     with pytest.raises(InputError, match="not known"):
         quantization_config("int4", CPU)
     assert quantization_config("none", CPU) is None
+
+
+def test_pipeline_applies_quantize_attention_and_compile(tiny_models: Path) -> None:
+    from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+
+    pipe = PoseGenPipeline.from_models(
+        tiny_models, device="cpu", dtype="bfloat16", load_encoders=False, attention="auto", compile=True, quantize="int8"
+    )
+    assert pipe.attention is not None and pipe.attention.backend == "native"
+    blocks = pipe.transformer.blocks
+    assert all(block._compiled_call_impl is not None for block in blocks), "regional compilation of every block"
+    assert all(type(block.attn1.to_q.weight.data) is not torch.Tensor for block in blocks), "int8 block linears"
+    pipe.use_variant("transition")
+    assert all(type(block.ffn.net[2].weight.data) is not torch.Tensor for block in blocks), "still quantised after a swap"
+    with pytest.raises(InputError, match="needs a CUDA GPU"):
+        PoseGenPipeline.from_models(tiny_models, device="cpu", attention="flash3")
+    torch._dynamo.reset()
