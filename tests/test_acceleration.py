@@ -237,11 +237,9 @@ def test_fp8_needs_fp8_hardware() -> None:
 
 
 def test_pipeline_applies_quantize_attention_and_compile(tiny_models: Path) -> None:
-    from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+    from posegen_cli.longvideo.loading import load_pipeline
 
-    pipe = PoseGenPipeline.from_models(
-        tiny_models, device="cpu", dtype="bfloat16", load_encoders=False, attention="auto", compile=True, quantize="int8"
-    )
+    pipe = load_pipeline(tiny_models, device="cpu", dtype="bfloat16", load_encoders=False, attention="auto", compile=True, quantize="int8")
     assert pipe.attention is not None and pipe.attention.backend == "native"
     blocks = pipe.transformer.blocks
     assert all(block._compiled_call_impl is not None for block in blocks), "regional compilation of every block"
@@ -249,5 +247,5 @@ def test_pipeline_applies_quantize_attention_and_compile(tiny_models: Path) -> N
     pipe.use_variant("transition")
     assert all(type(block.ffn.net[2].weight.data) is not torch.Tensor for block in blocks), "still quantised after a swap"
     with pytest.raises(InputError, match="needs a CUDA GPU"):
-        PoseGenPipeline.from_models(tiny_models, device="cpu", attention="flash3")
+        load_pipeline(tiny_models, device="cpu", attention="flash3")
     torch._dynamo.reset()

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, ResourceError, require_file
+from posegen_cli.errors import InputError, ResourceError, option, require_file
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
@@ -33,16 +32,17 @@ from posegen_cli.longvideo.plan import (
     plan_segments,
     timeline_order,
 )
-from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, ModelShape, expected_kernel, find_gpu, plan_job
+from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, JobSpec, ModelShape, expected_kernel, find_gpu, plan_job
 from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot, kv_share_ranges
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION, quantization_config, resolve_attention
-from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
-from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
+from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, probe_video
+from posegen_cli.video.framing import frame_to_model, warn_if_cropped
+from posegen_cli.video.image import ReferenceImage
 
 ENGINE_VERSION = 2
 """Part of every work folder's key: bump when a change makes old finished segments wrong."""
@@ -104,7 +104,7 @@ class AnimateResult:
     work_dir: Path | None
 
     def summary(self) -> dict[str, Any]:
-        """Plain values for ``Reporter.summary`` (and ``--json``)."""
+        """Plain values for ``Reporter.summary`` (and the JSON output)."""
         return {
             "output": str(self.output),
             "frames": self.frames,
@@ -143,8 +143,8 @@ def check_output_path(output: Path, inputs: list[Path]) -> Path:
     return output
 
 
-def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter: Reporter) -> tuple[str, PersonPose | None]:
-    """``--shot auto`` reads the reference person's visible keypoints and height; an explicit shot is kept.
+def pick_shot(options: AnimateOptions, image: np.ndarray, device: torch.device, reporter: Reporter) -> tuple[str, PersonPose | None]:
+    """The ``auto`` shot reads the reference person's visible keypoints and height; an explicit shot is kept.
 
     The person is detected on the reference framed at the model's full 720x1280, whatever the job's size, so a
     preview picks the same preset as the real run. That is also the frame pose alignment detects on, so the
@@ -153,15 +153,15 @@ def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter:
     """
     if options.shot != "auto":
         return options.shot, None
-    from posegen_cli.pose.extract import extract_reference_pose
+    from posegen_cli.pose.backends import extract_reference_pose
 
     framed_reference = frame_to_model(image)
     person = extract_reference_pose(framed_reference, options.pose_backend, device=device, models_dir=options.models_dir)
     if person is None:
-        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set --shot to choose)")
+        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set {option('shot')} to choose)")
         return DEFAULT_SHOT, None
     shot = classify_shot(person.keypoints, person.scores, person.box, framed_reference.shape[0])
-    reporter.info(f"reference framing: {shot} (override with --shot)")
+    reporter.info(f"reference framing: {shot} (override with {option('shot')})")
     return shot, person
 
 
@@ -174,14 +174,12 @@ def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], 
     if needed > free:
         raise ResourceError(
             f"the segments need {needed / 1024**3:.1f} GB in {work.path} but only {free / 1024**3:.1f} GB are free "
-            f"(free some space, or pass --work-dir on a larger disk; the video {output.name} itself is small)"
+            f"(free some space, or pass {option('work_dir')} on a larger disk; the video {output.name} itself is small)"
         )
 
 
-def work_settings(
-    options: AnimateOptions, job: JobSettings, device: torch.device, dtype: torch.dtype, model_dirs: list[Path]
-) -> dict[str, Any]:
-    """Every setting that changes a segment's pixels, for the work folder's key (not --offload, --crf, audio).
+def work_settings(options: AnimateOptions, job: JobSettings, reference: ReferenceImage, model_dirs: list[Path]) -> dict[str, Any]:
+    """Every setting that changes a segment's pixels, for the work folder's key (not offloading, crf, audio).
 
     Model folders count by their resolved path: a Hugging Face snapshot path names the commit.
     """
@@ -200,8 +198,9 @@ def work_settings(
         "compat_mp4": options.compat_mp4,
         "segment": [options.segment_frames, options.head, options.tail],
         "models": [str(path.resolve()) for path in model_dirs],
-        "device": device.type,
-        "dtype": str(dtype),
+        "device": job.device.type,
+        "dtype": str(job.dtype),
+        "reference": reference.digest,
         # exact kernels and compilation change only rounding; quantised weights and approximate attention change more
         "quantize": options.quantize,
         "attention": "approximate" if options.attention in APPROXIMATE_ATTENTION else "exact",
@@ -260,8 +259,8 @@ def model_shape(models_dir: Path | None) -> tuple[ModelShape, str]:
     import json
 
     from posegen_cli.hub import find_local
+    from posegen_cli.longvideo.loading import BASE_FOLDER
     from posegen_cli.models.convert import release_config_to_diffusers
-    from posegen_cli.pipelines.pipeline_posegen import BASE_FOLDER
 
     root = find_local("posegen", models_dir)
     config_file = None if root is None else Path(root) / BASE_FOLDER / "model_config.json"
@@ -272,7 +271,7 @@ def model_shape(models_dir: Path | None) -> tuple[ModelShape, str]:
 
 
 def plan_animate(driving: Path, *, options: AnimateOptions, reporter: Reporter) -> JobPlan:
-    """``--dry-run``: the segment plan, transformer passes, FLOPs, memory and time of the job, loading no model.
+    """A dry run: the segment plan, transformer passes, FLOPs, memory and time of the job, loading no model.
 
     The GPU is ``options.gpu`` (a name of ``planner.GPUS``) or the one present; the attention kernel is what the run
     would take there (``auto`` resolved as on that GPU, assuming no FlashAttention-3 package when it is not this one).
@@ -284,30 +283,32 @@ def plan_animate(driving: Path, *, options: AnimateOptions, reporter: Reporter) 
     shape, shape_source = model_shape(options.models_dir)
     shot = options.shot if options.shot != "auto" else DEFAULT_SHOT
     kv = kv_share_ranges(shot, job.steps, shape.layers, job.kv_steps, job.kv_blocks)
-    device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, torch.device("cuda") if options.gpu is not None else device)
+    device = job.device
+    dtype = torch.bfloat16 if options.gpu is not None and options.dtype == "auto" else job.dtype
     if options.gpu is not None:
         try:
             gpu = find_gpu(options.gpu)
         except ValueError as exc:
-            raise InputError(f"--gpu: {exc}") from None
+            raise InputError(f"{option('gpu')}: {exc}") from None
         kernel = expected_kernel(options.attention, gpu.capability)
     else:
         gpu = find_gpu(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         kernel = resolve_attention(options.attention, device, dtype).choice if gpu is not None else expected_kernel(options.attention, None)
     if options.quantize == "fp8" and (gpu is None or gpu.fp8_tflops is None):
-        raise InputError(f"--quantize fp8 needs an FP8 GPU; {gpu.name if gpu else 'no GPU'} has none (use int8 or none, or --gpu H100)")
-    result = plan_job(
-        plan, shape=shape, height=job.height, width=job.width, frames=options.segment_frames, steps=job.steps,
-        guidance=job.guidance, kv_steps=kv.steps, kv_blocks=kv.blocks, max_map_block=kv.max_map_block,
-        attention=kernel, compiled=options.compile, quantize=options.quantize, offload=options.offload, gpu=gpu,
-        dtype_bytes=2 if dtype != torch.float32 else 4,
+        raise InputError(
+            f"{option('quantize')} fp8 needs an FP8 GPU; {gpu.name if gpu else 'no GPU'} has none (use int8 or none, or {option('gpu')} H100)"
+        )
+    spec = JobSpec(
+        height=job.height, width=job.width, frames=options.segment_frames, steps=job.steps, guidance=job.guidance,
+        kv_steps=kv.steps, kv_blocks=kv.blocks, max_map_block=kv.max_map_block, attention=kernel, compiled=options.compile,
+        quantize=options.quantize, offload=options.offload, dtype_bytes=2 if dtype != torch.float32 else 4,
     )  # fmt: skip
+    result = plan_job(plan, shape, spec, gpu)
     result.settings.update(driving_frames=info.frame_count, fps=float(info.fps), shot=shot, model=shape_source)
     if options.shot == "auto":
-        result.notes.append(f"--shot auto: planned with the {DEFAULT_SHOT} preset; the run picks the preset from the reference person")
+        result.notes.append(f"shot auto: planned with the {DEFAULT_SHOT} preset; the run picks the preset from the reference person")
     if gpu is None:
-        result.notes.append("no GPU named or present: no time estimate (pass --gpu H100, H200, A100-80GB, L40S or 'RTX 4090')")
+        result.notes.append("no GPU named or present: no time estimate (name one: H100, H200, A100-80GB, L40S or 'RTX 4090')")
     return result
 
 
@@ -342,9 +343,8 @@ def _animate(
     reference = require_file(reference, "reference image")
     driving = require_file(driving, "driving video")
     output = check_output_path(output, [reference, driving])
-    device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, device)
-    resolve_attention(options.attention, device, dtype)  # a kernel or quantisation that cannot run fails before any work
+    device = job.device
+    resolve_attention(options.attention, device, job.dtype)  # a kernel or quantisation that cannot run fails before any work
     quantization_config(options.quantize, device)
     timer = PhaseTimer(device)
     size = (job.height, job.width)
@@ -352,7 +352,8 @@ def _animate(
     with timer("inputs"):
         from posegen_cli.hub import model_path
 
-        image = load_image(reference)
+        ref = ReferenceImage.load(reference)  # decoded and hashed once for the whole job
+        image = ref.pixels
         warn_if_cropped(reporter, image.shape[1], image.shape[0], f"reference image {reference.name}", size)
         framed = frame_to_model(image, size)
         info = probe_video(driving)
@@ -360,7 +361,7 @@ def _animate(
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
         length = output_frames(plan, info.frame_count)
         root = Path(options.work_dir) if options.work_dir is not None else None
-        work = WorkDir.for_job([reference, driving], work_settings(options, job, device, dtype, model_dirs), root)
+        work = WorkDir.for_job([driving], work_settings(options, job, ref, model_dirs), root)
         check_disk_space(work, plan, size, output)
     reporter.info(
         f"{info.frame_count} driving frames at {fps_text(info.fps)} fps -> {len(plan)} segments of {options.segment_frames} "
@@ -371,29 +372,31 @@ def _animate(
 
     with timer("pose"):
         from posegen_cli.pose.extract import extract_pose
+        from posegen_cli.pose.settings import PoseOptions
 
-        shot, reference_pose = pick_shot(options, image, options.device, reporter)
+        shot, reference_pose = pick_shot(options, image, device, reporter)
+        pose_options = PoseOptions(backend=options.pose_backend, align=options.align, device=device, models_dir=options.models_dir)
         poses = extract_pose(
-            driving, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,
-            device=options.device, models_dir=options.models_dir, reporter=reporter, info=info, reference_pose=reference_pose,
-        )  # fmt: skip
+            driving, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, reference_pose=reference_pose
+        )
         if poses.frame_count != info.frame_count:
             raise InputError(f"pose extraction of {driving} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
 
     with timer("prompt"):
-        from posegen_cli.prompting import run_prompt
+        from posegen_cli.prompting import PromptOptions, run_prompt
 
-        prompt = run_prompt(
-            reference, work.stage_dir("prompt"), prompt=options.prompt, subject=options.subject, seed=options.seed,
-            device=options.device, models_dir=options.models_dir, reporter=reporter,
+        prompt_options = PromptOptions(
+            prompt=options.prompt, subject=options.subject, seed=options.seed, device=device, dtype=job.dtype,
+            models_dir=options.models_dir,
         )  # fmt: skip
+        prompt = run_prompt(ref, work.stage_dir("prompt"), prompt_options, reporter=reporter)
 
     with timer("load models"):
+        from posegen_cli.longvideo.loading import load_pipeline
         from posegen_cli.longvideo.renderer import PipelineRenderer
-        from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 
-        pipe = PoseGenPipeline.from_models(
-            options.models_dir, device=device, dtype=dtype, offload=options.offload, attention=options.attention,
+        pipe = load_pipeline(
+            options.models_dir, device=device, dtype=job.dtype, offload=options.offload, attention=options.attention,
             compile=options.compile, quantize=options.quantize, reporter=reporter,
         )  # fmt: skip
         if pipe.attention is not None:
@@ -409,8 +412,8 @@ def _animate(
     try:
         with timer("segments"):
             stats: SegmentStats = render_segments(
-                plan, renderer, pose_source, hand_source, work, total_frames=info.frame_count, frame_shape=size,
-                head=options.head, tail=options.tail, reporter=reporter, compat_mp4=options.compat_mp4,
+                plan, renderer, (pose_source, hand_source), work, total_frames=info.frame_count, frame_shape=size,
+                overlap=(options.head, options.tail), reporter=reporter, compat_mp4=options.compat_mp4,
                 after_segment=after_segment,
             )  # fmt: skip
     finally:

@@ -1,6 +1,6 @@
 """The job planner: what a ``posegen animate`` job will cost, from the model config and tensor shapes alone.
 
-Pure functions (no model, no GPU, no torch): ``posegen animate ... --dry-run`` prints :func:`plan_job`'s result.
+Pure functions (no model, no GPU, no torch): a dry run of ``posegen animate`` prints :func:`plan_job`'s result.
 
 - FLOPs count what ``torch.utils.flop_counter.FlopCounterMode`` counts on a real forward (matrix products,
   convolutions and attention at 2 FLOP per multiply-add; norms, RoPE and elementwise ops are not counted and are
@@ -76,7 +76,7 @@ GPUS: dict[str, GPU] = {
 
 
 def find_gpu(name: str) -> GPU:
-    """The :data:`GPUS` entry whose name appears in ``name`` (a ``--gpu`` value or ``torch.cuda.get_device_name``)."""
+    """The :data:`GPUS` entry whose name appears in ``name`` (a GPU option value or ``torch.cuda.get_device_name``)."""
     key = name.lower().replace("-", " ").replace("_", " ")
     for gpu in sorted(GPUS.values(), key=lambda g: -len(g.name)):
         short = gpu.name.lower().replace("-", " ")
@@ -274,7 +274,7 @@ class SegmentCost:
 
 @dataclass
 class JobPlan:
-    """Everything ``--dry-run`` prints; :meth:`as_dict` for ``--json``."""
+    """Everything a dry run prints; :meth:`as_dict` for scripts (JSON)."""
 
     gpu: str | None
     gpu_source: str | None
@@ -352,30 +352,34 @@ def vae_bytes(height: int, width: int, frames: int, dtype_bytes: int = 2) -> int
     return VAE_PARAMS * dtype_bytes + video + tile + chunk
 
 
-def plan_job(
-    segments: list[Any],
-    *,
-    shape: ModelShape,
-    height: int,
-    width: int,
-    frames: int,
-    steps: int,
-    guidance: float,
-    kv_steps: tuple[int, int],
-    kv_blocks: tuple[int, int],
-    max_map_block: int,
-    attention: str,
-    compiled: bool,
-    quantize: str,
-    offload: str,
-    gpu: GPU | None,
-    dtype_bytes: int = 2,
-) -> JobPlan:
+@dataclass(frozen=True)
+class JobSpec:
+    """The settings of a job the plan depends on (``attention`` already resolved to the kernel the run would take)."""
+
+    height: int
+    width: int
+    frames: int
+    steps: int
+    guidance: float
+    kv_steps: tuple[int, int]
+    kv_blocks: tuple[int, int]
+    max_map_block: int
+    attention: str = "native"
+    compiled: bool = False
+    quantize: str = "none"
+    offload: str = "none"
+    dtype_bytes: int = 2
+
+
+def plan_job(segments: list[Any], shape: ModelShape, spec: JobSpec, gpu: GPU | None) -> JobPlan:
     """Cost of every segment of ``segments`` (``longvideo.plan.Segment``, in generation order) and of the job.
 
-    ``attention`` is the kernel the run would take (auto already resolved); ``gpu`` None gives no time estimate
-    and sizes memory without a GPU's capacity (the K/V cache is then placed on the GPU, as on a CPU run).
+    ``gpu`` None gives no time estimate and sizes memory without a GPU's capacity (the K/V cache is then placed on
+    the GPU, as on a CPU run).
     """
+    height, width, frames, steps, guidance = spec.height, spec.width, spec.frames, spec.steps, spec.guidance
+    kv_steps, kv_blocks, max_map_block = spec.kv_steps, spec.kv_blocks, spec.max_map_block
+    attention, compiled, quantize, offload, dtype_bytes = spec.attention, spec.compiled, spec.quantize, spec.offload, spec.dtype_bytes
     grid = token_grid(height, width, frames, shape.patch)
     ref_grid = (1, grid[1], grid[2])
     tokens = math.prod(grid) + math.prod(ref_grid)

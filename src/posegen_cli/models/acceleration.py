@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from posegen_cli.errors import InputError
+from posegen_cli.choices import ATTENTION_CHOICES, QUANTIZE_CHOICES
+from posegen_cli.errors import InputError, OptionError
 
-ATTENTION_CHOICES = ("auto", "native", "cudnn", "flash", "flash3", "sage")
 APPROXIMATE_ATTENTION = frozenset({"sage"})
 _HALF = (torch.bfloat16, torch.float16)
 FLASH3_HUB_REPO = "kernels-community/flash-attn3"
@@ -30,7 +30,7 @@ SAGE_HUB_REPO = "SageAttention/sage-attention"
 
 @dataclass(frozen=True)
 class AttentionChoice:
-    """The kernel a run uses: the ``--attention`` value asked for, what it resolved to, diffusers' backend name."""
+    """The kernel a run uses: the attention choice asked for, what it resolved to, diffusers' backend name."""
 
     requested: str
     choice: str
@@ -72,7 +72,7 @@ def resolve_attention(requested: str, device: torch.device, dtype: torch.dtype) 
     names what to install or change.
     """
     if requested not in ATTENTION_CHOICES:
-        raise InputError(f"attention kernel {requested!r} is not known (use {', '.join(ATTENTION_CHOICES)})")
+        raise OptionError("attention", requested, ATTENTION_CHOICES)
     cap = _capability(device)
     half = dtype in _HALF
     if requested == "auto":
@@ -160,7 +160,6 @@ def compile_blocks(transformer: torch.nn.Module, *, backend: str | object = "ind
     transformer.compile_repeated_blocks(fullgraph=fullgraph, dynamic=False, backend=backend)
 
 
-QUANTIZE_CHOICES = ("none", "fp8", "int8")
 FP8_CAPABILITY = (8, 9)
 """FP8 tensor cores: Ada (8.9) and Hopper (9.0) and newer."""
 
@@ -173,7 +172,7 @@ def quantization_config(kind: str, device: torch.device) -> object | None:
     bf16 GEMMs after dequantisation), runs anywhere, the CPU included; it saves memory, not time.
     """
     if kind not in QUANTIZE_CHOICES:
-        raise InputError(f"quantization {kind!r} is not known (use {', '.join(QUANTIZE_CHOICES)})")
+        raise OptionError("quantize", kind, QUANTIZE_CHOICES)
     if kind == "none":
         return None
     if kind == "fp8":
