@@ -181,8 +181,8 @@ def plan_summary(plan: Any) -> dict[str, Any]:
         return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s"
 
     segments = [
-        f"{seg.index} {seg.kind}: frames {seg.start}-{seg.stop - 1}, {seg.passes} passes, {seg.flops / 1e15:.1f} PFLOP, "
-        f"~{duration(seg.seconds)}, peak ~{seg.peak_gib:.1f} GiB"
+        f"{seg.index} {seg.kind} {seg.start}-{seg.stop - 1}: {seg.passes} passes, {seg.flops / 1e15:.0f} PF, "
+        f"~{duration(seg.seconds)}, ~{seg.peak_gib:.0f} GiB"
         for seg in plan.segments
     ]
     kv = plan.kv
