@@ -12,11 +12,14 @@ from typing import Any
 from posegen_cli.errors import InputError
 from posegen_cli.pipelines import check_model_size
 from posegen_cli.pose.align import ALIGN_MODES
+from posegen_cli.pose.camera import CAMERA_MOTIONS
 
 PREVIEW_SIZE = (512, 288)
 """(height, width) of ``--preview`` for the 720x1280 default: 9:16, multiples of 16, 0.4x each side."""
 PREVIEW_STEPS = 8
 OFFLOAD_MODES = ("none", "model", "group")
+DEFAULT_CAMERA_SPEED = 4.0
+"""4 px per frame (a 720 px wide frame crossed in 6 s at 30 fps) for pans, 4 % per second for zooms."""
 
 
 @dataclass
@@ -52,6 +55,16 @@ class AnimateOptions:
     head: int = 21
     tail: int = 20
     """Segment geometry: the release's checkpoints were trained on 81/21/20; other 4k+1 lengths are for tests."""
+    pose_video: Path | None = None
+    """A pose condition video used as it is (no extraction, no alignment) instead of a driving video."""
+    hand_video: Path | None = None
+    """The hand condition video that goes with ``pose_video``; without one the hand condition is black."""
+    audio_file: Path | None = None
+    """Audio for the output instead of the driving (or pose) video's own track."""
+    camera: str | None = None
+    """Experimental camera motion steered through the negative guidance branch (``pose.camera.CAMERA_MOTIONS``)."""
+    camera_speed: float = DEFAULT_CAMERA_SPEED
+    """Pixels per frame on the 720x1280 canvas for pans, percent per second for zooms."""
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -121,6 +134,7 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         raise InputError(f"--align {options.align!r} is not known (use {', '.join(ALIGN_MODES)})")
     if not 0 <= options.crf <= 51:
         raise InputError(f"--crf {options.crf} is out of range (use 0..51; 18 is visually lossless)")
+    check_conditioning(options)
     return JobSettings(
         height=height,
         width=width,
@@ -130,6 +144,26 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         kv_steps=parse_range(options.kv_steps, "--kv-steps"),
         kv_blocks=parse_range(options.kv_blocks, "--kv-blocks"),
     )
+
+
+def check_conditioning(options: AnimateOptions) -> None:
+    """The own-condition-video and camera options must make sense together (no file is read here)."""
+    if options.hand_video is not None and options.pose_video is None:
+        raise InputError("--hand-video needs --pose-video (the hand condition goes with your own pose video)")
+    if options.audio_file is not None and not options.audio:
+        raise InputError("--audio and --no-audio contradict each other (keep one)")
+    if options.camera is None:
+        return
+    if options.camera not in CAMERA_MOTIONS:
+        raise InputError(f"--camera {options.camera!r} is not known (use {', '.join(CAMERA_MOTIONS)})")
+    if not options.camera_speed > 0:
+        raise InputError(f"--camera-speed {options.camera_speed:g}: must be above 0 (pixels per frame for pans, % per second for zooms)")
+    if options.guidance == 1.0:
+        raise InputError("--camera works through the negative guidance branch, which --guidance 1 turns off (use e.g. --guidance 5)")
+    if options.kv_steps is not None or options.kv_blocks is not None:
+        raise InputError(
+            "--camera turns background K/V sharing off (it holds the background still); drop --kv-steps/--kv-blocks"
+        )
 
 
 def fps_text(fps: Fraction) -> str:

@@ -242,6 +242,8 @@ class PoseGenPipeline(DiffusionPipeline):
         hand_frames: np.ndarray,
         head_frames: np.ndarray | None = None,
         tail_frames: np.ndarray | None = None,
+        negative_pose_frames: np.ndarray | None = None,
+        negative_hand_frames: np.ndarray | None = None,
         seed: int = DEFAULT_SEED,
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
@@ -254,10 +256,24 @@ class PoseGenPipeline(DiffusionPipeline):
         release); ``head_frames``/``tail_frames`` are the neighbouring segments' frames for transition segments.
         ``kv_share`` is the background-sharing cache (recording for the anchor, replaying for other base segments).
         ``callback_on_step_end(pipe, step, timestep, {"latents": ...})`` may return a dict with new ``latents``.
+
+        ``negative_pose_frames``/``negative_hand_frames`` (uint8 [F, H, W, 3], optional) condition the negative
+        guidance branch only, e.g. a camera pattern and a blank hand frame for PoseAnything's decoupled guidance
+        ε = ε(∅s, zc) + s·(ε(zs, ∅c) − ε(∅s, zc)) (arXiv 2512.13465); each one left out is the positive branch's.
+        They are encoded once per call, with the same head/tail frames and mask. Without either, both branches get
+        the same conditioning, as in the release.
         """
         height, width = reference_latents.shape[-2] * SPATIAL, reference_latents.shape[-1] * SPATIAL
         with out_of_memory_as(_oom_message("generating a segment")):
             control_latents, hand_latents = self.encode_conditions(pose_frames, hand_frames, head_frames, tail_frames, height, width)
+            negative_conditions: dict[str, torch.Tensor] = {}
+            if negative_pose_frames is not None or negative_hand_frames is not None:
+                negative_control, negative_hand = self.encode_conditions(
+                    pose_frames if negative_pose_frames is None else negative_pose_frames,
+                    hand_frames if negative_hand_frames is None else negative_hand_frames,
+                    head_frames, tail_frames, height, width,
+                )  # fmt: skip
+                negative_conditions = {"control_latents": negative_control, "hand_latents": negative_hand}
             latents = self._denoise(
                 prompt_embeds,
                 negative_prompt_embeds,
@@ -270,6 +286,7 @@ class PoseGenPipeline(DiffusionPipeline):
                 guidance_scale,
                 kv_share,
                 callback_on_step_end,
+                negative_conditions,
             )
             pixels = decode_latents(self.vae, latents)
         self.maybe_free_model_hooks()
@@ -288,8 +305,12 @@ class PoseGenPipeline(DiffusionPipeline):
         guidance_scale: float,
         kv_share: KVShareCache | None,
         callback_on_step_end: StepCallback | None,
+        negative_conditions: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The release's sampling loop: CPU float32 noise, positive branch before negative, bf16 Euler updates."""
+        """The release's sampling loop: CPU float32 noise, positive branch before negative, bf16 Euler updates.
+
+        ``negative_conditions`` replaces the ``control_latents``/``hand_latents`` of the negative branch's forward.
+        """
         dt = self.model_dtype
         device = self._execution_device
         shape = (1, LATENT_CHANNELS, *control_latents.shape[2:])
@@ -304,12 +325,15 @@ class PoseGenPipeline(DiffusionPipeline):
             "hand_latents": hand_latents.to(device, dt),
         }
         positive, negative = prompt_embeds.to(device, dt), negative_prompt_embeds.to(device, dt)
+        negative_only = {name: value.to(device, dt) for name, value in (negative_conditions or {}).items()}
         for step, t in enumerate(self.scheduler.timesteps):
             forward = functools.partial(self.transformer, hidden_states=latents, timestep=model_timestep(t, dt, device), **shared)
             # positive first: in base segments the negative branch reads the maps the positive one just made
             velocity = forward(encoder_hidden_states=positive, kv_share=_branch_view(kv_share, step, "cond")).sample
             if guidance_scale != 1.0:
-                velocity_negative = forward(encoder_hidden_states=negative, kv_share=_branch_view(kv_share, step, "uncond")).sample
+                velocity_negative = forward(
+                    encoder_hidden_states=negative, kv_share=_branch_view(kv_share, step, "uncond"), **negative_only
+                ).sample
                 velocity = guided_velocity(velocity, velocity_negative, guidance_scale)
             latents = euler_step(latents, velocity, sigmas[step], sigmas[step + 1])
             if callback_on_step_end is not None:
