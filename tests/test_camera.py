@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from animate_inputs import PIPELINE_SIZE
 
 from posegen_cli.longvideo.plan import plan_segments
 from posegen_cli.longvideo.segments import render_segments
@@ -18,7 +19,6 @@ from posegen_cli.pipelines.vae import encode_video, frames_to_tensor
 from posegen_cli.pose.camera import CameraMotion, camera_pattern
 from posegen_cli.pose.render import BODY_LINK_COLORS
 from posegen_cli.report import Reporter
-from posegen_cli.video import load_image
 
 torch.set_num_threads(1)
 PALETTE = [np.array(c, np.uint8) for c in BODY_LINK_COLORS]
@@ -160,19 +160,7 @@ def test_segments_see_the_pattern_of_their_global_frames(tmp_path: Path) -> None
     assert all(negative is None for calls in plain.negative.values() for negative in calls)
 
 
-H, W, F = 64, 32, 13
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_models) -> PoseGenPipeline:
-    return PoseGenPipeline.from_models(tiny_models, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def embeds(pipe, shared_data):
-    prompt, negative = pipe.encode_prompt("a woman dancing in a red dress")
-    image, reference = pipe.encode_reference(load_image(shared_data / "reference_person.png"), H, W)
-    return {"prompt_embeds": prompt, "negative_prompt_embeds": negative, "image_embeds": image, "reference_latents": reference}
+(H, W), F = PIPELINE_SIZE, 13
 
 
 def frames(seed: int, n: int = F) -> np.ndarray:
