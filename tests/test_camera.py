@@ -9,6 +9,7 @@ import pytest
 import torch
 from animate_inputs import PIPELINE_SIZE
 
+from posegen_cli.longvideo.engine import warn_on_long_zoom
 from posegen_cli.longvideo.plan import plan_segments
 from posegen_cli.longvideo.segments import render_segments
 from posegen_cli.longvideo.sources import BlankFrames, CameraFrames
@@ -16,7 +17,7 @@ from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.pipelines.conditioning import condition_mask, paste_head_tail
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.pipelines.vae import encode_video, frames_to_tensor
-from posegen_cli.pose.camera import CameraMotion, camera_pattern
+from posegen_cli.pose.camera import CameraMotion, camera_pattern, zoom_factor
 from posegen_cli.pose.render import BODY_LINK_COLORS
 from posegen_cli.report import Reporter
 
@@ -92,6 +93,27 @@ def test_other_canvases_scale_to_the_same_area() -> None:
         CameraMotion("dolly", 3, 30)
     with pytest.raises(ValueError, match="positive"):
         CameraMotion("pan-left", 0, 30)
+
+
+class WarningsReporter(Reporter):
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def test_long_zooms_are_flagged() -> None:
+    # 4 %/s for 20 s at 30 fps: 1.04 ** 20 = 2.19x, fine; for 40 s 4.8x: a warning naming the factor and the fix
+    assert zoom_factor(CameraMotion("zoom-in", 4, 30), 600) == pytest.approx(1 / 1.04**20)
+    assert zoom_factor(CameraMotion("pan-up", 4, 30), 600) == 1.0
+    reporter = WarningsReporter()
+    warn_on_long_zoom(CameraMotion("zoom-out", 4, 30), 601, reporter)
+    assert reporter.warnings == []
+    warn_on_long_zoom(CameraMotion("zoom-in", 4, 30), 1201, reporter)
+    (message,) = reporter.warnings
+    assert "4.8x over 1201 frames" in message and "--camera-speed" in message
 
 
 class RecordingRenderer:

@@ -141,6 +141,25 @@ def test_camera_goes_to_the_negative_branch_only(
     assert list(distances.argmin(axis=1)) == list(range(FRAMES)) and distances.diagonal().max() < 6
 
 
+def test_camera_with_a_driving_video(
+    tmp_path: Path, reference_image_path: Path, driving_clip: Path, tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Extraction and alignment run as usual; only the negative branch and K/V sharing change."""
+    calls = recorded_calls(monkeypatch)
+    output = tmp_path / "zoom.mp4"
+    options = AnimateOptions(**TEST_OPTIONS, models_dir=tiny_models, camera="zoom-in", camera_speed=10.0)
+    result = animate(reference_image_path, driving_clip, output, options=options, reporter=Reporter(quiet=True))
+    driving = probe_video(driving_clip)
+    out = probe_video(output)
+    assert (out.frame_count, out.fps, out.has_audio) == (driving.frame_count, driving.fps, True)
+    assert result.conditions.startswith("extracted from driving.mp4") and result.kv is None
+    motion = CameraMotion("zoom-in", 10.0, driving.fps)
+    for seg, call in zip(plan_segments(driving.frame_count, 13, 5, 4), calls):
+        assert call["kv_share"] is None and call["pose_frames"].any()
+        np.testing.assert_array_equal(call["negative_pose_frames"][-1], camera_pattern(seg.stop - 1, motion, (112, 64)))
+    assert probe_video(tmp_path / "zoom.camera.mp4").frame_count == driving.frame_count
+
+
 def info(path: str, frames: int = FRAMES, size: tuple[int, int] = (72, 128), fps: int = FPS) -> VideoInfo:
     return VideoInfo(Path(path), size[0], size[1], Fraction(fps), frames, False)
 
@@ -163,6 +182,7 @@ def test_a_hand_video_must_match_its_pose_video(hand: VideoInfo) -> None:
         (["--camera", "zoom-in", "--kv-steps", "0-1"], "K/V sharing off"),
         (["--camera", "zoom-in", "--camera-speed", "0"], "--camera-speed 0"),
         (["--audio", "{tone}", "--no-audio"], "contradict"),
+        (["--align", "limbs"], "--align limbs does nothing with --pose-video"),
     ],
 )
 def test_bad_condition_inputs_exit_2_with_one_line(

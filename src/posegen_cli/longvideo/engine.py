@@ -42,7 +42,7 @@ from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import BlankFrames, CameraFrames, FrameReader, FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
-from posegen_cli.pose.camera import CameraMotion
+from posegen_cli.pose.camera import CameraMotion, zoom_factor
 from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
@@ -187,6 +187,20 @@ def write_camera_video(path: Path, camera: FrameReader, length: int, fps: Fracti
         for position in range(length):
             writer.write(camera.read(np.array([position]))[0])
     return path
+
+
+ZOOM_WARNING = 4.0
+"""A zoom pattern this many times larger or smaller than at the start has strokes of ~2 or ~36 px on the canvas."""
+
+
+def warn_on_long_zoom(motion: CameraMotion, length: int, reporter: Reporter) -> None:
+    """Zooms compound: over a long video the pattern ends up far from anything the branch is meant to see."""
+    factor = zoom_factor(motion, length - 1)
+    if max(factor, 1 / factor) > ZOOM_WARNING:
+        reporter.warn(
+            f"{motion.kind} at {motion.speed:g} % per second scales the camera pattern {max(factor, 1 / factor):.1f}x over "
+            f"{length} frames; its strokes will be far from the 9 px the pattern starts with (lower --camera-speed)"
+        )
 
 
 def pick_audio(options: AnimateOptions, info: VideoInfo, audio_file: Path | None, reporter: Reporter) -> Path | None:
@@ -402,6 +416,8 @@ def _animate(
             conditions = f"{motion.name} + {hands}, used as given: no extraction, no alignment"
             reporter.info(f"conditions: {conditions}")
     camera = None if options.camera is None else CameraFrames(CameraMotion(options.camera, options.camera_speed, info.fps), size)
+    if camera is not None:
+        warn_on_long_zoom(camera.motion, length, reporter)
 
     with timer("prompt"):
         from posegen_cli.prompting import run_prompt

@@ -150,6 +150,8 @@ def check_conditioning(options: AnimateOptions) -> None:
     """The own-condition-video and camera options must make sense together (no file is read here)."""
     if options.hand_video is not None and options.pose_video is None:
         raise InputError("--hand-video needs --pose-video (the hand condition goes with your own pose video)")
+    if options.pose_video is not None and options.align != "auto":
+        raise InputError(f"--align {options.align} does nothing with --pose-video: your condition videos are used as they are (drop --align)")
     if options.audio_file is not None and not options.audio:
         raise InputError("--audio and --no-audio contradict each other (keep one)")
     if options.camera is None:

@@ -62,6 +62,13 @@ class CameraMotion:
             raise ValueError(f"fps must be positive, got {self.fps}")
 
 
+def zoom_factor(motion: CameraMotion, frames: int) -> float:
+    """How much a zoom pattern has grown (> 1) or shrunk (< 1) after ``frames`` frames; 1.0 for pans."""
+    if motion.kind not in ZOOMS:
+        return 1.0
+    return (1.0 + motion.speed / 100.0) ** (ZOOMS[motion.kind] * frames / float(motion.fps))
+
+
 def pattern_coordinates(index: int, motion: CameraMotion, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Where each pixel centre of frame ``index`` lies in the pattern, in 720x1280-canvas pixels: ``(u [W], v [H])``.
 
@@ -78,7 +85,7 @@ def pattern_coordinates(index: int, motion: CameraMotion, size: tuple[int, int])
     if motion.kind in PANS:
         du, dv = PANS[motion.kind]
         return u + du * motion.speed * index, v + dv * motion.speed * index
-    growth = (1.0 + motion.speed / 100.0) ** (ZOOMS[motion.kind] * index / float(motion.fps))
+    growth = zoom_factor(motion, index)
     cu, cv = width * scale / 2, height * scale / 2
     return cu + (u - cu) / growth, cv + (v - cv) / growth
 
