@@ -164,14 +164,16 @@ def motion_input(driving: Path | None, pose_video: Path | None) -> Path:
     return require_file(driving, "driving video") if driving is not None else require_file(pose_video, "pose video")
 
 
+def describe_video(info: VideoInfo) -> str:
+    """``"20 frames of 72x128 at 10 fps"``."""
+    return f"{info.frame_count} frames of {info.width}x{info.height} at {fps_text(info.fps)} fps"
+
+
 def check_hand_video(hand: VideoInfo, pose: VideoInfo) -> None:
     """A hand condition video must match its pose video frame for frame: same length, size and fps."""
-    def describe(info: VideoInfo) -> str:
-        return f"{info.frame_count} frames of {info.width}x{info.height} at {fps_text(info.fps)} fps"
-
     if (hand.frame_count, hand.width, hand.height, hand.fps) != (pose.frame_count, pose.width, pose.height, pose.fps):
         raise InputError(
-            f"hand video {hand.path} is {describe(hand)} but pose video {pose.path} is {describe(pose)} "
+            f"hand video {hand.path} is {describe_video(hand)} but pose video {pose.path} is {describe_video(pose)} "
             "(render both from the same clip, or leave --hand-video out for black hands)"
         )
 
