@@ -230,3 +230,4 @@ def test_help_calls_the_camera_experimental() -> None:
     for option in ("--pose-video", "--hand-video", "--audio", "--camera", "--camera-speed"):
         assert option in text
     assert "EXPERIMENTAL" in text and "PoseAnything" in text and "unverified" in text
+    assert "ε = ε(∅s, zc) + s·(ε(zs, ∅c) − ε(∅s, zc))" in text

@@ -168,6 +168,10 @@ def animate(
 
     Instead of a driving video, --pose-video (and --hand-video) gives your own condition videos, used as they are.
     Running the same command again after a crash or Ctrl-C continues from the finished segments.
+
+    --camera is EXPERIMENTAL and unverified with the real weights: PoseAnything's decoupled guidance (CVPR 2026),
+    ε = ε(∅s, zc) + s·(ε(zs, ∅c) − ε(∅s, zc)): the subject's pose in the positive branch, a moving camera pattern
+    with no pose in the negative one (docs/conditioning.md).
     """
 
     def work(reporter: Reporter) -> None:
