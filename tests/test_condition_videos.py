@@ -231,3 +231,19 @@ def test_help_calls_the_camera_experimental() -> None:
         assert option in text
     assert "EXPERIMENTAL" in text and "PoseAnything" in text and "unverified" in text
     assert "ε = ε(∅s, zc) + s·(ε(zs, ∅c) − ε(∅s, zc))" in text
+
+
+def test_work_folder_keys_change_only_when_the_new_options_are_used() -> None:
+    """Jobs without --pose-video or --camera keep their work folders (and so resume across this change)."""
+    from posegen_cli.longvideo.engine import work_settings
+    from posegen_cli.longvideo.options import resolve_settings
+
+    def settings(**changes: Any) -> dict[str, Any]:
+        options = AnimateOptions(**changes)
+        return work_settings(options, resolve_settings(options), torch.device("cpu"), torch.float32, [])
+
+    plain = settings()
+    assert "camera" not in plain and "conditions" not in plain
+    assert settings(camera="pan-up") == {**plain, "camera": ["pan-up", 4.0]}
+    assert settings(camera="pan-up", camera_speed=2.0)["camera"] == ["pan-up", 2.0]
+    assert settings(pose_video=Path("p.mp4")) == {**plain, "conditions": "given"}
