@@ -7,7 +7,7 @@ moves the way the picture of the unwanted camera would: for a camera panning lef
 the pattern slides left; for a zoom-in (the background growing) it shrinks.
 
 The pattern is a lattice of rectangles drawn in strokes as wide as the release's body links (9 px), coloured from
-the skeleton palette so the pose encoder reads them as "pose-like" strokes, each cell a different colour so a
+the skeleton palette so the pose condition looks like the skeleton strokes the model knows, each cell a different colour so a
 shift by one lattice pitch is not the same picture. It is a pure function of the *global* frame index: frames that
 two segments share (a base and a transition) get the same pattern. Everything is defined on the model's 720x1280
 canvas; another canvas is scaled uniformly to the same area (a 288x512 preview sees the same picture at 0.4x,
@@ -45,8 +45,9 @@ HALF_STROKE = float(BODY_LINK_HALF_WIDTH)
 class CameraMotion:
     """A camera move: ``kind`` from :data:`CAMERA_MOTIONS` and its ``speed``.
 
-    ``speed`` is pixels per frame on the 720x1280 canvas for pans, percent per second for zooms (``fps`` turns it
-    into a factor per frame: the scale after one second is 1 ± speed/100, compounding).
+    ``speed`` is pixels per frame on the 720x1280 canvas for pans, percent per second for zooms: each second a
+    zoom-out pattern grows by the factor 1 + speed/100 and a zoom-in pattern shrinks by it, compounding, with
+    ``fps`` (frames per second) turning frames into seconds.
     """
 
     kind: str
