@@ -118,6 +118,6 @@ def camera_pattern(index: int, motion: CameraMotion, size: tuple[int, int] = MOD
     vertical = _on_edge(local_u, lo, hi)[None, :] & _within(local_v, lo, hi)[:, None]
     horizontal = _on_edge(local_v, lo, hi)[:, None] & _within(local_u, lo, hi)[None, :]
     frame = np.zeros((*size, 3), np.uint8)
-    frame[horizontal] = palette[(colour + 1) % len(palette)][horizontal]
-    frame[vertical] = palette[colour][vertical]
+    frame[horizontal] = palette[(colour[horizontal] + 1) % len(palette)]
+    frame[vertical] = palette[colour[vertical]]
     return frame
