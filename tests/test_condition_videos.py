@@ -180,6 +180,7 @@ def test_a_hand_video_must_match_its_pose_video(hand: VideoInfo) -> None:
         (["--audio", "{tmp}/missing.wav"], "audio file not found"),
         (["--camera", "pan-up", "--guidance", "1"], "negative guidance branch"),
         (["--camera", "zoom-in", "--kv-steps", "0-1"], "K/V sharing off"),
+        (["--camera", "zoom-in", "--shot", "close-up"], "drop --shot"),
         (["--camera", "zoom-in", "--camera-speed", "0"], "--camera-speed 0"),
         (["--audio", "{tone}", "--no-audio"], "contradict"),
         (["--align", "limbs"], "--align limbs does nothing with --pose-video"),

@@ -162,9 +162,9 @@ def check_conditioning(options: AnimateOptions) -> None:
         raise InputError(f"--camera-speed {options.camera_speed:g}: must be above 0 (pixels per frame for pans, % per second for zooms)")
     if options.guidance == 1.0:
         raise InputError("--camera works through the negative guidance branch, which --guidance 1 turns off (use e.g. --guidance 5)")
-    if options.kv_steps is not None or options.kv_blocks is not None:
+    if options.kv_steps is not None or options.kv_blocks is not None or options.shot != "auto":
         raise InputError(
-            "--camera turns background K/V sharing off (it holds the background still); drop --kv-steps/--kv-blocks"
+            "--camera turns background K/V sharing off (it holds the background still); drop --shot/--kv-steps/--kv-blocks"
         )
 
 
