@@ -15,9 +15,11 @@ from posegen_cli.longvideo.segments import render_segments
 from posegen_cli.longvideo.sources import BlankFrames, CameraFrames
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.pipelines.conditioning import condition_mask, paste_head_tail
-from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, release_generator
 from posegen_cli.pipelines.vae import encode_video, frames_to_tensor
-from posegen_cli.pose.camera import CameraMotion, camera_pattern, zoom_factor
+from posegen_cli.choices import CAMERA_MOTIONS
+from posegen_cli.errors import phrase
+from posegen_cli.pose.camera import PANS, ZOOMS, CameraMotion, camera_pattern, zoom_factor
 from posegen_cli.pose.render import BODY_LINK_COLORS
 from posegen_cli.report import Reporter
 
@@ -81,6 +83,10 @@ def test_zooms_scale_about_the_centre_per_second() -> None:
     assert stroke_columns(camera_pattern(0, CameraMotion("zoom-out", 50, 10)), 700, range(300, 360)) == list(range(346, 355))
 
 
+def test_every_camera_choice_has_a_motion() -> None:
+    assert set(CAMERA_MOTIONS) == {*PANS, *ZOOMS} and len(CAMERA_MOTIONS) == 6
+
+
 def test_other_canvases_scale_to_the_same_area() -> None:
     # 288x512 is 0.4x the 720x1280 canvas: 2.5 canvas px per pixel, so the edge at 26.5-34.5 covers pixels 11-13
     small = camera_pattern(0, CameraMotion("pan-left", 3, 30), (512, 288))
@@ -113,7 +119,7 @@ def test_long_zooms_are_flagged() -> None:
     assert reporter.warnings == []
     warn_on_long_zoom(CameraMotion("zoom-in", 4, 30), 1201, reporter)
     (message,) = reporter.warnings
-    assert "4.8x over 1201 frames" in message and "--camera-speed" in message
+    assert "4.8x over 1201 frames" in message and "--camera-speed" in phrase(message)
 
 
 class RecordingRenderer:
@@ -153,8 +159,8 @@ def test_segments_see_the_pattern_of_their_global_frames(tmp_path: Path) -> None
     renderer = RecordingRenderer()
     work = WorkDir.for_job([], {"test": "camera"}, tmp_path / "work")
     render_segments(
-        plan, renderer, BlankFrames(size), BlankFrames(size), work, total_frames=40, frame_shape=size, head=5, tail=4,
-        reporter=Reporter(quiet=True), camera=camera,
+        plan, renderer, (BlankFrames(size), BlankFrames(size), camera), work, total_frames=40, frame_shape=size,
+        overlap=(5, 4), reporter=Reporter(quiet=True),
     )  # fmt: skip
     (anchor,) = renderer.negative["anchor"]
     base_2, base_4 = renderer.negative["base"]
@@ -176,7 +182,7 @@ def test_segments_see_the_pattern_of_their_global_frames(tmp_path: Path) -> None
     work.remove()
     work = WorkDir.for_job([], {"test": "plain"}, tmp_path / "work")
     render_segments(
-        plan, plain, BlankFrames(size), BlankFrames(size), work, total_frames=40, frame_shape=size, head=5, tail=4,
+        plan, plain, (BlankFrames(size), BlankFrames(size)), work, total_frames=40, frame_shape=size, overlap=(5, 4),
         reporter=Reporter(quiet=True),
     )  # fmt: skip
     assert all(negative is None for calls in plain.negative.values() for negative in calls)
@@ -240,15 +246,20 @@ def test_without_negative_frames_nothing_changes(pipe, embeds, recorded) -> None
     """No negative frames: both branches get the positive conditioning, as the release does, and the segment is the
     same, bit for bit, as when the negative branch is handed the positive frames explicitly."""
     pose, hand = frames(8), frames(9)
-    plain = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=2, seed=3)
+    plain = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=2, generator=release_generator(3)).frames
     for positive, negative in zip(recorded[::2], recorded[1::2]):
         assert torch.equal(positive["control_latents"], negative["control_latents"])
         assert torch.equal(positive["hand_latents"], negative["hand_latents"])
-    explicit = pipe(**embeds, pose_frames=pose, hand_frames=hand, negative_pose_frames=pose, negative_hand_frames=hand, num_inference_steps=2, seed=3)
+    explicit = pipe(
+        **embeds, pose_frames=pose, hand_frames=hand, negative_pose_frames=pose, negative_hand_frames=hand, num_inference_steps=2,
+        generator=release_generator(3),
+    ).frames
     np.testing.assert_array_equal(plain, explicit)
     # a camera pattern does change the segment (the tiny DiT reads its conditioning)
     camera = np.stack([camera_pattern(i, CameraMotion("zoom-in", 20, 30), (H, W)) for i in range(F)])
-    steered = pipe(**embeds, pose_frames=pose, hand_frames=hand, negative_pose_frames=camera, num_inference_steps=2, seed=3)
+    steered = pipe(
+        **embeds, pose_frames=pose, hand_frames=hand, negative_pose_frames=camera, num_inference_steps=2, generator=release_generator(3)
+    ).frames
     assert not np.array_equal(plain, steered)
     # one negative input alone: the other is the positive branch's
     recorded.clear()

@@ -20,11 +20,12 @@ from posegen_cli.longvideo import AnimateOptions, animate
 from posegen_cli.longvideo.engine import check_hand_video
 from posegen_cli.longvideo.plan import plan_segments, segment_frame_indices
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pose import backends as backends_module
 from posegen_cli.pose import extract as extract_module
 from posegen_cli.pose.camera import CameraMotion, camera_pattern
-from posegen_cli.pose.framing import frame_to_model
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, iter_frames, probe_video, write_video
+from posegen_cli.video.framing import frame_to_model
 
 torch.set_num_threads(1)
 FRAMES, FPS = 20, 10
@@ -76,7 +77,7 @@ def no_extraction(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("given condition videos must not be extracted")
 
     monkeypatch.setattr(extract_module, "extract_pose", fail)
-    monkeypatch.setattr(extract_module, "extract_reference_pose", fail)
+    monkeypatch.setattr(backends_module, "extract_reference_pose", fail)
 
 
 def test_pose_video_without_a_driving_video(
@@ -234,14 +235,17 @@ def test_help_calls_the_camera_experimental() -> None:
     assert "ε = ε(∅s, zc) + s·(ε(zs, ∅c) − ε(∅s, zc))" in text
 
 
-def test_work_folder_keys_change_only_when_the_new_options_are_used() -> None:
+def test_work_folder_keys_change_only_when_the_new_options_are_used(reference_image_path: Path) -> None:
     """Jobs without --pose-video or --camera keep their work folders (and so resume across this change)."""
     from posegen_cli.longvideo.engine import work_settings
     from posegen_cli.longvideo.options import resolve_settings
+    from posegen_cli.video.image import ReferenceImage
+
+    reference = ReferenceImage.load(reference_image_path)
 
     def settings(**changes: Any) -> dict[str, Any]:
-        options = AnimateOptions(**changes)
-        return work_settings(options, resolve_settings(options), torch.device("cpu"), torch.float32, [])
+        options = AnimateOptions(**changes, device="cpu")
+        return work_settings(options, resolve_settings(options), reference, [])
 
     plain = settings()
     assert "camera" not in plain and "conditions" not in plain

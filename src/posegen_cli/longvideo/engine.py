@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, ResourceError, require_file
+from posegen_cli.errors import InputError, ResourceError, option, require_file
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
@@ -43,10 +42,11 @@ from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import BlankFrames, CameraFrames, FrameReader, FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.pose.camera import CameraMotion, zoom_factor
-from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
-from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, check_audio_file, load_image, probe_video
+from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, check_audio_file, probe_video
+from posegen_cli.video.framing import frame_to_model, warn_if_cropped
+from posegen_cli.video.image import ReferenceImage
 
 ENGINE_VERSION = 2
 """Part of every work folder's key: bump when a change makes old finished segments wrong."""
@@ -113,7 +113,7 @@ class AnimateResult:
     camera_video: Path | None = None
 
     def summary(self) -> dict[str, Any]:
-        """Plain values for ``Reporter.summary`` (and ``--json``)."""
+        """Plain values for ``Reporter.summary`` (and the JSON output)."""
         return {
             "output": str(self.output),
             "frames": self.frames,
@@ -158,9 +158,9 @@ def check_output_path(output: Path, inputs: list[Path]) -> Path:
 def motion_input(driving: Path | None, pose_video: Path | None) -> Path:
     """The one video that sets the motion, length and fps: the driving video or the caller's own pose video."""
     if driving is not None and pose_video is not None:
-        raise InputError(f"give either a driving video ({driving}) or --pose-video ({pose_video}), not both")
+        raise InputError(f"give either a driving video ({driving}) or {option('pose_video')} ({pose_video}), not both")
     if driving is None and pose_video is None:
-        raise InputError("nothing to follow: give a driving video, or your own condition video with --pose-video")
+        raise InputError(f"nothing to follow: give a driving video, or your own condition video with {option('pose_video')}")
     return require_file(driving, "driving video") if driving is not None else require_file(pose_video, "pose video")
 
 
@@ -174,7 +174,7 @@ def check_hand_video(hand: VideoInfo, pose: VideoInfo) -> None:
     if (hand.frame_count, hand.width, hand.height, hand.fps) != (pose.frame_count, pose.width, pose.height, pose.fps):
         raise InputError(
             f"hand video {hand.path} is {describe_video(hand)} but pose video {pose.path} is {describe_video(pose)} "
-            "(render both from the same clip, or leave --hand-video out for black hands)"
+            f"(render both from the same clip, or leave {option('hand_video')} out for black hands)"
         )
 
 
@@ -201,7 +201,7 @@ def warn_on_long_zoom(motion: CameraMotion, length: int, reporter: Reporter) -> 
     if max(factor, 1 / factor) > ZOOM_WARNING:
         reporter.warn(
             f"{motion.kind} at {motion.speed:g} % per second scales the camera pattern {max(factor, 1 / factor):.1f}x over "
-            f"{length} frames; its strokes will be far from the 9 px the pattern starts with (lower --camera-speed)"
+            f"{length} frames; its strokes will be far from the 9 px the pattern starts with (lower {option('camera_speed')})"
         )
 
 
@@ -217,8 +217,8 @@ def pick_audio(options: AnimateOptions, info: VideoInfo, audio_file: Path | None
     return info.path
 
 
-def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter: Reporter) -> tuple[str, PersonPose | None]:
-    """``--shot auto`` reads the reference person's visible keypoints and height; an explicit shot is kept.
+def pick_shot(options: AnimateOptions, image: np.ndarray, device: torch.device, reporter: Reporter) -> tuple[str, PersonPose | None]:
+    """The ``auto`` shot reads the reference person's visible keypoints and height; an explicit shot is kept.
 
     The person is detected on the reference framed at the model's full 720x1280, whatever the job's size, so a
     preview picks the same preset as the real run. That is also the frame pose alignment detects on, so the
@@ -227,15 +227,15 @@ def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter:
     """
     if options.shot != "auto":
         return options.shot, None
-    from posegen_cli.pose.extract import extract_reference_pose
+    from posegen_cli.pose.backends import extract_reference_pose
 
     framed_reference = frame_to_model(image)
     person = extract_reference_pose(framed_reference, options.pose_backend, device=device, models_dir=options.models_dir)
     if person is None:
-        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set --shot to choose)")
+        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set {option('shot')} to choose)")
         return DEFAULT_SHOT, None
     shot = classify_shot(person.keypoints, person.scores, person.box, framed_reference.shape[0])
-    reporter.info(f"reference framing: {shot} (override with --shot)")
+    reporter.info(f"reference framing: {shot} (override with {option('shot')})")
     return shot, person
 
 
@@ -248,14 +248,12 @@ def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], 
     if needed > free:
         raise ResourceError(
             f"the segments need {needed / 1024**3:.1f} GB in {work.path} but only {free / 1024**3:.1f} GB are free "
-            f"(free some space, or pass --work-dir on a larger disk; the video {output.name} itself is small)"
+            f"(free some space, or pass {option('work_dir')} on a larger disk; the video {output.name} itself is small)"
         )
 
 
-def work_settings(
-    options: AnimateOptions, job: JobSettings, device: torch.device, dtype: torch.dtype, model_dirs: list[Path]
-) -> dict[str, Any]:
-    """Every setting that changes a segment's pixels, for the work folder's key (not --offload, --crf, audio).
+def work_settings(options: AnimateOptions, job: JobSettings, reference: ReferenceImage, model_dirs: list[Path]) -> dict[str, Any]:
+    """Every setting that changes a segment's pixels, for the work folder's key (not offloading, crf, audio).
 
     Model folders count by their resolved path: a Hugging Face snapshot path names the commit. Given condition
     videos and the camera add keys only when used, so the work folders of jobs without them keep their names.
@@ -281,8 +279,9 @@ def work_settings(
         "compat_mp4": options.compat_mp4,
         "segment": [options.segment_frames, options.head, options.tail],
         "models": [str(path.resolve()) for path in model_dirs],
-        "device": device.type,
-        "dtype": str(dtype),
+        "device": job.device.type,
+        "dtype": str(job.dtype),
+        "reference": reference.digest,
     }
 
 
@@ -363,18 +362,18 @@ def _animate(
     motion = motion_input(driving, options.pose_video)
     hand_video = None if options.hand_video is None else require_file(options.hand_video, "hand video")
     audio_file = None if options.audio_file is None else check_audio_file(options.audio_file)
-    inputs = [reference, motion, *([hand_video] if hand_video is not None else [])]
-    output = check_output_path(output, inputs + ([audio_file] if audio_file is not None else []))
-    camera_video = None if options.camera is None else check_output_path(camera_video_path(output), inputs)
-    device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, device)
+    videos = [motion, *([hand_video] if hand_video is not None else [])]
+    output = check_output_path(output, [reference, *videos, *([audio_file] if audio_file is not None else [])])
+    camera_video = None if options.camera is None else check_output_path(camera_video_path(output), [reference, *videos])
+    device = job.device
     timer = PhaseTimer(device)
     size = (job.height, job.width)
 
     with timer("inputs"):
         from posegen_cli.hub import model_path
 
-        image = load_image(reference)
+        ref = ReferenceImage.load(reference)  # decoded and hashed once for the whole job
+        image = ref.pixels
         warn_if_cropped(reporter, image.shape[1], image.shape[0], f"reference image {reference.name}", size)
         framed = frame_to_model(image, size)
         info = probe_video(motion)
@@ -386,7 +385,7 @@ def _animate(
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
         length = output_frames(plan, info.frame_count)
         root = Path(options.work_dir) if options.work_dir is not None else None
-        work = WorkDir.for_job(inputs, work_settings(options, job, device, dtype, model_dirs), root)
+        work = WorkDir.for_job(videos, work_settings(options, job, ref, model_dirs), root)
         check_disk_space(work, plan, size, output)
     reporter.info(
         f"{info.frame_count} {'pose' if options.pose_video else 'driving'} frames at {fps_text(info.fps)} fps -> {len(plan)} "
@@ -399,19 +398,20 @@ def _animate(
     with timer("pose"):
         if options.pose_video is None:
             from posegen_cli.pose.extract import extract_pose
+            from posegen_cli.pose.settings import PoseOptions
 
-            shot, reference_pose = pick_shot(options, image, options.device, reporter) if share_kv else (None, None)
+            shot, reference_pose = pick_shot(options, image, device, reporter) if share_kv else (None, None)
+            pose_options = PoseOptions(backend=options.pose_backend, align=options.align, device=device, models_dir=options.models_dir)
             poses = extract_pose(
-                motion, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,
-                device=options.device, models_dir=options.models_dir, reporter=reporter, info=info, reference_pose=reference_pose,
-            )  # fmt: skip
+                motion, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, reference_pose=reference_pose
+            )
             if poses.frame_count != info.frame_count:
                 raise InputError(f"pose extraction of {motion} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
             pose_source: FrameReader = FrameSource(poses.pose_video, size)
             hand_source: FrameReader = FrameSource(poses.hand_video, size)
             conditions = f"extracted from {motion.name} ({options.pose_backend} backend, alignment {options.align})"
         else:
-            shot = pick_shot(options, image, options.device, reporter)[0] if share_kv else None
+            shot = pick_shot(options, image, device, reporter)[0] if share_kv else None
             pose_source = FrameSource(motion, size)
             hand_source = FrameSource(hand_video, size) if hand_video is not None else BlankFrames(size)
             hands = hand_video.name if hand_video is not None else "black hands"
@@ -422,18 +422,19 @@ def _animate(
         warn_on_long_zoom(camera.motion, length, reporter)
 
     with timer("prompt"):
-        from posegen_cli.prompting import run_prompt
+        from posegen_cli.prompting import PromptOptions, run_prompt
 
-        prompt = run_prompt(
-            reference, work.stage_dir("prompt"), prompt=options.prompt, subject=options.subject, seed=options.seed,
-            device=options.device, models_dir=options.models_dir, reporter=reporter,
+        prompt_options = PromptOptions(
+            prompt=options.prompt, subject=options.subject, seed=options.seed, device=device, dtype=job.dtype,
+            models_dir=options.models_dir,
         )  # fmt: skip
+        prompt = run_prompt(ref, work.stage_dir("prompt"), prompt_options, reporter=reporter)
 
     with timer("load models"):
+        from posegen_cli.longvideo.loading import load_pipeline
         from posegen_cli.longvideo.renderer import PipelineRenderer
-        from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 
-        pipe = PoseGenPipeline.from_models(options.models_dir, device=device, dtype=dtype, offload=options.offload, reporter=reporter)
+        pipe = load_pipeline(options.models_dir, device=device, dtype=job.dtype, offload=options.offload, reporter=reporter)
         kv = None if shot is None else kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, job.kv_steps, job.kv_blocks)
         renderer = PipelineRenderer(
             pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
@@ -444,12 +445,13 @@ def _animate(
     else:
         reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
 
+    sources = (pose_source, hand_source) if camera is None else (pose_source, hand_source, camera)
     try:
         with timer("segments"):
             stats: SegmentStats = render_segments(
-                plan, renderer, pose_source, hand_source, work, total_frames=info.frame_count, frame_shape=size,
-                head=options.head, tail=options.tail, reporter=reporter, compat_mp4=options.compat_mp4,
-                after_segment=after_segment, camera=camera,
+                plan, renderer, sources, work, total_frames=info.frame_count, frame_shape=size,
+                overlap=(options.head, options.tail), reporter=reporter, compat_mp4=options.compat_mp4,
+                after_segment=after_segment,
             )  # fmt: skip
     finally:
         pose_source.close()

@@ -1,4 +1,8 @@
-"""What ``posegen animate`` accepts, checked and turned into concrete numbers before any model loads."""
+"""What ``posegen animate`` accepts, checked and turned into concrete numbers (and torch objects) before any model loads.
+
+:func:`resolve_settings` is the one place a job's options are validated and resolved; every stage after it gets the
+resulting :class:`JobSettings` values (a real ``torch.device`` and ``torch.dtype``, checked choices).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,16 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from posegen_cli.errors import InputError
+import torch
+
+from posegen_cli.choices import ALIGN_MODES, BACKENDS, CAMERA_MOTIONS, OFFLOAD_MODES, SHOT_TYPES
+from posegen_cli.device import resolve_device, resolve_dtype
+from posegen_cli.errors import OptionError, option
 from posegen_cli.pipelines import check_model_size
-from posegen_cli.pose.align import ALIGN_MODES
-from posegen_cli.pose.camera import CAMERA_MOTIONS
 
 PREVIEW_SIZE = (512, 288)
-"""(height, width) of ``--preview`` for the 720x1280 default: 9:16, multiples of 16, 0.4x each side."""
+"""(height, width) of the preview for the 720x1280 default: 9:16, multiples of 16, 0.4x each side."""
 PREVIEW_STEPS = 8
-OFFLOAD_MODES = ("none", "model", "group")
 DEFAULT_CAMERA_SPEED = 4.0
 """4 px per frame (a 720 px wide frame crossed in 6 s at 30 fps) for pans, 4 % per second for zooms."""
 
@@ -62,7 +67,7 @@ class AnimateOptions:
     audio_file: Path | None = None
     """Audio for the output instead of the driving (or pose) video's own track."""
     camera: str | None = None
-    """Experimental camera motion steered through the negative guidance branch (``pose.camera.CAMERA_MOTIONS``)."""
+    """Experimental camera motion steered through the negative guidance branch (``choices.CAMERA_MOTIONS``)."""
     camera_speed: float = DEFAULT_CAMERA_SPEED
     """Pixels per frame on the 720x1280 canvas for pans, percent per second for zooms."""
 
@@ -71,24 +76,24 @@ def parse_resolution(text: str) -> tuple[int, int]:
     """``WxH`` to (height, width); both must be positive multiples of 16 (the VAE's 8x and the 2x2 patches)."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
     if not match:
-        raise InputError(f"--resolution {text!r} is not WxH (e.g. 720x1280)")
+        raise OptionError("resolution", text, problem=f"{text!r} is not WxH (e.g. 720x1280)")
     width, height = int(match.group(1)), int(match.group(2))
-    check_model_size(height, width, "--resolution")
+    check_model_size(height, width, option("resolution"))
     return height, width
 
 
-def parse_range(text: str | None, flag: str) -> tuple[int, int] | None:
-    """``"0-2"`` (or ``"0 2"``, ``"0,2"``) to the half-open range (0, 2); None stays None."""
+def parse_range(text: str | None, name: str) -> tuple[int, int] | None:
+    """``"0-2"`` (or ``"0 2"``, ``"0,2"``) to the half-open range (0, 2); None stays None. ``name`` is the setting."""
     if text is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*[-, ]\s*(\d+)\s*", text)
     if not match:
-        raise InputError(f"{flag} {text!r} is not START-END (e.g. 0-2; END is exclusive)")
+        raise OptionError(name, text, problem=f"{text!r} is not START-END (e.g. 0-2; END is exclusive)")
     return int(match.group(1)), int(match.group(2))
 
 
 def preview_size(height: int, width: int) -> tuple[int, int]:
-    """``--preview`` keeps the requested shape (portrait or landscape) at about ``PREVIEW_SIZE``'s pixels, or fewer."""
+    """The preview keeps the requested shape (portrait or landscape) at about ``PREVIEW_SIZE``'s pixels, or fewer."""
     factor = min(1.0, math.sqrt(PREVIEW_SIZE[0] * PREVIEW_SIZE[1] / (height * width)))
 
     def fit(side: int) -> int:
@@ -99,7 +104,7 @@ def preview_size(height: int, width: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class JobSettings:
-    """The options made concrete: sizes, step count, ranges; what the work folder's key is built from."""
+    """The options made concrete: sizes, step count, ranges, the device and dtype; what the work folder's key is built from."""
 
     height: int
     width: int
@@ -108,6 +113,8 @@ class JobSettings:
     seed: int
     kv_steps: tuple[int, int] | None
     kv_blocks: tuple[int, int] | None
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
 
     def key_fields(self) -> dict[str, Any]:
         return {
@@ -120,51 +127,78 @@ class JobSettings:
 
 
 def resolve_settings(options: AnimateOptions) -> JobSettings:
-    """Check every option that needs no file or model; ``--preview`` caps size and steps."""
+    """Check every option that needs no file or model, resolve the device and dtype; the preview caps size and steps.
+
+    Raises OptionError naming the setting whose value cannot be used.
+    """
     height, width = parse_resolution(options.resolution)
     steps = options.steps
     if steps < 1:
-        raise InputError(f"--steps {steps}: need at least 1")
+        raise OptionError("steps", steps, problem=f"{steps}: need at least 1")
     if options.preview:
         height, width = preview_size(height, width)
         steps = min(steps, PREVIEW_STEPS)
-    if options.offload not in OFFLOAD_MODES:
-        raise InputError(f"--offload {options.offload!r} is not known (use {', '.join(OFFLOAD_MODES)})")
-    if options.align not in ALIGN_MODES:
-        raise InputError(f"--align {options.align!r} is not known (use {', '.join(ALIGN_MODES)})")
+    for name, value, choices in (
+        ("offload", options.offload, OFFLOAD_MODES),
+        ("align", options.align, ALIGN_MODES),
+        ("pose_backend", options.pose_backend, BACKENDS),
+        ("shot", options.shot, ("auto", *SHOT_TYPES)),
+    ):
+        if value not in choices:
+            raise OptionError(name, value, choices)
     if not 0 <= options.crf <= 51:
-        raise InputError(f"--crf {options.crf} is out of range (use 0..51; 18 is visually lossless)")
+        raise OptionError("crf", options.crf, problem=f"{options.crf} is out of range (use 0..51; 18 is visually lossless)")
     check_conditioning(options)
+    device = resolve_device(options.device)
+    if options.offload != "none" and device.type != "cuda":
+        raise OptionError(
+            "offload", options.offload, problem=f"{options.offload} needs a CUDA device (got {device}); use {option('offload')} none on the CPU"
+        )
     return JobSettings(
         height=height,
         width=width,
         steps=steps,
         guidance=float(options.guidance),
         seed=int(options.seed),
-        kv_steps=parse_range(options.kv_steps, "--kv-steps"),
-        kv_blocks=parse_range(options.kv_blocks, "--kv-blocks"),
+        kv_steps=parse_range(options.kv_steps, "kv_steps"),
+        kv_blocks=parse_range(options.kv_blocks, "kv_blocks"),
+        device=device,
+        dtype=resolve_dtype(options.dtype, device),
     )
 
 
 def check_conditioning(options: AnimateOptions) -> None:
-    """The own-condition-video and camera options must make sense together (no file is read here)."""
+    """The own-condition-video and camera settings must make sense together (no file is read here).
+
+    Raises OptionError naming the setting that cannot be used with the others.
+    """
     if options.hand_video is not None and options.pose_video is None:
-        raise InputError("--hand-video needs --pose-video (the hand condition goes with your own pose video)")
+        raise OptionError("hand_video", options.hand_video, problem=f"needs {option('pose_video')} (the hand condition goes with your own pose video)")
     if options.pose_video is not None and options.align != "auto":
-        raise InputError(f"--align {options.align} does nothing with --pose-video: your condition videos are used as they are (drop --align)")
+        raise OptionError(
+            "align", options.align,
+            problem=f"{options.align} does nothing with {option('pose_video')}: your condition videos are used as they are (drop {option('align')})",
+        )  # fmt: skip
     if options.audio_file is not None and not options.audio:
-        raise InputError("--audio and --no-audio contradict each other (keep one)")
+        raise OptionError("audio_file", options.audio_file, problem=f"and {option('no_audio')} contradict each other (keep one)")
     if options.camera is None:
         return
     if options.camera not in CAMERA_MOTIONS:
-        raise InputError(f"--camera {options.camera!r} is not known (use {', '.join(CAMERA_MOTIONS)})")
+        raise OptionError("camera", options.camera, CAMERA_MOTIONS)
     if not options.camera_speed > 0:
-        raise InputError(f"--camera-speed {options.camera_speed:g}: must be above 0 (pixels per frame for pans, % per second for zooms)")
+        raise OptionError(
+            "camera_speed", options.camera_speed,
+            problem=f"{options.camera_speed:g}: must be above 0 (pixels per frame for pans, % per second for zooms)",
+        )  # fmt: skip
     if options.guidance == 1.0:
-        raise InputError("--camera works through the negative guidance branch, which --guidance 1 turns off (use e.g. --guidance 5)")
+        raise OptionError(
+            "camera", options.camera,
+            problem=f"works through the negative guidance branch, which {option('guidance')} 1 turns off (use e.g. {option('guidance')} 5)",
+        )  # fmt: skip
     if options.kv_steps is not None or options.kv_blocks is not None or options.shot != "auto":
-        raise InputError(
-            "--camera turns background K/V sharing off (it holds the background still); drop --shot/--kv-steps/--kv-blocks"
+        sharing = "/".join(option(name) for name in ("shot", "kv_steps", "kv_blocks"))
+        raise OptionError(
+            "camera", options.camera, problem=f"turns background K/V sharing off (it holds the background still); drop {sharing}"
         )
 
 

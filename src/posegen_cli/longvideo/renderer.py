@@ -10,7 +10,7 @@ import torch
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.segments import ProgressCallback
 from posegen_cli.models import KVShareCache
-from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, release_generator
 
 
 class _Recorded(Exception):
@@ -83,12 +83,12 @@ class PipelineRenderer:
             tail_frames=tail,
             negative_pose_frames=negative_pose,
             negative_hand_frames=None if negative_pose is None else np.zeros_like(hand),
-            seed=self.seed,
             num_inference_steps=self.num_steps,
             guidance_scale=self.guidance,
+            generator=release_generator(self.seed),  # fresh per segment: every segment starts from the same noise
             kv_share=kv_share,
             callback_on_step_end=callback,
-        )
+        ).frames
 
     def anchor_steps(self) -> int:
         return 0 if self.kv is None else self.kv.steps[1]

@@ -22,15 +22,15 @@ from fractions import Fraction
 
 import numpy as np
 
-from posegen_cli.pose.framing import MODEL_SIZE
+from posegen_cli.choices import CAMERA_MOTIONS
 from posegen_cli.pose.render import BODY_LINK_COLORS, BODY_LINK_HALF_WIDTH
+from posegen_cli.video.framing import MODEL_SIZE
 
 PANS = {"pan-left": (1.0, 0.0), "pan-right": (-1.0, 0.0), "pan-up": (0.0, 1.0), "pan-down": (0.0, -1.0)}
 """Camera pan → (du, dv): the pattern coordinate seen at a screen point moves by ``speed`` px per frame this way,
 so the pattern itself slides toward the pan's direction (pan-left: the pattern slides left)."""
 ZOOMS = {"zoom-in": -1.0, "zoom-out": 1.0}
 """Camera zoom → the sign of the pattern's growth: a zoom-in shrinks the pattern, a zoom-out grows it."""
-CAMERA_MOTIONS = (*PANS, *ZOOMS)
 
 PITCH = 160.0
 """Lattice pitch on the 720x1280 canvas, in pixels: 4.5 cells across, 8 down."""
