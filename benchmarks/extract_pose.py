@@ -1,6 +1,6 @@
 """Frames per second of `posegen extract-pose` per backend and resolution.
 
-Builds a moving driving clip from ``../shared/data/reference_person.png`` at each resolution, then
+Builds a moving driving clip from ``tests/data/reference_person.png`` at each resolution, then
 times (a) the bare detector and (b) the whole command: decode, detect, render pose/hand/overlay,
 encode, write keypoints. MediaPipe runs everywhere; Sapiens only with a CUDA GPU and its checkpoints
 (``--models-dir`` or ``$POSEGEN_MODELS_DIR``).
@@ -26,7 +26,7 @@ from posegen_cli.pose.extract import extract_pose, make_pose_backend
 from posegen_cli.report import Reporter
 from posegen_cli.video import iter_frames, load_image, write_video
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "reference_person.png"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference_person.png"
 
 
 def make_clip(path: Path, width: int, height: int, frames: int) -> Path:
