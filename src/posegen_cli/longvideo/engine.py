@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, ResourceError, require_file
+from posegen_cli.cache import cache_root
+from posegen_cli.errors import InputError, ResourceError
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
@@ -37,8 +38,10 @@ from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
+from posegen_cli.pose.extract import extract_pose, extract_reference_pose, resolve_backend, resolve_hand_normals
 from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
+from posegen_cli.preflight import VIDEO_MODELS, animate_models, check_animate_files, ensure_models
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
 
@@ -128,19 +131,6 @@ class AnimateResult:
         }
 
 
-def check_output_path(output: Path, inputs: list[Path]) -> Path:
-    """The output must be a new .mp4 path that does not overwrite an input."""
-    output = Path(output)
-    if output.suffix.lower() != ".mp4":
-        raise InputError(f"output {output} must end in .mp4 (the video is H.264 in an MP4 container)")
-    if output.is_dir():
-        raise InputError(f"output {output} is a folder (give a file name such as {output / 'posegen.mp4'})")
-    for path in inputs:
-        if output.resolve() == path.resolve():
-            raise InputError(f"output {output} would overwrite the input {path} (choose another -o name)")
-    return output
-
-
 def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter: Reporter) -> tuple[str, PersonPose | None]:
     """``--shot auto`` reads the reference person's visible keypoints and height; an explicit shot is kept.
 
@@ -151,8 +141,6 @@ def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter:
     """
     if options.shot != "auto":
         return options.shot, None
-    from posegen_cli.pose.extract import extract_reference_pose
-
     framed_reference = frame_to_model(image)
     person = extract_reference_pose(framed_reference, options.pose_backend, device=device, models_dir=options.models_dir)
     if person is None:
@@ -277,10 +265,12 @@ def _animate(
     after_segment: Callable[[Segment], None] | None,
 ) -> AnimateResult:
     job = resolve_settings(options)
-    reference = require_file(reference, "reference image")
-    driving = require_file(driving, "driving video")
-    output = check_output_path(output, [reference, driving])
+    root = Path(options.work_dir) if options.work_dir is not None else None
+    reference, driving, output = check_animate_files(reference, driving, output, root if root is not None else cache_root())
     device = resolve_device(options.device)
+    backend, _ = resolve_backend(options.pose_backend, options.device)
+    needed = animate_models(backend, resolve_hand_normals("auto", backend), captioned=options.prompt is None)
+    ensure_models(needed, options.models_dir, reporter.info)
     dtype = resolve_dtype(options.dtype, device)
     timer = PhaseTimer(device)
     size = (job.height, job.width)
@@ -292,10 +282,9 @@ def _animate(
         warn_if_cropped(reporter, image.shape[1], image.shape[0], f"reference image {reference.name}", size)
         framed = frame_to_model(image, size)
         info = probe_video(driving)
-        model_dirs = [model_path(name, options.models_dir) for name in ("wan-i2v-720p", "posegen")]
+        model_dirs = [model_path(name, options.models_dir) for name in VIDEO_MODELS]
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
         length = output_frames(plan, info.frame_count)
-        root = Path(options.work_dir) if options.work_dir is not None else None
         work = WorkDir.for_job([reference, driving], work_settings(options, job, device, dtype, model_dirs), root)
         check_disk_space(work, plan, size, output)
     reporter.info(
@@ -306,8 +295,6 @@ def _animate(
         reporter.warn(f"without padding the output covers only the first {length} of {info.frame_count} frames")
 
     with timer("pose"):
-        from posegen_cli.pose.extract import extract_pose
-
         shot, reference_pose = pick_shot(options, image, options.device, reporter)
         poses = extract_pose(
             driving, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,

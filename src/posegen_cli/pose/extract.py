@@ -26,10 +26,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from posegen_cli.cache import cache_dir, cache_key
+from posegen_cli.cache import CacheEntry, cache_dir, cache_key
 from posegen_cli.device import resolve_device
-from posegen_cli.errors import InputError, require_file
-from posegen_cli.fsutil import atomic_dir, atomic_path
+from posegen_cli.errors import InputError
+from posegen_cli.fsutil import copy_tree
 from posegen_cli.pose.framing import frame_to_model, map_points_to_model, warn_if_cropped
 from posegen_cli.pose.keypoints import (
     KeypointTrack,
@@ -41,6 +41,7 @@ from posegen_cli.pose.keypoints import (
 )
 from posegen_cli.pose.render import BODY_THRESHOLD, HAND_THRESHOLD, overlay_pose, render_hand_normals, render_pose
 from posegen_cli.pose.types import NUM_KEYPOINTS, NormalBackend, PersonPose, PoseBackend
+from posegen_cli.preflight import check_extract_pose_files, ensure_models, pose_models
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, VideoWriter, iter_frames, load_image, probe_video
 
@@ -50,14 +51,13 @@ OUTPUT_FORMATS = ("npz", "openpose-json")
 """Keypoints are always written as keypoints.npz beside the videos; ``openpose-json`` adds ``openpose/``."""
 POSE_FILE, HAND_FILE, KEYPOINTS_FILE, OVERLAY_FILE, OPENPOSE_DIR = "pose.mp4", "hand.mp4", "keypoints.npz", "overlay.mp4", "openpose"
 ALIGNED_KEYPOINTS_FILE, ALIGNMENT_PNG = "keypoints_aligned.npz", "alignment.png"
-_RESULT_FILE = "result.json"
 CONDITIONING_PRESET = "veryfast"
 """x264 preset of pose.mp4 and hand.mp4: flat colours on black compress well even this fast."""
 OVERLAY_CRF, OVERLAY_PRESET = 23, "ultrafast"
 """The overlay is only for people to look at, so it is encoded as cheaply as possible."""
 OVERLAY_HALVE_ABOVE = 960
 """Sources whose longer side exceeds this get a half-size overlay: a quarter of the encoding work."""
-_CACHE_VERSION = 3  # bump when the rendering or the file layout changes
+_CACHE_VERSION = 4  # bump when the rendering or the file layout changes
 
 
 @dataclass(frozen=True)
@@ -271,21 +271,6 @@ class _FrameSink:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Publish ``src`` under ``dst`` atomically, sharing the bytes when the filesystem allows."""
-    if src.is_dir():
-        with atomic_dir(dst) as tmp:
-            for child in src.iterdir():
-                _link_or_copy(child, tmp / child.name)
-        return
-    with atomic_path(dst) as tmp:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-
-
 def _render_outputs(
     video: Path,
     out: Path,
@@ -472,7 +457,7 @@ def extract_pose(
     finds it), so neither is computed twice.
     """
     reporter = reporter or Reporter()
-    video = Path(video)
+    video, out_dir = check_extract_pose_files(video, out_dir, align_to)
     if output_format not in OUTPUT_FORMATS:
         raise InputError(f"--format {output_format!r} is not known (use {', '.join(OUTPUT_FORMATS)})")
     if batch_size < 1:
@@ -480,9 +465,10 @@ def extract_pose(
     if align_to is not None:
         from posegen_cli.pose.align import ALIGN_MODES
 
-        align_to = require_file(align_to, "reference image (--align-to)")
+        align_to = Path(align_to)
         if align not in ALIGN_MODES:
             raise InputError(f"--align {align!r} is not known (use {', '.join(ALIGN_MODES)})")
+        load_image(align_to)  # an unreadable reference fails now, not after the whole extraction
     if info is None:
         info = probe_video(video)
     if from_keypoints is not None:
@@ -495,9 +481,11 @@ def extract_pose(
         name, why = resolve_backend(backend, device)
         reporter.info(f"pose backend: {name} ({why})")
     hands = resolve_hand_normals(hand_normals, name)
+    ensure_models(pose_models(name, hands, model_size, seg_size, normal_size), models_dir, reporter.info)
     if hands == "none":
         reporter.info("hand-normal video: black (no normal model; the release trained with the hand signal dropped 10% of the time)")
-    if align_to is None:
+    if align_to is not None and align == "none":
+        # Only unaligned framing crops the driving frame; aligned poses are redrawn on the reference's canvas.
         warn_if_cropped(reporter, info.width, info.height, f"driving video {video.name}")
 
     settings = ExtractSettings(
@@ -505,7 +493,6 @@ def extract_pose(
         body_threshold=float(body_threshold), hand_threshold=float(hand_threshold),
         model_size=model_size, seg_size=seg_size, normal_size=normal_size,
     )  # fmt: skip
-    out_dir = Path(out_dir) if out_dir is not None else video.with_name(f"{video.stem}_pose")
 
     def produce(target: Path) -> dict[str, Any]:
         result = _render_outputs(
@@ -545,7 +532,7 @@ def extract_pose(
             files.update({name: aligned_dir / name for name in (POSE_FILE, HAND_FILE, ALIGNED_KEYPOINTS_FILE, ALIGNMENT_PNG)})
             size, alignment = (aligned["width"], aligned["height"]), aligned["alignment"]
         for name, path in files.items():
-            _link_or_copy(path, out_dir / name)
+            copy_tree(path, out_dir / name)
 
     result = ExtractResult(
         pose_video=out_dir / POSE_FILE, hand_video=out_dir / HAND_FILE, keypoints=out_dir / KEYPOINTS_FILE,
@@ -563,15 +550,13 @@ def extract_pose(
 def _cached_or_made(
     folder: Path, use_cache: bool, make: Callable[[Path], dict[str, Any]], reporter: Reporter, what: str
 ) -> tuple[dict[str, Any], bool]:
-    """The record of a finished ``folder``, or ``make`` it atomically; also says whether it was cached."""
-    done = folder / _RESULT_FILE
-    if use_cache and done.is_file():
+    """The data of an intact cache ``folder``, or ``make`` it atomically; also says whether it was cached."""
+    found = CacheEntry(folder).get_or_make(make, use_cache)
+    if found.cached:
         reporter.info(f"{what} cached from an earlier run ({folder})")
-        return json.loads(done.read_text()), True
-    with atomic_dir(folder) as tmp:
-        record = make(tmp)
-        (tmp / _RESULT_FILE).write_text(json.dumps(record))
-    return record, False
+    elif found.damaged:
+        reporter.warn(f"{what} in the cache had changed since they were stored ({', '.join(found.damaged)}); made them again")
+    return found.data, found.cached
 
 
 def _keypoint_files(source: Path | None) -> list[Path]:

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from posegen_cli.cache import cache_dir, cache_key, file_digest
+from posegen_cli.cache import CacheEntry, file_digest
 from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, require_file
+from posegen_cli.errors import InputError
+from posegen_cli.preflight import CAPTION_MODEL, TEXT_MODEL, check_image, check_writable_folder, ensure_models, prompt_models
 from posegen_cli.fsutil import atomic_path
 from posegen_cli.prompting.caption import Captioner, caption_image, caption_settings, load_captioner
 from posegen_cli.prompting.clean import clean_prompt, prompt_line
@@ -23,8 +24,6 @@ from posegen_cli.prompting.tokens import SubjectTokens, locate_subject, release_
 from posegen_cli.report import Reporter
 from posegen_cli.video import load_image
 
-CAPTION_MODEL = "qwen2.5-vl-7b"
-TEXT_MODEL = "wan-i2v-720p"
 DEFAULT_MAX_NEW_TOKENS = 512
 
 _IDENTITY_SUFFIXES = (".json", ".txt", ".model", ".jinja")
@@ -115,25 +114,31 @@ def _caption(
         model_dir = model_path(CAPTION_MODEL, models_dir)
         settings = caption_settings(CAPTION_MODEL, folder_revision(model_dir), dtype, dev)
     settings = {**settings, "seed": seed, "max_new_tokens": max_new_tokens}
-    cached_file = cache_dir("caption", cache_key([image], settings)) / "caption.txt"
-    if use_cache and cached_file.is_file():
-        reporter.info(f"caption of {image.name} from the cache ({cached_file.parent})")
-        return cached_file.read_text(encoding="utf-8"), True, settings
+    entry = CacheEntry.of("caption", [image], settings)
 
-    owned = captioner is None
-    if owned:
-        reporter.info(f"loading {CAPTION_MODEL} on {dev} ({str(dtype).removeprefix('torch.')})")
-        captioner = load_captioner(model_dir, device=dev, dtype=dtype, name=CAPTION_MODEL, revision=settings["revision"])
-    try:
-        caption = caption_image(captioner, pixels, seed=seed, max_new_tokens=max_new_tokens, reporter=reporter)
-    finally:
+    def make(folder: Path) -> dict[str, Any]:
+        nonlocal captioner
+        owned = captioner is None
         if owned:
-            del captioner
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    _write_text(cached_file, caption)
-    return caption, False, settings
+            reporter.info(f"loading {CAPTION_MODEL} on {dev} ({str(dtype).removeprefix('torch.')})")
+            captioner = load_captioner(model_dir, device=dev, dtype=dtype, name=CAPTION_MODEL, revision=settings["revision"])
+        try:
+            caption = caption_image(captioner, pixels, seed=seed, max_new_tokens=max_new_tokens, reporter=reporter)
+        finally:
+            if owned:
+                captioner = None
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        (folder / "caption.txt").write_text(caption, encoding="utf-8")
+        return {"caption": caption}
+
+    found = entry.get_or_make(make, use_cache)
+    if found.cached:
+        reporter.info(f"caption of {image.name} from the cache ({entry.path})")
+    elif found.damaged:
+        reporter.warn(f"the cached caption of {image.name} had changed since it was stored; captioned it again")
+    return found.data["caption"], found.cached, settings
 
 
 def _prompt_record(text: str, located: SubjectTokens, tok: TextTokenizer, caption: dict[str, Any] | None) -> dict[str, Any]:
@@ -170,10 +175,15 @@ def run_prompt(
     models found through the registry (tests, or a caller that already holds them).
     """
     reporter = reporter or Reporter(quiet=True)
-    image = require_file(image, "reference image")
+    image = check_image(image, "reference image")
     if prompt is not None and not clean_prompt(prompt):
         raise InputError("--prompt is empty (pass a caption of the reference, or leave --prompt out to generate one)")
     out = Path(out_dir) if out_dir is not None else image.parent / f"{image.stem}_prompt"
+    check_writable_folder(out, "prompt output folder")
+    names, parts = prompt_models(captioned=prompt is None and captioner is None)
+    if tokenizer is not None:
+        names.remove(TEXT_MODEL)
+    ensure_models(names, models_dir, reporter.info, parts)
     pixels = load_image(image) if prompt is None else None  # a broken image is reported before any model loads
     tok = tokenizer or load_text_tokenizer(models_dir)
 

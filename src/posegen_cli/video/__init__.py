@@ -2,7 +2,8 @@
 
 from posegen_cli.video.audio import mux_audio
 from posegen_cli.video.decode import VideoInfo, iter_frames, probe_video
-from posegen_cli.video.encode import VideoWriter, available_bytes, write_video
+from posegen_cli.fsutil import available_bytes
+from posegen_cli.video.encode import VideoWriter, write_video
 from posegen_cli.video.image import load_image
 
 __all__ = [

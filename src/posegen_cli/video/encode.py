@@ -142,12 +142,3 @@ def write_video(
         for frame in frames:
             writer.write(frame)
     return Path(path)
-
-
-def available_bytes(folder: str | Path) -> int:
-    """Free bytes on the disk holding ``folder`` (the nearest existing parent)."""
-    folder = Path(folder).resolve()
-    while not folder.exists():
-        folder = folder.parent
-    stat = os.statvfs(folder)
-    return stat.f_bavail * stat.f_frsize
