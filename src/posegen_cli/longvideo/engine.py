@@ -24,6 +24,7 @@ import torch
 from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.cache import cache_root
 from posegen_cli.errors import InputError, ResourceError
+from posegen_cli.fsutil import copy_file
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
@@ -42,7 +43,7 @@ from posegen_cli.pose.extract import extract_pose, extract_reference_pose, resol
 from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.preflight import VIDEO_MODELS, animate_models, check_animate_files, ensure_models
-from posegen_cli.report import Reporter
+from posegen_cli.report import Reporter, plural
 from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
 
 ENGINE_VERSION = 2
@@ -103,6 +104,9 @@ class AnimateResult:
     phase_memory: dict[str, dict[str, float]]
     peak_gpu_memory_bytes: int | None
     work_dir: Path | None
+    alignment_png: Path | None = None
+    pose_video: Path | None = None
+    hand_video: Path | None = None
 
     def summary(self) -> dict[str, Any]:
         """Plain values for ``Reporter.summary`` (and ``--json``)."""
@@ -128,6 +132,9 @@ class AnimateResult:
             "memory_gb": self.phase_memory,
             "peak_gpu_memory_gb": None if self.peak_gpu_memory_bytes is None else round(self.peak_gpu_memory_bytes / 1024**3, 2),
             "work_dir": None if self.work_dir is None else str(self.work_dir),
+            "alignment_png": None if self.alignment_png is None else str(self.alignment_png),
+            "pose_video": None if self.pose_video is None else str(self.pose_video),
+            "hand_video": None if self.hand_video is None else str(self.hand_video),
         }
 
 
@@ -288,7 +295,7 @@ def _animate(
         work = WorkDir.for_job([reference, driving], work_settings(options, job, device, dtype, model_dirs), root)
         check_disk_space(work, plan, size, output)
     reporter.info(
-        f"{info.frame_count} driving frames at {fps_text(info.fps)} fps -> {len(plan)} segments of {options.segment_frames} "
+        f"{info.frame_count} driving frames at {fps_text(info.fps)} fps -> {plural(len(plan), 'segment')} of {options.segment_frames} "
         f"frames at {job.width}x{job.height}, {job.steps} steps (work folder {work.path})"
     )
     if length < info.frame_count:
@@ -302,6 +309,9 @@ def _animate(
         )  # fmt: skip
         if poses.frame_count != info.frame_count:
             raise InputError(f"pose extraction of {driving} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
+        has_alignment = poses.alignment_png is not None and poses.alignment_png.is_file()
+        if has_alignment:
+            reporter.info(f"pose alignment preview: {poses.alignment_png} (the driving skeleton drawn on the reference)")
 
     with timer("prompt"):
         from posegen_cli.prompting import run_prompt
@@ -337,21 +347,24 @@ def _animate(
         del renderer, pipe
     transitions = sum(1 for seg in plan if seg.kind == TRANSITION)
     if stats.reused:
-        reporter.info(f"reused {len(stats.reused)} finished segment(s) from {work.path}")
+        reporter.info(f"reused {plural(len(stats.reused), 'finished segment')} from {work.path}")
 
     with timer("merge + encode"):
         audio = _write_video(output, plan, work, length=length, info=info, options=options, reporter=reporter)
 
+    # beside the output once it is complete: the work folder, where it was made, goes with the job
+    alignment_png = copy_file(poses.alignment_png, output.with_name(f"{output.stem}_alignment.png")) if has_alignment else None
     if options.keep_intermediates:
         kept: Path | None = work.path
     else:
         work.remove()
         kept = None
-    reporter.info(f"{len(plan) - transitions} base and {transitions} transition segment(s) -> {output}")
+    reporter.info(f"{plural(len(plan) - transitions, 'base segment')} and {plural(transitions, 'transition segment')} -> {output}")
     return AnimateResult(
         output=output, frames=length, fps=info.fps, width=job.width, height=job.height, audio=audio,
         segments=len(plan), computed=stats.computed, reused=stats.reused, kv_rebuilt=stats.rebuilt_anchor,
         segment_seconds=stats.seconds, shot=shot, kv=kv,
         prompt=prompt.prompt, subject=prompt.subject, phases=timer.seconds, phase_memory=timer.memory,
-        peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept,
+        peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept, alignment_png=alignment_png,
+        pose_video=poses.pose_video if kept else None, hand_video=poses.hand_video if kept else None,
     )  # fmt: skip
