@@ -5,6 +5,11 @@ times (a) the bare detector and (b) the whole command: decode, detect, render po
 encode, write keypoints. MediaPipe runs everywhere; Sapiens only with a CUDA GPU and its checkpoints
 (``--models-dir`` or ``$POSEGEN_MODELS_DIR``).
 
+For MediaPipe it then compares, in one run on the same clip, two fresh processes with their start-up included:
+the real command ``posegen extract-pose CLIP --backend mediapipe --no-cache`` and bare MediaPipe (a script
+that imports it, decodes the same frames and runs its Pose and Hands solutions on each). The ratio of their
+speeds is the figure of issue 10 (target: the command at >= 0.8x bare MediaPipe).
+
     python benchmarks/extract_pose.py --frames 240 --sizes 720x1280 360x640
 """
 
@@ -13,6 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +71,37 @@ def time_end_to_end(backend: str, clip: Path, out: Path, models_dir: Path | None
     return result.frame_count / (time.perf_counter() - start), result.frame_count
 
 
+BARE_MEDIAPIPE = """
+import sys
+import imageio_ffmpeg
+import mediapipe as mp
+import numpy as np
+
+reader = imageio_ffmpeg.read_frames(sys.argv[1], pix_fmt="rgb24")
+width, height = next(reader)["size"]
+pose = mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1)
+hands = mp.solutions.hands.Hands(static_image_mode=False, model_complexity=1, max_num_hands=2)
+for raw in reader:
+    frame = np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+    pose.process(frame)
+    hands.process(frame)
+"""
+
+
+def time_process(args: list[str]) -> float:
+    """Wall seconds of a fresh Python process running ``args`` (start-up included)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *args], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def command_vs_bare(clip: Path, out: Path) -> tuple[float, float]:
+    """Wall seconds of ``posegen extract-pose --backend mediapipe --no-cache`` and of bare MediaPipe on ``clip``."""
+    command = time_process(["-m", "posegen_cli.cli", "extract-pose", str(clip), "--backend", "mediapipe", "--no-cache", "-o", str(out), "--quiet"])
+    bare = time_process(["-c", BARE_MEDIAPIPE, str(clip)])
+    return command, bare
+
+
 def hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
@@ -95,6 +133,12 @@ def main() -> None:
                     print(f"{backend:<10} {size:>10} skipped: {exc}")
                     continue
                 print(f"{backend:<10} {size:>10} {count:>6} {bare:>13.1f} {full:>15.1f}")
+            if "mediapipe" in args.backends:
+                command, bare_seconds = command_vs_bare(clip, Path(tmp) / f"cli_{size}")
+                print(
+                    f"{'':<10} {size:>10} {args.frames:>6} extract-pose command {command:.1f} s vs bare MediaPipe {bare_seconds:.1f} s "
+                    f"(start-up included): {bare_seconds / command:.2f}x bare speed (target >= 0.8x)"
+                )
 
 
 if __name__ == "__main__":

@@ -109,12 +109,13 @@ class Reporter:
     log_interval: float = LOG_INTERVAL
 
     def info(self, message: str) -> None:
+        """One message line; never wrapped, so a log keeps it whole (a terminal folds it at its edge)."""
         if not self.quiet:
-            self.console.print(escape(message))
+            self.console.print(escape(message), soft_wrap=True)
 
     def warn(self, message: str) -> None:
         """Warnings show even with ``--quiet``: they change what the user gets."""
-        self.console.print(f"[yellow]warning:[/yellow] {escape(message)}")
+        self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
     @contextlib.contextmanager
     def progress(self) -> Iterator[Progress]:
@@ -171,18 +172,18 @@ class Reporter:
         if self.quiet:
             return
         if title:
-            self.console.print(f"[bold]{title}[/bold]")
+            self.console.print(f"[bold]{title}[/bold]", soft_wrap=True)
         self._print_items(data, indent=1)
 
     def _print_items(self, data: dict[str, Any], indent: int) -> None:
         pad = "  " * indent
         for key, value in data.items():
             if isinstance(value, dict) and value:
-                self.console.print(f"{pad}{key}:", highlight=False)
+                self.console.print(f"{pad}{key}:", highlight=False, soft_wrap=True)
                 self._print_items(value, indent + 1)
             elif isinstance(value, list) and value:
-                self.console.print(f"{pad}{key}:", highlight=False)
+                self.console.print(f"{pad}{key}:", highlight=False, soft_wrap=True)
                 for item in value:
-                    self.console.print(f"{pad}  - {item}", highlight=False)
+                    self.console.print(f"{pad}  - {item}", highlight=False, soft_wrap=True)
             else:
-                self.console.print(f"{pad}{key}: {value}", highlight=False)
+                self.console.print(f"{pad}{key}: {value}", highlight=False, soft_wrap=True)
