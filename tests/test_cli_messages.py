@@ -14,8 +14,8 @@ import pytest
 from animate_inputs import make_driving_clip
 from typer.testing import CliRunner
 
+from posegen_cli import longvideo
 from posegen_cli.cli import app
-import posegen_cli.longvideo as longvideo
 from posegen_cli.pose import extract
 from posegen_cli.testing import __main__ as testing_cli
 from posegen_cli.video import iter_frames, probe_video

@@ -22,7 +22,7 @@ def _readme_block(heading: str) -> list[str]:
     """The command lines of the first code block under ``## heading`` in the README."""
     text = (ROOT / "README.md").read_text()
     section = text.split(f"## {heading}\n", 1)[1]
-    block = re.search(r"```\n(.*?)```", section, re.S)
+    block = re.search(r"```\n(.*?)```", section, re.DOTALL)
     assert block is not None, f"README section {heading!r} has no code block"
     return [line.strip() for line in block.group(1).splitlines() if line.strip()]
 

@@ -82,7 +82,7 @@ def job(tmp_path: Path):
 
 
 def test_the_bars_count_decoding_and_storing_and_name_the_phase(job) -> None:
-    plan, work, run = job
+    _, _, run = job
     reporter = RecordingReporter(quiet=True)
     renderer = WatchingRenderer(reporter.displays)
     run(reporter, renderer)
@@ -94,7 +94,7 @@ def test_the_bars_count_decoding_and_storing_and_name_the_phase(job) -> None:
 
 
 def test_overall_eta_comes_from_measured_segment_times(job) -> None:
-    plan, work, run = job
+    _, work, run = job
     reporter = RecordingReporter(quiet=True)
     renderer = WatchingRenderer(reporter.displays, decode_seconds=0.2)
     run(reporter, renderer)
@@ -117,7 +117,7 @@ def test_segment_clock() -> None:
 
 
 def test_resume_says_what_it_reuses_and_what_the_kv_rebuild_costs(job) -> None:
-    plan, work, run = job
+    _, work, run = job
     run(Reporter(quiet=True), WatchingRenderer([]))
     work.segment_path(4).unlink()  # a base segment lost: the anchor's K/V must be rebuilt for it
     buffer = io.StringIO()

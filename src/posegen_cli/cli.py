@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-from posegen_cli import __version__
 from rich.markup import escape
 
+from posegen_cli import __version__
 from posegen_cli.errors import MissingModelsError, PosegenError, ResourceError
 from posegen_cli.report import Reporter
 
@@ -65,7 +64,7 @@ class ShotType(str, Enum):
     distant = "distant"
 
 
-def flag(*names: str, help: str) -> Any:  # noqa: A002 -- Typer's own keyword
+def flag(*names: str, help: str) -> Any:
     """A boolean switch, shown in ``--help`` as a bare flag (no ``<bool>`` value placeholder)."""
     return typer.Option(*names, metavar="", help=help)
 

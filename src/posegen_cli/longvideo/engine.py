@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.cache import cache_root
+from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import InputError, ResourceError
 from posegen_cli.fsutil import copy_file
 from posegen_cli.longvideo.merge import iter_merged

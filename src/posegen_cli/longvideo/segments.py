@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from rich.progress import Progress, TaskID
 
 from posegen_cli.longvideo.plan import ANCHOR, BASE, Segment, segment_frame_indices
 from posegen_cli.longvideo.sources import FrameSource
@@ -128,6 +129,43 @@ class SegmentClock:
         return (steps_left + weight_after * num_steps) * step_seconds, True
 
 
+@dataclass
+class _SegmentProgress:
+    """The bars of one segment while it runs: its own task and the overall one, with the phase in both descriptions."""
+
+    progress: Progress
+    overall: TaskID
+    task: TaskID
+    label: str
+    clock: SegmentClock
+    steps: int
+    num_steps: int
+    rebuild: bool
+    weight: float
+    weight_after: float
+    position: str
+    began: float = field(default_factory=time.perf_counter)
+    step_times: list[float] = field(default_factory=list)
+
+    def show(self, phase: str) -> None:
+        self.progress.update(self.task, description=f"{self.label} › {phase}")
+        self.progress.update(self.overall, description=f"all segments ({self.position}: {phase})")
+        steps_done = len(self.step_times)
+        step_seconds = (self.step_times[-1] - self.began) / steps_done if steps_done else None
+        elapsed = time.perf_counter() - self.began
+        eta = self.clock.remaining(self.weight_after, self.weight, elapsed, step_seconds, self.steps - steps_done, self.num_steps)
+        set_eta(self.progress, self.overall, *eta)
+
+    def advance(self) -> None:
+        self.progress.advance(self.task)
+        self.progress.advance(self.overall)
+
+    def on_step(self, count: int) -> None:
+        self.step_times.append(time.perf_counter())
+        self.advance()
+        self.show(f"denoising {count}/{self.steps}" if count < self.steps or self.rebuild else "decoding")
+
+
 def resume_notice(done: int, total: int, rebuild_steps: int, num_steps: int, anchor_seconds: float | None) -> str:
     """What a resumed job reuses, and what rebuilding the anchor's K/V (never stored: it is gigabytes) costs."""
     text = f"resuming: {done} of {total} segments are finished and reused"
@@ -198,25 +236,9 @@ def render_segments(
                 if seg.kind not in (ANCHOR, BASE):
                     renderer.release_kv()
                 task = progress.add_task(label, total=segment_units(steps, rebuild), unit="")
-                began = time.perf_counter()
-                step_times: list[float] = []
-
-                def show(phase: str, task: int = task, label: str = label, position: int = position) -> None:
-                    progress.update(task, description=f"{label} › {phase}")
-                    progress.update(overall, description=f"all segments ({position + 1}/{len(todo)}: {phase})")
-                    step_seconds = (step_times[-1] - began) / len(step_times) if step_times else None
-                    eta = clock.remaining(sum(weights[position + 1 :]), weights[position], time.perf_counter() - began,
-                                          step_seconds, steps - len(step_times), num_steps)  # fmt: skip
-                    set_eta(progress, overall, *eta)
-
-                def advance() -> None:
-                    progress.advance(task)
-                    progress.advance(overall)
-
-                def on_step(count: int, steps: int = steps) -> None:
-                    step_times.append(time.perf_counter())
-                    advance()
-                    show(f"denoising {count}/{steps}" if count < steps or rebuild else "decoding")
+                tracker = _SegmentProgress(progress, overall, task, label, clock, steps, num_steps, rebuild,
+                                           weights[position], sum(weights[position + 1 :]), f"{position + 1}/{len(todo)}")  # fmt: skip
+                show, advance, on_step, began = tracker.show, tracker.advance, tracker.on_step, tracker.began
 
                 show(PHASES[0])
                 indices = segment_frame_indices(seg, total_frames)

@@ -11,10 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
-import json
-import os
 import queue
-import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator

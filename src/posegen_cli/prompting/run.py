@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerBase
 from posegen_cli.cache import CacheEntry, file_digest
 from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import InputError
-from posegen_cli.preflight import CAPTION_MODEL, TEXT_MODEL, check_image, check_writable_folder, ensure_models, prompt_models
 from posegen_cli.fsutil import atomic_path
+from posegen_cli.preflight import CAPTION_MODEL, TEXT_MODEL, check_image, check_writable_folder, ensure_models, prompt_models
 from posegen_cli.prompting.caption import Captioner, caption_image, caption_settings, load_captioner
 from posegen_cli.prompting.clean import clean_prompt, prompt_line
 from posegen_cli.prompting.tokens import SubjectTokens, locate_subject, release_choice
