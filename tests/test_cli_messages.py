@@ -8,8 +8,10 @@ import re
 import shlex
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 from animate_inputs import make_driving_clip
 from typer.testing import CliRunner
@@ -17,8 +19,10 @@ from typer.testing import CliRunner
 from posegen_cli import longvideo
 from posegen_cli.cli import app
 from posegen_cli.pose import extract
+from posegen_cli.pose.keypoints import KeypointTrack, save_npz
+from posegen_cli.pose.types import NUM_KEYPOINTS
 from posegen_cli.testing import __main__ as testing_cli
-from posegen_cli.video import iter_frames, probe_video
+from posegen_cli.video import iter_frames, probe_video, write_video
 
 HEAVY = ("torch", "cv2", "diffusers", "transformers", "mediapipe")
 runner = CliRunner()
@@ -119,3 +123,15 @@ def test_the_tiny_models_hint_is_a_command_that_works(tmp_path: Path, reference_
     assert len(list(iter_frames(output))) == info.frame_count
     alignment = tmp_path / "tiny_alignment.png"
     assert alignment.is_file() and f"alignment_png: {alignment}" in result.stderr
+
+
+def test_extract_pose_does_not_ask_to_crop_what_animate_aligns(tmp_path: Path) -> None:
+    """A landscape driving video is fine: its skeleton is redrawn on the reference's canvas, so no crop advice."""
+    clip = write_video(tmp_path / "wide.mp4", [np.full((64, 112, 3), 30 * i, np.uint8) for i in range(4)], 12)
+    rng = np.random.default_rng(1)
+    track = KeypointTrack(rng.uniform(5, 60, (4, NUM_KEYPOINTS, 2)), np.ones((4, NUM_KEYPOINTS)), Fraction(12), 112, 64, "test")
+    keypoints = save_npz(track, tmp_path / "kp.npz")
+    result = runner.invoke(app, ["extract-pose", str(clip), "--from-keypoints", str(keypoints), "-o", str(tmp_path / "pose")])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr and "crop" not in result.stderr
+    assert f"pose_video: {tmp_path / 'pose' / 'pose.mp4'}" in result.stderr
