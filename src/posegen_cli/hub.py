@@ -154,7 +154,7 @@ def model_path(name: str, models_dir: str | Path | None = None, *, parts: tuple[
     root = models_dir_from_env(models_dir)
     if root is not None:
         raise MissingModelError(
-            f"model {name} not found in {root / name} (copy the {spec.repo_id} files there, or drop --models-dir to use the Hugging Face cache)"
+            f"model {name} not found in {root / name} (run `posegen download {name} --models-dir {root}`, or drop --models-dir to use the Hugging Face cache)"
         )
     if offline():
         raise MissingModelError(
