@@ -297,6 +297,7 @@ def test_hand_video_comes_from_the_normal_backend(extracted, moving_clip, tmp_pa
     from posegen_cli.pose.render import render_hand_normals
 
     monkeypatch.setattr(extract_module, "make_normal_backend", lambda **kwargs: StripeNormals())
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     result = extract_pose(
         moving_clip, tmp_path / "o", from_keypoints=extracted.keypoints, hand_normals="sapiens", lossless=True, reporter=quiet()
     )
@@ -333,6 +334,7 @@ class TwoPeople:
 @pytest.mark.parametrize("track", [False, True])
 def test_track_follows_one_person_across_frames(moving_clip, tmp_path, monkeypatch, track):
     monkeypatch.setattr(extract_module, "make_pose_backend", lambda *args, **kwargs: TwoPeople())
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     result = extract_pose(
         moving_clip, tmp_path / "o", backend="sapiens", hand_normals="none", track=track, use_cache=False, reporter=quiet()
     )
@@ -360,6 +362,7 @@ def test_a_failing_backend_stops_cleanly(moving_clip, tmp_path, monkeypatch):
     import threading
 
     monkeypatch.setattr(extract_module, "make_pose_backend", lambda *args, **kwargs: FailsOnSecondBatch())
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     with pytest.raises(RuntimeError, match="detector crashed"):
         extract_pose(moving_clip, tmp_path / "o", backend="sapiens", hand_normals="none", batch_size=4, use_cache=False, reporter=quiet())
     assert not [t for t in threading.enumerate() if t.name.startswith(("posegen-decode", "posegen-encode"))]
@@ -445,6 +448,7 @@ def test_align_to_frames_the_hand_video_too(extracted, moving_clip, reference_im
     from posegen_cli.pose.render import render_hand_normals
 
     monkeypatch.setattr(extract_module, "make_normal_backend", lambda **kwargs: StripeNormals())
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     result = extract_pose(
         moving_clip, tmp_path / "o", from_keypoints=extracted.keypoints, hand_normals="sapiens", align_to=reference_image_path,
         align="none", lossless=True, reporter=quiet(),

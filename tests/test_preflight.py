@@ -36,8 +36,8 @@ def no_expensive_work(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for module in (engine, extract_module):
         monkeypatch.setattr(module, "probe_video", forbidden)
-    monkeypatch.setattr(engine, "extract_pose", forbidden)
-    monkeypatch.setattr(engine, "extract_reference_pose", forbidden)
+    monkeypatch.setattr(extract_module, "extract_pose", forbidden)
+    monkeypatch.setattr(extract_module, "extract_reference_pose", forbidden)
     monkeypatch.setattr(extract_module, "make_pose_backend", forbidden)
 
 

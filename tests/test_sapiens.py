@@ -271,6 +271,7 @@ def test_sapiens_backend_with_track_follows_one_box(tmp_path: Path, monkeypatch:
     script = save_script(PlantedHeatmaps(torch.from_numpy(maps)), tmp_path / "pose.pt2")
     backend = sp.SapiensPoseBackend(device="cpu", checkpoint=script, detector=SwappingBoxes(), reporter=Reporter(quiet=True))
     monkeypatch.setattr(extract_module, "make_pose_backend", lambda *args, **kwargs: backend)
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     clip = write_video(tmp_path / "clip.mp4", [np.zeros((120, 96, 3), np.uint8)] * 6, 25, lossless=True)
     reporter = Reporter(quiet=True)
     reporter.console.begin_capture()
@@ -308,6 +309,7 @@ def test_batch_size_reaches_both_sapiens_backends(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(sp, "SapiensPoseBackend", PoseStandIn)
     monkeypatch.setattr(sp, "SapiensNormalBackend", NormalStandIn)
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     clip = write_video(tmp_path / "clip.mp4", [np.zeros((64, 48, 3), np.uint8)] * 4, 25)
     extract_module.extract_pose(
         clip, tmp_path / "out", backend="sapiens", hand_normals="sapiens", batch_size=3, use_cache=False, reporter=Reporter(quiet=True)

@@ -39,7 +39,7 @@ from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
-from posegen_cli.pose.extract import extract_pose, extract_reference_pose, resolve_backend, resolve_hand_normals
+from posegen_cli.pose.extract import resolve_backend, resolve_hand_normals
 from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.preflight import VIDEO_MODELS, animate_models, check_animate_files, ensure_models
@@ -148,6 +148,8 @@ def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter:
     """
     if options.shot != "auto":
         return options.shot, None
+    from posegen_cli.pose.extract import extract_reference_pose
+
     framed_reference = frame_to_model(image)
     person = extract_reference_pose(framed_reference, options.pose_backend, device=device, models_dir=options.models_dir)
     if person is None:
@@ -302,6 +304,8 @@ def _animate(
         reporter.warn(f"without padding the output covers only the first {length} of {info.frame_count} frames")
 
     with timer("pose"):
+        from posegen_cli.pose.extract import extract_pose
+
         shot, reference_pose = pick_shot(options, image, options.device, reporter)
         poses = extract_pose(
             driving, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,
