@@ -7,6 +7,7 @@ import re
 import shlex
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -15,7 +16,9 @@ from posegen_cli import hub, preflight
 from posegen_cli.cli import app
 from posegen_cli.errors import InputError, MissingModelsError
 from posegen_cli.longvideo import engine
+from posegen_cli.pose import backends
 from posegen_cli.pose import extract as extract_module
+from posegen_cli.pose.settings import PoseOptions
 from posegen_cli.video import write_video
 
 runner = CliRunner()
@@ -37,8 +40,8 @@ def no_expensive_work(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in (engine, extract_module):
         monkeypatch.setattr(module, "probe_video", forbidden)
     monkeypatch.setattr(extract_module, "extract_pose", forbidden)
-    monkeypatch.setattr(extract_module, "extract_reference_pose", forbidden)
-    monkeypatch.setattr(extract_module, "make_pose_backend", forbidden)
+    monkeypatch.setattr(backends, "extract_reference_pose", forbidden)
+    monkeypatch.setattr(extract_module, "render_outputs", forbidden)
 
 
 @pytest.fixture()
@@ -101,12 +104,11 @@ def test_an_unreadable_align_to_image_fails_before_extraction(tmp_path: Path, cl
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("pose extraction started before the reference was read")
 
-    monkeypatch.setattr(extract_module, "make_pose_backend", forbidden)
-    monkeypatch.setattr(extract_module, "_render_outputs", forbidden)
+    monkeypatch.setattr(extract_module, "render_outputs", forbidden)
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(reference_image_path.read_bytes()[:2000])  # a PNG signature, then nothing decodable
     with pytest.raises(InputError, match=re.escape(f"cannot read image {truncated}: not a PNG/JPEG/WebP/BMP/TIFF image")):
-        extract_module.extract_pose(clip, tmp_path / "pose", align_to=truncated, backend="mediapipe")
+        extract_module.extract_pose(clip, tmp_path / "pose", PoseOptions(backend="mediapipe"), align_to=truncated)
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
     result = runner.invoke(app, ["extract-pose", str(clip), "--align-to", str(notes), "--backend", "mediapipe"])
@@ -132,6 +134,7 @@ def test_every_missing_model_in_one_error_with_one_command_that_fetches_them(
     # the command works as printed: it fetches exactly those, into the folder animate reads
     fetched: list[tuple[str, Path | None]] = []
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "fetch", lambda spec, local_dir=None: fetched.append((spec.name, local_dir)) or local_dir)
     result = runner.invoke(app, shlex.split(command)[1:])
     assert result.exit_code == 0, result.output

@@ -76,7 +76,7 @@ def job(tmp_path: Path):
 
     def run(reporter: Reporter, renderer: WatchingRenderer) -> None:
         sources = FrameSource(pose_video, size), FrameSource(pose_video, size)
-        render_segments(plan, renderer, *sources, work, total_frames=40, frame_shape=size, head=5, tail=4, reporter=reporter)
+        render_segments(plan, renderer, sources, work, total_frames=40, frame_shape=size, overlap=(5, 4), reporter=reporter)
 
     return plan, work, run
 

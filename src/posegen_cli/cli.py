@@ -13,8 +13,8 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from posegen_cli import __version__
-from posegen_cli.errors import MissingModelsError, PosegenError, ResourceError
+from posegen_cli import __version__, choices
+from posegen_cli.errors import MissingModelsError, PosegenError, ResourceError, Spelling, command_line_spelling
 from posegen_cli.report import Reporter
 
 app = typer.Typer(
@@ -27,42 +27,17 @@ app = typer.Typer(
 )
 
 
-class Backend(str, Enum):
-    auto = "auto"
-    sapiens = "sapiens"
-    mediapipe = "mediapipe"
+def _choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A Typer choice type whose members are the library's own choice tuple (member names are Python-safe)."""
+    return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-class HandNormals(str, Enum):
-    auto = "auto"
-    sapiens = "sapiens"
-    none = "none"
-
-
-class AlignMode(str, Enum):
-    auto = "auto"
-    limbs = "limbs"
-    none = "none"
-
-
-class Offload(str, Enum):
-    none = "none"
-    model = "model"
-    group = "group"
-
-
-class KeypointFormat(str, Enum):
-    npz = "npz"
-    openpose_json = "openpose-json"
-
-
-class ShotType(str, Enum):
-    auto = "auto"
-    close_up = "close-up"
-    half_body = "half-body"
-    full_body = "full-body"
-    distant = "distant"
-
+Backend = _choice_enum("Backend", choices.BACKENDS)
+HandNormals = _choice_enum("HandNormals", choices.HAND_NORMAL_SOURCES)
+AlignMode = _choice_enum("AlignMode", choices.ALIGN_MODES)
+Offload = _choice_enum("Offload", choices.OFFLOAD_MODES)
+KeypointFormat = _choice_enum("KeypointFormat", choices.OUTPUT_FORMATS)
+ShotType = _choice_enum("ShotType", ("auto", *choices.SHOT_TYPES))
 
 def flag(*names: str, help: str) -> Any:
     """A boolean switch, shown in ``--help`` as a bare flag (no ``<bool>`` value placeholder)."""
@@ -98,12 +73,12 @@ def download_command(names: list[str], models_dir: Path | None) -> str:
     return " ".join(["posegen download", *names, *(["--models-dir", str(models_dir)] if models_dir is not None else [])])
 
 
-def _phrase(exc: PosegenError) -> str:
-    """An error's message, with the command that fixes it where the error carries the facts for one."""
+def _phrase(exc: PosegenError, spell: Spelling) -> str:
+    """An error's message in the command's words, with the command that fixes it where the error carries the facts for one."""
     if isinstance(exc, MissingModelsError):
         fetch = download_command(exc.names, exc.models_dir)
-        return f"{exc} (fetch them all with `{fetch}`{' after unsetting HF_HUB_OFFLINE' if exc.offline else ''})"
-    return str(exc)
+        return f"{exc.phrase(spell)} (fetch them all with `{fetch}`{' after unsetting HF_HUB_OFFLINE' if exc.offline else ''})"
+    return exc.phrase(spell)
 
 
 INTERRUPTED = "interrupted (nothing was written; run the same command again to start over)"
@@ -111,7 +86,10 @@ INTERRUPTED = "interrupted (nothing was written; run the same command again to s
 
 @contextlib.contextmanager
 def _errors(reporter: Reporter, debug: bool, interrupted: str) -> Iterator[None]:
-    """Expected failures become one line and an exit code; tracebacks only with --debug."""
+    """Expected failures become one line and an exit code; tracebacks only with --debug.
+
+    The library's messages name settings, not flags; they are spelled here with the command's own flag names.
+    """
     try:
         yield
     except (typer.Exit, typer.Abort):
@@ -119,7 +97,7 @@ def _errors(reporter: Reporter, debug: bool, interrupted: str) -> Iterator[None]
     except PosegenError as exc:
         if debug:
             raise
-        reporter.console.print(f"[red]error:[/red] {escape(_phrase(exc))}", highlight=False, soft_wrap=True)
+        reporter.console.print(f"[red]error:[/red] {escape(_phrase(exc, reporter.spell))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         reporter.console.print(f"[red]interrupted[/red]{escape(interrupted.removeprefix('interrupted'))}", highlight=False, soft_wrap=True)
@@ -137,8 +115,20 @@ def _errors(reporter: Reporter, debug: bool, interrupted: str) -> Iterator[None]
         raise typer.Exit(1) from None
 
 
-def _run(quiet: bool, json_output: bool, debug: bool, work: Callable[[Reporter], Any], interrupted: str = INTERRUPTED) -> Any:
-    reporter = Reporter(quiet=quiet, json_output=json_output)
+def _flags(table: dict[str, str]) -> Spelling:
+    """How one command spells the library's settings: ``table`` for the flags named otherwise than the setting."""
+    return lambda name: command_line_spelling(name, table)
+
+
+ANIMATE_FLAGS = {"backend": "--pose-backend"}
+"""``animate`` flags whose names differ from the library setting they carry."""
+
+
+def _run(
+    quiet: bool, json_output: bool, debug: bool, work: Callable[[Reporter], Any], flags: dict[str, str] | None = None,
+    interrupted: str = INTERRUPTED,
+) -> Any:
+    reporter = Reporter(quiet=quiet, json_output=json_output, spell=_flags(flags or {}))
     with _errors(reporter, debug, interrupted):
         return work(reporter)
 
@@ -198,7 +188,7 @@ def animate(
         result = run_animate(reference, driving, output, options=options, reporter=reporter)
         reporter.summary(result.summary(), title="Done")
 
-    _run(quiet, json_output, debug, work, "interrupted (finished segments are kept; run the same command again to continue from them)")
+    _run(quiet, json_output, debug, work, ANIMATE_FLAGS, interrupted="interrupted (finished segments are kept; run the same command again to continue from them)")
 
 
 @app.command("extract-pose")
@@ -233,17 +223,18 @@ def extract_pose(
 
         check_extract_pose_files(video, out_dir, align_to)
         from posegen_cli.pose.extract import extract_pose as run_extract
+        from posegen_cli.pose.settings import PoseOptions
 
-        result = run_extract(
-            video, out_dir, backend=backend.value, hand_normals=hand_normals.value, track=track, lossless=lossless,
-            output_format=fmt.value, from_keypoints=from_keypoints, align_to=align_to, align=align.value,
-            device=device, models_dir=models_dir, use_cache=not no_cache, reporter=reporter,
-            body_threshold=body_threshold, hand_threshold=hand_threshold, model_size=model_size, seg_size=seg_size,
-            normal_size=normal_size, batch_size=batch_size,
+        options = PoseOptions(
+            backend=backend.value, hand_normals=hand_normals.value, track=track, lossless=lossless, output_format=fmt.value,
+            align=align.value, body_threshold=body_threshold, hand_threshold=hand_threshold, model_size=model_size,
+            seg_size=seg_size, normal_size=normal_size, batch_size=batch_size, device=device, models_dir=models_dir,
+            use_cache=not no_cache,
         )
+        result = run_extract(video, out_dir, options, from_keypoints=from_keypoints, align_to=align_to, reporter=reporter)
         reporter.summary(result.summary(), title="Pose extracted")
 
-    _run(quiet, json_output, debug, work, "interrupted (nothing was written and nothing is kept; run the same command again to extract from the start)")
+    _run(quiet, json_output, debug, work, interrupted="interrupted (nothing was written and nothing is kept; run the same command again to extract from the start)")
 
 
 @app.command()
@@ -257,6 +248,7 @@ def prompt(
     no_cache: Annotated[bool, flag("--no-cache", help="Caption again even if this image was captioned with the same settings.")] = False,
     models_dir: ModelsDir = None,
     device: Device = "auto",
+    dtype: Dtype = "auto",
     quiet: Quiet = False,
     json_output: Json = False,
     debug: Debug = False,
@@ -268,12 +260,13 @@ def prompt(
 
         check_image(image, "reference image")
         _quiet_libraries()
-        from posegen_cli.prompting import run_prompt
+        from posegen_cli.prompting import PromptOptions, run_prompt
 
-        result = run_prompt(
-            image, out_dir, prompt=text, subject=subject, seed=seed, max_new_tokens=max_new_tokens,
-            device=device, models_dir=models_dir, use_cache=not no_cache, reporter=reporter,
+        options = PromptOptions(
+            prompt=text, subject=subject, seed=seed, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
+            models_dir=models_dir, use_cache=not no_cache,
         )
+        result = run_prompt(image, out_dir, options, reporter=reporter)
         reporter.summary(result.summary(), title="Prompt")
 
     _run(quiet, json_output, debug, work)
@@ -305,7 +298,7 @@ def download(
             paths[name] = str(hub.download(name, models_dir))
         reporter.summary(paths, title="Downloaded")
 
-    _run(quiet, json_output, debug, work, "interrupted (files fetched so far are kept; run the same command again to fetch the rest)")
+    _run(quiet, json_output, debug, work, interrupted="interrupted (files fetched so far are kept; run the same command again to fetch the rest)")
 
 
 @app.command("convert-checkpoint")

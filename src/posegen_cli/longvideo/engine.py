@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from posegen_cli.cache import cache_root
-from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, ResourceError
+from posegen_cli.errors import InputError, ResourceError, option
 from posegen_cli.fsutil import copy_file
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
@@ -39,12 +38,13 @@ from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
-from posegen_cli.pose.extract import resolve_backend, resolve_hand_normals
-from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
+from posegen_cli.pose.backends import resolve_backend, resolve_hand_normals
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.preflight import VIDEO_MODELS, animate_models, check_animate_files, ensure_models
 from posegen_cli.report import Reporter, plural
-from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
+from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, probe_video
+from posegen_cli.video.framing import frame_to_model, warn_if_cropped
+from posegen_cli.video.image import ReferenceImage
 
 ENGINE_VERSION = 2
 """Part of every work folder's key: bump when a change makes old finished segments wrong."""
@@ -109,7 +109,7 @@ class AnimateResult:
     hand_video: Path | None = None
 
     def summary(self) -> dict[str, Any]:
-        """Plain values for ``Reporter.summary`` (and ``--json``)."""
+        """Plain values for ``Reporter.summary`` (and the JSON output)."""
         return {
             "output": str(self.output),
             "frames": self.frames,
@@ -138,8 +138,8 @@ class AnimateResult:
         }
 
 
-def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter: Reporter) -> tuple[str, PersonPose | None]:
-    """``--shot auto`` reads the reference person's visible keypoints and height; an explicit shot is kept.
+def pick_shot(options: AnimateOptions, image: np.ndarray, device: torch.device, reporter: Reporter) -> tuple[str, PersonPose | None]:
+    """The ``auto`` shot reads the reference person's visible keypoints and height; an explicit shot is kept.
 
     The person is detected on the reference framed at the model's full 720x1280, whatever the job's size, so a
     preview picks the same preset as the real run. That is also the frame pose alignment detects on, so the
@@ -148,15 +148,15 @@ def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter:
     """
     if options.shot != "auto":
         return options.shot, None
-    from posegen_cli.pose.extract import extract_reference_pose
+    from posegen_cli.pose.backends import extract_reference_pose
 
     framed_reference = frame_to_model(image)
     person = extract_reference_pose(framed_reference, options.pose_backend, device=device, models_dir=options.models_dir)
     if person is None:
-        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set --shot to choose)")
+        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set {option('shot')} to choose)")
         return DEFAULT_SHOT, None
     shot = classify_shot(person.keypoints, person.scores, person.box, framed_reference.shape[0])
-    reporter.info(f"reference framing: {shot} (override with --shot)")
+    reporter.info(f"reference framing: {shot} (override with {option('shot')})")
     return shot, person
 
 
@@ -169,14 +169,12 @@ def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], 
     if needed > free:
         raise ResourceError(
             f"the segments need {needed / 1024**3:.1f} GB in {work.path} but only {free / 1024**3:.1f} GB are free "
-            f"(free some space, or pass --work-dir on a larger disk; the video {output.name} itself is small)"
+            f"(free some space, or pass {option('work_dir')} on a larger disk; the video {output.name} itself is small)"
         )
 
 
-def work_settings(
-    options: AnimateOptions, job: JobSettings, device: torch.device, dtype: torch.dtype, model_dirs: list[Path]
-) -> dict[str, Any]:
-    """Every setting that changes a segment's pixels, for the work folder's key (not --offload, --crf, audio).
+def work_settings(options: AnimateOptions, job: JobSettings, reference: ReferenceImage, model_dirs: list[Path]) -> dict[str, Any]:
+    """Every setting that changes a segment's pixels, for the work folder's key (not offloading, crf, audio).
 
     Model folders count by their resolved path: a Hugging Face snapshot path names the commit.
     """
@@ -195,8 +193,9 @@ def work_settings(
         "compat_mp4": options.compat_mp4,
         "segment": [options.segment_frames, options.head, options.tail],
         "models": [str(path.resolve()) for path in model_dirs],
-        "device": device.type,
-        "dtype": str(dtype),
+        "device": job.device.type,
+        "dtype": str(job.dtype),
+        "reference": reference.digest,
     }
 
 
@@ -276,25 +275,25 @@ def _animate(
     job = resolve_settings(options)
     root = Path(options.work_dir) if options.work_dir is not None else None
     reference, driving, output = check_animate_files(reference, driving, output, root if root is not None else cache_root())
-    device = resolve_device(options.device)
-    backend, _ = resolve_backend(options.pose_backend, options.device)
+    device = job.device
+    backend, _ = resolve_backend(options.pose_backend, device)
     needed = animate_models(backend, resolve_hand_normals("auto", backend), captioned=options.prompt is None)
     ensure_models(needed, options.models_dir, reporter.info)
-    dtype = resolve_dtype(options.dtype, device)
     timer = PhaseTimer(device)
     size = (job.height, job.width)
 
     with timer("inputs"):
         from posegen_cli.hub import model_path
 
-        image = load_image(reference)
+        ref = ReferenceImage.load(reference)  # decoded and hashed once for the whole job
+        image = ref.pixels
         warn_if_cropped(reporter, image.shape[1], image.shape[0], f"reference image {reference.name}", size)
         framed = frame_to_model(image, size)
         info = probe_video(driving)
         model_dirs = [model_path(name, options.models_dir) for name in VIDEO_MODELS]
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
         length = output_frames(plan, info.frame_count)
-        work = WorkDir.for_job([reference, driving], work_settings(options, job, device, dtype, model_dirs), root)
+        work = WorkDir.for_job([driving], work_settings(options, job, ref, model_dirs), root)
         check_disk_space(work, plan, size, output)
     reporter.info(
         f"{info.frame_count} driving frames at {fps_text(info.fps)} fps -> {plural(len(plan), 'segment')} of {options.segment_frames} "
@@ -305,12 +304,13 @@ def _animate(
 
     with timer("pose"):
         from posegen_cli.pose.extract import extract_pose
+        from posegen_cli.pose.settings import PoseOptions
 
-        shot, reference_pose = pick_shot(options, image, options.device, reporter)
+        shot, reference_pose = pick_shot(options, image, device, reporter)
+        pose_options = PoseOptions(backend=options.pose_backend, align=options.align, device=device, models_dir=options.models_dir)
         poses = extract_pose(
-            driving, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,
-            device=options.device, models_dir=options.models_dir, reporter=reporter, info=info, reference_pose=reference_pose,
-        )  # fmt: skip
+            driving, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, reference_pose=reference_pose
+        )
         if poses.frame_count != info.frame_count:
             raise InputError(f"pose extraction of {driving} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
         has_alignment = poses.alignment_png is not None and poses.alignment_png.is_file()
@@ -318,18 +318,19 @@ def _animate(
             reporter.info(f"pose alignment preview: {poses.alignment_png} (the driving skeleton drawn on the reference)")
 
     with timer("prompt"):
-        from posegen_cli.prompting import run_prompt
+        from posegen_cli.prompting import PromptOptions, run_prompt
 
-        prompt = run_prompt(
-            reference, work.stage_dir("prompt"), prompt=options.prompt, subject=options.subject, seed=options.seed,
-            device=options.device, models_dir=options.models_dir, reporter=reporter,
+        prompt_options = PromptOptions(
+            prompt=options.prompt, subject=options.subject, seed=options.seed, device=device, dtype=job.dtype,
+            models_dir=options.models_dir,
         )  # fmt: skip
+        prompt = run_prompt(ref, work.stage_dir("prompt"), prompt_options, reporter=reporter)
 
     with timer("load models"):
+        from posegen_cli.longvideo.loading import load_pipeline
         from posegen_cli.longvideo.renderer import PipelineRenderer
-        from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 
-        pipe = PoseGenPipeline.from_models(options.models_dir, device=device, dtype=dtype, offload=options.offload, reporter=reporter)
+        pipe = load_pipeline(options.models_dir, device=device, dtype=job.dtype, offload=options.offload, reporter=reporter)
         kv = kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, job.kv_steps, job.kv_blocks)
         renderer = PipelineRenderer(
             pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
@@ -341,8 +342,8 @@ def _animate(
     try:
         with timer("segments"):
             stats: SegmentStats = render_segments(
-                plan, renderer, pose_source, hand_source, work, total_frames=info.frame_count, frame_shape=size,
-                head=options.head, tail=options.tail, reporter=reporter, compat_mp4=options.compat_mp4,
+                plan, renderer, (pose_source, hand_source), work, total_frames=info.frame_count, frame_shape=size,
+                overlap=(options.head, options.tail), reporter=reporter, compat_mp4=options.compat_mp4,
                 after_segment=after_segment,
             )  # fmt: skip
     finally:

@@ -14,7 +14,7 @@ from typing import IO
 
 import numpy as np
 
-from posegen_cli.errors import InputError, PosegenError, ResourceError
+from posegen_cli.errors import OptionError, PosegenError, ResourceError, option
 from posegen_cli.fsutil import atomic_path
 from posegen_cli.video._ffmpeg import ffmpeg_exe, fps_arg
 from posegen_cli.video.audio import mux_audio
@@ -39,7 +39,7 @@ class VideoWriter:
         preset: str = "medium",
     ) -> None:
         if not 0 <= crf <= 51:
-            raise InputError(f"--crf {crf} is out of range (use 0..51; 18 is visually lossless)")
+            raise OptionError("crf", crf, problem=f"{crf} is out of range (use 0..51; 18 is visually lossless)")
         self.path = Path(path)
         self.fps = fps
         self.crf = crf
@@ -100,7 +100,7 @@ class VideoWriter:
         if "No space left" in err:
             return ResourceError(f"disk full while writing {self.path} (free some space and run again)")
         reason = err.splitlines()[0] if err else f"exit code {self._proc.returncode}"  # the cause comes first
-        return PosegenError(f"ffmpeg failed writing {self.path}: {reason} (check the folder is writable; --debug shows more)", exit_code=1)
+        return PosegenError(f"ffmpeg failed writing {self.path}: {reason} (check the folder is writable; {option('debug')} shows more)", exit_code=1)
 
     def _finish(self, ok: bool) -> None:
         """Close ffmpeg; on success check it and mux the audio into the temporary file."""
