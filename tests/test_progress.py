@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rich.console import Console
+from test_resume import NoiseRenderer, RecordingReporter
 
 from posegen_cli.longvideo.plan import plan_segments
 from posegen_cli.longvideo.segments import SegmentClock, render_segments, resume_notice, segment_units
@@ -19,12 +19,13 @@ from posegen_cli.report import Reporter, duration_text
 from posegen_cli.video import write_video
 
 
-class WatchingRenderer:
+class WatchingRenderer(NoiseRenderer):
     """Two denoising steps, then a "decode" that sleeps; records what the bars showed after the last step."""
 
     num_steps = 2
 
     def __init__(self, displays: list, decode_seconds: float = 0.0) -> None:
+        super().__init__()
         self.displays = displays
         self.decode_seconds = decode_seconds
         self.after_last_step: list[tuple[str, float, float, str, float, float]] = []
@@ -39,32 +40,14 @@ class WatchingRenderer:
         time.sleep(self.decode_seconds)
         return np.zeros((len(pose), *pose.shape[1:]), np.uint8)
 
-    def render_anchor(self, pose, hand, on_step, *, record, frames_needed=True):
-        return self._frames(pose, on_step, None if frames_needed else self.anchor_steps())
 
-    def anchor_steps(self) -> int:
-        return 1
-
-    def render_base(self, pose, hand, on_step):
-        return self._frames(pose, on_step)
-
-    def render_transition(self, pose, hand, head, tail, on_step):
-        return self._frames(pose, on_step)
-
-    def release_kv(self) -> None:
-        pass
-
-
-class RecordingReporter(Reporter):
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.displays: list = []
-
-    @contextlib.contextmanager
-    def progress(self):
-        with super().progress() as display:
-            self.displays.append(display)
-            yield display
+def recording_reporter(**kwargs: object) -> RecordingReporter:
+    """test_resume's RecordingReporter (quiet), or one that prints to the console given in ``kwargs``."""
+    reporter = RecordingReporter()
+    for name, value in kwargs.items():
+        setattr(reporter, name, value)
+    reporter.quiet = "console" not in kwargs
+    return reporter
 
 
 @pytest.fixture()
@@ -83,7 +66,7 @@ def job(tmp_path: Path):
 
 def test_the_bars_count_decoding_and_storing_and_name_the_phase(job) -> None:
     _, _, run = job
-    reporter = RecordingReporter(quiet=True)
+    reporter = recording_reporter()
     renderer = WatchingRenderer(reporter.displays)
     run(reporter, renderer)
     first = renderer.after_last_step[0]
@@ -95,7 +78,7 @@ def test_the_bars_count_decoding_and_storing_and_name_the_phase(job) -> None:
 
 def test_overall_eta_comes_from_measured_segment_times(job) -> None:
     _, work, run = job
-    reporter = RecordingReporter(quiet=True)
+    reporter = recording_reporter()
     renderer = WatchingRenderer(reporter.displays, decode_seconds=0.2)
     run(reporter, renderer)
     overall = reporter.displays[-1].tasks[0]
@@ -121,7 +104,7 @@ def test_resume_says_what_it_reuses_and_what_the_kv_rebuild_costs(job) -> None:
     run(Reporter(quiet=True), WatchingRenderer([]))
     work.segment_path(4).unlink()  # a base segment lost: the anchor's K/V must be rebuilt for it
     buffer = io.StringIO()
-    reporter = RecordingReporter(console=Console(file=buffer, width=60, force_terminal=False), log_interval=60)
+    reporter = recording_reporter(console=Console(file=buffer, width=60, force_terminal=False), log_interval=60)
     run(reporter, WatchingRenderer(reporter.displays))
     anchor_seconds = work.segment_seconds()[0]
     assert buffer.getvalue().splitlines()[0] == (
