@@ -42,7 +42,7 @@ from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION, quantization_config, resolve_attention
 from posegen_cli.pose.backends import resolve_backend, resolve_hand_normals
 from posegen_cli.pose.types import PersonPose
-from posegen_cli.preflight import VIDEO_MODELS, animate_models, check_animate_files, ensure_models
+from posegen_cli.preflight import VIDEO_MODELS, animate_models, check_animate_files, check_video, ensure_models
 from posegen_cli.report import Reporter, plural
 from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, probe_video
 from posegen_cli.video.framing import frame_to_model, warn_if_cropped
@@ -274,7 +274,7 @@ def plan_animate(driving: Path, *, options: AnimateOptions, reporter: Reporter) 
     would take there (``auto`` resolved as on that GPU, assuming no FlashAttention-3 package when it is not this one).
     """
     job = resolve_settings(options)
-    driving = require_file(driving, "driving video")
+    driving = check_video(driving, "driving video")
     info = probe_video(driving)
     plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
     shape, shape_source = model_shape(options.models_dir)
