@@ -36,7 +36,7 @@ from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.report import Reporter
 from posegen_cli.testing import make_tiny_models
 
-REFERENCE = ROOT.parent / "shared" / "data" / "reference_person.png"
+REFERENCE = ROOT / "tests" / "data" / "reference_person.png"
 PROMPT = "a young man in a black cardigan and jeans standing on a beach at dusk"
 
 

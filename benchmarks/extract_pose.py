@@ -1,9 +1,14 @@
 """Frames per second of `posegen extract-pose` per backend and resolution.
 
-Builds a moving driving clip from ``../shared/data/reference_person.png`` at each resolution, then
+Builds a moving driving clip from ``tests/data/reference_person.png`` at each resolution, then
 times (a) the bare detector and (b) the whole command: decode, detect, render pose/hand/overlay,
 encode, write keypoints. MediaPipe runs everywhere; Sapiens only with a CUDA GPU and its checkpoints
 (``--models-dir`` or ``$POSEGEN_MODELS_DIR``).
+
+For MediaPipe it then compares, in one run on the same clip, two fresh processes with their start-up included:
+the real command ``posegen extract-pose CLIP --backend mediapipe --no-cache`` and bare MediaPipe (a script
+that imports it, decodes the same frames and runs its Pose and Hands solutions on each). The ratio of their
+speeds is the figure of issue 10 (target: the command at >= 0.8x bare MediaPipe).
 
     python benchmarks/extract_pose.py --frames 240 --sizes 720x1280 360x640
 """
@@ -13,6 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,15 +28,15 @@ import cv2
 import numpy as np
 import torch
 
-from posegen_cli.errors import PosegenError
 from posegen_cli.device import resolve_device
+from posegen_cli.errors import PosegenError
 from posegen_cli.pose.backends import make_pose_backend
 from posegen_cli.pose.extract import extract_pose
 from posegen_cli.pose.settings import PoseOptions
 from posegen_cli.report import Reporter
 from posegen_cli.video import iter_frames, load_image, write_video
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "reference_person.png"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference_person.png"
 
 
 def make_clip(path: Path, width: int, height: int, frames: int) -> Path:
@@ -67,6 +74,37 @@ def time_end_to_end(backend: str, clip: Path, out: Path, models_dir: Path | None
     return result.frame_count / (time.perf_counter() - start), result.frame_count
 
 
+BARE_MEDIAPIPE = """
+import sys
+import imageio_ffmpeg
+import mediapipe as mp
+import numpy as np
+
+reader = imageio_ffmpeg.read_frames(sys.argv[1], pix_fmt="rgb24")
+width, height = next(reader)["size"]
+pose = mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1)
+hands = mp.solutions.hands.Hands(static_image_mode=False, model_complexity=1, max_num_hands=2)
+for raw in reader:
+    frame = np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+    pose.process(frame)
+    hands.process(frame)
+"""
+
+
+def time_process(args: list[str]) -> float:
+    """Wall seconds of a fresh Python process running ``args`` (start-up included)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *args], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def command_vs_bare(clip: Path, out: Path) -> tuple[float, float]:
+    """Wall seconds of ``posegen extract-pose --backend mediapipe --no-cache`` and of bare MediaPipe on ``clip``."""
+    command = time_process(["-m", "posegen_cli.cli", "extract-pose", str(clip), "--backend", "mediapipe", "--no-cache", "-o", str(out), "--quiet"])
+    bare = time_process(["-c", BARE_MEDIAPIPE, str(clip)])
+    return command, bare
+
+
 def hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
@@ -98,6 +136,12 @@ def main() -> None:
                     print(f"{backend:<10} {size:>10} skipped: {exc}")
                     continue
                 print(f"{backend:<10} {size:>10} {count:>6} {bare:>13.1f} {full:>15.1f}")
+            if "mediapipe" in args.backends:
+                command, bare_seconds = command_vs_bare(clip, Path(tmp) / f"cli_{size}")
+                print(
+                    f"{'':<10} {size:>10} {args.frames:>6} extract-pose command {command:.1f} s vs bare MediaPipe {bare_seconds:.1f} s "
+                    f"(start-up included): {bare_seconds / command:.2f}x bare speed (target >= 0.8x)"
+                )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real test data beside the repo, and an environment that never reaches the network."""
+"""Shared fixtures: the real test data committed in ``tests/data``, and an environment that never reaches the network."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from animate_inputs import DRIVING_FRAMES, PIPELINE_SIZE, make_driving_clip
 
 from posegen_cli.testing import make_tiny_models
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -25,9 +25,8 @@ def _offline_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``../shared/data`` (the repo is cloned with ``shared/`` beside it)."""
-    assert (SHARED_DATA / "reference_person.png").exists(), f"test data missing: {SHARED_DATA}"
-    return SHARED_DATA
+    """``tests/data``: the release's example photo (see its README for the source and licence)."""
+    return TEST_DATA
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,11 @@ import posegen_cli
 PACKAGE = Path(posegen_cli.__file__).parent
 
 LAYERS: dict[str, int] = {
-    # base utilities: the version, the choice tuples and the error types, then what builds on them
-    "__init__": 0, "choices": 0, "errors": 0,
-    "report": 1, "device": 1, "fsutil": 1, "cache": 1, "hub": 1,
-    # frames in and out, and the release's 9:16 framing
-    "video": 2,
+    # base utilities: the version, the choice tuples, the error types and file writing, then what builds on them
+    "__init__": 0, "choices": 0, "errors": 0, "fsutil": 0,
+    "report": 1, "device": 1, "cache": 1, "hub": 1,
+    # frames in and out, and the release's 9:16 framing; the checks every stage runs before expensive work
+    "video": 2, "preflight": 2,
     # the stages below the pipeline; none of them imports another
     "pose": 3, "prompting": 3, "models": 3,
     # one segment on diffusers

@@ -9,6 +9,8 @@ import pytest
 import torch
 from animate_inputs import PIPELINE_SIZE
 
+from posegen_cli.choices import CAMERA_MOTIONS
+from posegen_cli.errors import phrase
 from posegen_cli.longvideo.engine import warn_on_long_zoom
 from posegen_cli.longvideo.plan import plan_segments
 from posegen_cli.longvideo.segments import render_segments
@@ -17,8 +19,6 @@ from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.pipelines.conditioning import condition_mask, paste_head_tail
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, release_generator
 from posegen_cli.pipelines.vae import encode_video, frames_to_tensor
-from posegen_cli.choices import CAMERA_MOTIONS
-from posegen_cli.errors import phrase
 from posegen_cli.pose.camera import PANS, ZOOMS, CameraMotion, camera_pattern, zoom_factor
 from posegen_cli.pose.render import BODY_LINK_COLORS
 from posegen_cli.report import Reporter
@@ -53,7 +53,7 @@ def test_pans_move_the_pattern_toward_the_pan() -> None:
     rest = camera_pattern(0, CameraMotion("pan-left", 3, 30))
     left = camera_pattern(10, CameraMotion("pan-left", 3, 30))
     # pan-left: the pattern slid 30 px left; the edge centred on 30 is now centred on column 0
-    assert stroke_columns(left, 80, range(0, 12)) == [0, 1, 2, 3, 4]
+    assert stroke_columns(left, 80, range(12)) == [0, 1, 2, 3, 4]
     np.testing.assert_array_equal(left[:, :-30], rest[:, 30:])
     right = camera_pattern(10, CameraMotion("pan-right", 3, 30))
     assert stroke_columns(right, 80, range(50, 70)) == list(range(56, 65))
@@ -72,7 +72,7 @@ def test_zooms_scale_about_the_centre_per_second() -> None:
     zoom_in = camera_pattern(10, CameraMotion("zoom-in", 10, 10))
     # one second at 10 %/s: the pattern shrank by 1.1 about (360, 640); row 100 lies in cell row 0 (v' = 46.55)
     # columns 2-9 map to u' = -33.25 … -25.55, the right edge (130.5 in cell -1) ± 4; palette colour (3·-1) mod 23 = 20
-    assert stroke_columns(zoom_in, 100, range(0, 14)) == list(range(2, 10))
+    assert stroke_columns(zoom_in, 100, range(14)) == list(range(2, 10))
     assert np.array_equal(zoom_in[100, 5], PALETTE[20])
     # the zoom depends on seconds, not frames
     np.testing.assert_array_equal(camera_pattern(30, CameraMotion("zoom-in", 10, 30)), zoom_in)
@@ -91,7 +91,7 @@ def test_other_canvases_scale_to_the_same_area() -> None:
     # 288x512 is 0.4x the 720x1280 canvas: 2.5 canvas px per pixel, so the edge at 26.5-34.5 covers pixels 11-13
     small = camera_pattern(0, CameraMotion("pan-left", 3, 30), (512, 288))
     assert small.shape == (512, 288, 3)
-    assert stroke_columns(small, 32, range(0, 20)) == [11, 12, 13]
+    assert stroke_columns(small, 32, range(20)) == [11, 12, 13]
     assert np.array_equal(small[32, 12], PALETTE[0])
     with pytest.raises(ValueError, match="positive canvas"):
         camera_pattern(0, CameraMotion("pan-left", 3, 30), (0, 10))

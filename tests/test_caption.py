@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from PIL import Image
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from posegen_cli.errors import InputError
 from posegen_cli import prompting
+from posegen_cli.errors import InputError
 from posegen_cli.prompting import PromptOptions, TextTokenizer, clean_prompt
 from posegen_cli.prompting.caption import CAPTION_INSTRUCTION, CAPTION_REQUEST, Captioner, caption_image
 from posegen_cli.testing.tokenizer import make_tiny_tokenizer

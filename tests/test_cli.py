@@ -94,9 +94,9 @@ def test_a_stage_needs_only_its_parts(tmp_path: Path) -> None:
 
 
 def test_download_fetches_what_a_partial_cache_lacks(monkeypatch) -> None:
-    from posegen_cli import hub
-
     import huggingface_hub.constants
+
+    from posegen_cli import hub
 
     fetched = []
     monkeypatch.delenv("HF_HUB_OFFLINE")

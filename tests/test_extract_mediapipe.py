@@ -19,10 +19,10 @@ from posegen_cli.pose import extract as extract_module
 from posegen_cli.pose import stream as stream_module
 from posegen_cli.pose.backends import extract_reference_pose, resolve_backend, resolve_hand_normals
 from posegen_cli.pose.extract import ExtractResult
-from posegen_cli.pose.settings import PoseOptions
 from posegen_cli.pose.keypoints import KeypointTrack, load_npz, save_npz
 from posegen_cli.pose.mediapipe_backend import MediaPipePoseBackend, assign_hands, coco_from_mediapipe
 from posegen_cli.pose.render import render_pose
+from posegen_cli.pose.settings import PoseOptions
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
 from posegen_cli.video import iter_frames, load_image, probe_video, write_video
@@ -308,6 +308,7 @@ def test_hand_video_comes_from_the_normal_backend(extracted, moving_clip, tmp_pa
     from posegen_cli.pose.render import render_hand_normals
 
     monkeypatch.setattr(stream_module, "make_normal_backend", lambda **kwargs: StripeNormals())
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     result = extract_pose(
         moving_clip, tmp_path / "o", from_keypoints=extracted.keypoints, hand_normals="sapiens", lossless=True, reporter=quiet()
     )
@@ -344,6 +345,7 @@ class TwoPeople:
 @pytest.mark.parametrize("track", [False, True])
 def test_track_follows_one_person_across_frames(moving_clip, tmp_path, monkeypatch, track):
     monkeypatch.setattr(stream_module, "make_pose_backend", lambda *args, **kwargs: TwoPeople())
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     result = extract_pose(
         moving_clip, tmp_path / "o", backend="sapiens", hand_normals="none", track=track, use_cache=False, reporter=quiet()
     )
@@ -371,6 +373,7 @@ def test_a_failing_backend_stops_cleanly(moving_clip, tmp_path, monkeypatch):
     import threading
 
     monkeypatch.setattr(stream_module, "make_pose_backend", lambda *args, **kwargs: FailsOnSecondBatch())
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     with pytest.raises(RuntimeError, match="detector crashed"):
         extract_pose(moving_clip, tmp_path / "o", backend="sapiens", hand_normals="none", batch_size=4, use_cache=False, reporter=quiet())
     assert not [t for t in threading.enumerate() if t.name.startswith(("posegen-decode", "posegen-encode"))]
@@ -452,10 +455,11 @@ def test_align_to_checks_its_inputs(moving_clip, tmp_path):
 
 
 def test_align_to_frames_the_hand_video_too(extracted, moving_clip, reference_image_path, tmp_path, monkeypatch):
-    from posegen_cli.video.framing import frame_to_model
     from posegen_cli.pose.render import render_hand_normals
+    from posegen_cli.video.framing import frame_to_model
 
     monkeypatch.setattr(stream_module, "make_normal_backend", lambda **kwargs: StripeNormals())
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     result = extract_pose(
         moving_clip, tmp_path / "o", from_keypoints=extracted.keypoints, hand_normals="sapiens", align_to=reference_image_path,
         align="none", lossless=True, reporter=quiet(),

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from posegen_cli.video.framing import crop_box_9x16, crop_warning, frame_to_model, map_points_to_model, warn_if_cropped
 from posegen_cli.report import Reporter
+from posegen_cli.video.framing import crop_box_9x16, crop_warning, frame_to_model, map_points_to_model, warn_if_cropped
 
 
 def _torchvision_get_params(width: int, height: int, ratio: float, generator: torch.Generator) -> tuple[int, int, int, int]:

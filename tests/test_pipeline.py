@@ -13,16 +13,15 @@ from safetensors.torch import load_file
 
 from posegen_cli import hub
 from posegen_cli.errors import InputError, MissingModelError
-from posegen_cli.models import KVShareCache, load_release_model
-from posegen_cli.longvideo import renderer as renderer_module
 from posegen_cli.longvideo.loading import load_pipeline
+from posegen_cli.models import KVShareCache, load_release_model
 from posegen_cli.pipelines.conditioning import condition_mask
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, check_model_size, release_generator
 from posegen_cli.pipelines.scheduling import make_scheduler
 from posegen_cli.pipelines.text import DEFAULT_NEGATIVE
 from posegen_cli.pipelines.vae import decode_latents, encode_video, frames_to_tensor, tensor_to_frames
-from posegen_cli.video.framing import frame_to_model
 from posegen_cli.testing import make_tiny_models
+from posegen_cli.video.framing import frame_to_model
 
 H, W = PIPELINE_SIZE  # the ``pipe`` and ``embeds`` fixtures (conftest.py) work at this size
 STEPS = 2

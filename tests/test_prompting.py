@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import string
 from pathlib import Path
@@ -12,8 +11,8 @@ import pytest
 from tokenizers import pre_tokenizers
 from transformers import T5Tokenizer
 
-from posegen_cli.errors import InputError
 from posegen_cli import prompting
+from posegen_cli.errors import InputError
 from posegen_cli.prompting import PromptOptions, TextTokenizer, clean_prompt, locate_subject, prompt_line
 from posegen_cli.prompting.tokens import candidate_nouns, find_subject, overlapping_positions, release_choice
 from posegen_cli.prompting.umt5 import tokenize as encoder_tokenize

@@ -286,7 +286,8 @@ class RecordingReporter(Reporter):
 
 
 def test_overall_progress_counts_only_the_work_left(tmp_path: Path) -> None:
-    """A resumed job's overall bar (and so its rate and ETA) covers only the steps it still has to run."""
+    """A resumed job's overall bar (and so its ETA) covers only the work it still has to run: every denoising step
+    plus one unit per other phase (encode conditions, decode, store; a K/V rebuild only encodes)."""
     size = (16, 16)
     pose_video = write_video(tmp_path / "pose.mp4", [np.full((*size, 3), 9 * i, np.uint8) for i in range(40)], 30, lossless=True)
     plan = plan_segments(40, 13, 5, 4)
@@ -301,15 +302,15 @@ def test_overall_progress_counts_only_the_work_left(tmp_path: Path) -> None:
 
     first = NoiseRenderer()
     first.num_steps = 3
-    assert run(first) == (15, 15)
-    # transition 3 lost: 3 steps left
+    assert run(first) == (30, 30)
+    # transition 3 lost: 3 steps and 3 phases left
     work.segment_path(3).unlink()
     again = NoiseRenderer()
     again.num_steps = 3
-    assert run(again) == (3, 3)
+    assert run(again) == (6, 6)
     # base 4 lost too: it and the anchor's K/V rebuild (anchor_steps = 1), then the transition
     work.segment_path(4).unlink()
     work.segment_path(3).unlink()
     third = NoiseRenderer()
     third.num_steps = 3
-    assert run(third) == (7, 7)
+    assert run(third) == (14, 14)

@@ -265,14 +265,15 @@ class SwappingBoxes:
 def test_sapiens_backend_with_track_follows_one_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, track: bool) -> None:
     from posegen_cli.pose import extract as extract_module
     from posegen_cli.pose import stream as stream_module
-    from posegen_cli.pose.settings import PoseOptions
     from posegen_cli.pose.keypoints import load_npz
+    from posegen_cli.pose.settings import PoseOptions
     from posegen_cli.video import write_video
 
     maps = gaussian_maps(np.full((133, 2), (95.5, 127.5)), np.full(133, 0.9), sigma=2.0)
     script = save_script(PlantedHeatmaps(torch.from_numpy(maps)), tmp_path / "pose.pt2")
     backend = sp.SapiensPoseBackend(device="cpu", checkpoint=script, detector=SwappingBoxes(), reporter=Reporter(quiet=True))
     monkeypatch.setattr(stream_module, "make_pose_backend", lambda *args, **kwargs: backend)
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     clip = write_video(tmp_path / "clip.mp4", [np.zeros((120, 96, 3), np.uint8)] * 6, 25, lossless=True)
     reporter = Reporter(quiet=True)
     reporter.console.begin_capture()
@@ -310,6 +311,7 @@ def test_batch_size_reaches_both_sapiens_backends(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(sp, "SapiensPoseBackend", PoseStandIn)
     monkeypatch.setattr(sp, "SapiensNormalBackend", NormalStandIn)
+    monkeypatch.setattr(extract_module, "ensure_models", lambda *args, **kwargs: None)  # stand-ins need no weights
     clip = write_video(tmp_path / "clip.mp4", [np.zeros((64, 48, 3), np.uint8)] * 4, 25)
     options = PoseOptions(backend="sapiens", hand_normals="sapiens", batch_size=3, use_cache=False)
     extract_module.extract_pose(clip, tmp_path / "out", options, reporter=Reporter(quiet=True))

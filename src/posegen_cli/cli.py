@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from posegen_cli import __version__, choices
-from posegen_cli.errors import PosegenError, ResourceError, Spelling, command_line_spelling
+from posegen_cli.errors import MissingModelsError, PosegenError, ResourceError, Spelling, command_line_spelling
 from posegen_cli.report import Reporter
 
 app = typer.Typer(
@@ -41,9 +42,14 @@ CameraMove = _choice_enum("CameraMove", choices.CAMERA_MOTIONS)
 AttentionKernel = _choice_enum("AttentionKernel", choices.ATTENTION_CHOICES)
 Quantize = _choice_enum("Quantize", choices.QUANTIZE_CHOICES)
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but warnings and errors.")]
-Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (human output goes to stderr).")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")]
+def flag(*names: str, help: str) -> Any:
+    """A boolean switch, shown in ``--help`` as a bare flag (no ``<bool>`` value placeholder)."""
+    return typer.Option(*names, metavar="", help=help)
+
+
+Quiet = Annotated[bool, flag("--quiet", "-q", help="Print nothing but warnings and errors.")]
+Json = Annotated[bool, flag("--json", help="Print a machine-readable summary on stdout (human output goes to stderr).")]
+Debug = Annotated[bool, flag("--debug", help="Show Python tracebacks for errors.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16 or float32.")]
 ModelsDir = Annotated[
@@ -60,13 +66,29 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="", help="Show the version and exit.")] = False,
 ) -> None:
     """Animate one photo of a person with the motion of a driving video (PoseGen on diffusers)."""
 
 
+def download_command(names: list[str], models_dir: Path | None) -> str:
+    """The one ``posegen download`` command line that fetches ``names`` (into ``models_dir`` when given)."""
+    return " ".join(["posegen download", *names, *(["--models-dir", str(models_dir)] if models_dir is not None else [])])
+
+
+def _phrase(exc: PosegenError, spell: Spelling) -> str:
+    """An error's message in the command's words, with the command that fixes it where the error carries the facts for one."""
+    if isinstance(exc, MissingModelsError):
+        fetch = download_command(exc.names, exc.models_dir)
+        return f"{exc.phrase(spell)} (fetch them all with `{fetch}`{' after unsetting HF_HUB_OFFLINE' if exc.offline else ''})"
+    return exc.phrase(spell)
+
+
+INTERRUPTED = "interrupted (nothing was written; run the same command again to start over)"
+
+
 @contextlib.contextmanager
-def _errors(reporter: Reporter, debug: bool) -> Iterator[None]:
+def _errors(reporter: Reporter, debug: bool, interrupted: str) -> Iterator[None]:
     """Expected failures become one line and an exit code; tracebacks only with --debug.
 
     The library's messages name settings, not flags; they are spelled here with the command's own flag names.
@@ -78,10 +100,10 @@ def _errors(reporter: Reporter, debug: bool) -> Iterator[None]:
     except PosegenError as exc:
         if debug:
             raise
-        reporter.console.print(f"[red]error:[/red] {exc.phrase(reporter.spell)}", highlight=False, soft_wrap=True)
+        reporter.console.print(f"[red]error:[/red] {escape(_phrase(exc, reporter.spell))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        reporter.console.print("[red]interrupted[/red] (finished work is kept; run the same command again to continue)")
+        reporter.console.print(f"[red]interrupted[/red]{escape(interrupted.removeprefix('interrupted'))}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except Exception as exc:
         if debug:
@@ -90,7 +112,9 @@ def _errors(reporter: Reporter, debug: bool) -> Iterator[None]:
             message = str(ResourceError("the GPU ran out of memory (try --offload model, or --offload group on GPUs under 40 GB; --preview for a quick check)"))
             reporter.console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(ResourceError.exit_code) from None
-        reporter.console.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (run again with --debug for the traceback)", highlight=False, soft_wrap=True)
+        reporter.console.print(
+            f"[red]error:[/red] {escape(f'{type(exc).__name__}: {exc}')} (run again with --debug for the traceback)", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None
 
 
@@ -103,9 +127,12 @@ ANIMATE_FLAGS = {"backend": "--pose-backend", "audio_file": "--audio"}
 """``animate`` flags whose names differ from the library setting they carry."""
 
 
-def _run(quiet: bool, json_output: bool, debug: bool, work: Callable[[Reporter], Any], flags: dict[str, str] | None = None) -> Any:
+def _run(
+    quiet: bool, json_output: bool, debug: bool, work: Callable[[Reporter], Any], flags: dict[str, str] | None = None,
+    interrupted: str = INTERRUPTED,
+) -> Any:
     reporter = Reporter(quiet=quiet, json_output=json_output, spell=_flags(flags or {}))
-    with _errors(reporter, debug):
+    with _errors(reporter, debug, interrupted):
         return work(reporter)
 
 
@@ -131,18 +158,18 @@ def animate(
     align: Annotated[AlignMode, typer.Option("--align", help="Move the driving skeleton onto the reference person: scale+offset (auto), also limb lengths (limbs), or not at all.")] = AlignMode.auto,
     pose_backend: Annotated[Backend, typer.Option("--pose-backend", help="Pose extractor: sapiens (the paper's, GPU), mediapipe (CPU, offline), auto.")] = Backend.auto,
     offload: Annotated[Offload, typer.Option("--offload", help="Keep models on the CPU until needed (model) or stream blocks (group) to fit smaller GPUs.")] = Offload.none,
-    preview: Annotated[bool, typer.Option("--preview", help="Low resolution and few steps, to check a job fast.")] = False,
-    no_audio: Annotated[bool, typer.Option("--no-audio", help="Do not copy the driving video's audio.")] = False,
+    preview: Annotated[bool, flag("--preview", help="Low resolution and few steps, to check a job fast.")] = False,
+    no_audio: Annotated[bool, flag("--no-audio", help="Do not copy the driving video's audio.")] = False,
     crf: Annotated[int, typer.Option("--crf", min=0, max=51, help="H.264 quality (lower is better; 5 is the release's quality 9, 18 is visually lossless).")] = 5,
-    compat_mp4: Annotated[bool, typer.Option("--compat-mp4", help="Pass every segment through the release's CRF-5 mp4 round trip before transitions and the merge use it (closest to the release's output).")] = False,
+    compat_mp4: Annotated[bool, flag("--compat-mp4", help="Pass every segment through the release's CRF-5 mp4 round trip before transitions and the merge use it (closest to the release's output).")] = False,
     anchor: Annotated[int, typer.Option("--anchor", min=0, help="Segment whose background the other base segments copy (even: 0, 2, 4, ...); pick another if it has camera motion.")] = 0,
     attention: Annotated[AttentionKernel, typer.Option("--attention", help="Attention kernel: auto (fastest exact one present), native (PyTorch SDPA), cudnn, flash (FlashAttention-2), flash3 (FlashAttention-3, Hopper), sage (SageAttention: approximate, faster).")] = AttentionKernel.auto,
-    compile_blocks: Annotated[bool, typer.Option("--compile", help="Compile the transformer blocks with torch.compile (a one-off compile per job, then faster passes).")] = False,
+    compile_blocks: Annotated[bool, flag("--compile", help="Compile the transformer blocks with torch.compile (a one-off compile per job, then faster passes).")] = False,
     quantize: Annotated[Quantize, typer.Option("--quantize", help="torchao weights for the transformer's linear layers: fp8 (FP8 GPUs: Ada, Hopper; faster, half the memory), int8 (weight-only: half the memory), none.")] = Quantize.none,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Load no model: print the segment plan, transformer passes, FLOPs, estimated GPU memory and time.")] = False,
+    dry_run: Annotated[bool, flag("--dry-run", help="Load no model: print the segment plan, transformer passes, FLOPs, estimated GPU memory and time.")] = False,
     gpu: Annotated[str | None, typer.Option("--gpu", help="With --dry-run: estimate for this GPU (H200, H100, A100-80GB, L40S, 'RTX 4090') instead of the one present.")] = None,
     work_dir: Annotated[Path | None, typer.Option("--work-dir", help="Where finished segments are kept for resuming (default: the posegen cache).")] = None,
-    keep_intermediates: Annotated[bool, typer.Option("--keep-intermediates", help="Keep the segment files and conditioning videos after success.")] = False,
+    keep_intermediates: Annotated[bool, flag("--keep-intermediates", help="Keep the segment files and conditioning videos after success.")] = False,
     models_dir: ModelsDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -161,6 +188,13 @@ def animate(
     """
 
     def work(reporter: Reporter) -> None:
+        from posegen_cli.cache import cache_root
+        from posegen_cli.preflight import check_animate_files
+
+        if (driving is None) != (pose_video is None):  # neither or both: the library says which to give
+            motion, what = (driving, "driving video") if driving is not None else (pose_video, "pose video")
+            check_animate_files(reference, motion, output, work_dir if work_dir is not None else cache_root(), what)
+        _quiet_libraries()
         from posegen_cli.longvideo import AnimateOptions
         from posegen_cli.longvideo import animate as run_animate
 
@@ -182,7 +216,7 @@ def animate(
         result = run_animate(reference, driving, output, options=options, reporter=reporter)
         reporter.summary(result.summary(), title="Done")
 
-    _run(quiet, json_output, debug, work, ANIMATE_FLAGS)
+    _run(quiet, json_output, debug, work, ANIMATE_FLAGS, interrupted="interrupted (finished segments are kept; run the same command again to continue from them)")
 
 
 def plan_summary(plan: Any) -> dict[str, Any]:
@@ -221,8 +255,8 @@ def extract_pose(
     out_dir: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default: <video name>_pose next to the video).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", help="sapiens (the paper's extractor, GPU), mediapipe (CPU, offline), auto.")] = Backend.auto,
     hand_normals: Annotated[HandNormals, typer.Option("--hand-normals", help="Hand-normal video from Sapiens normals, or none: a black video (in distribution: the model saw 10% black hands). auto: sapiens with the sapiens backend.")] = HandNormals.auto,
-    track: Annotated[bool, typer.Option("--track", help="Follow the same person across frames (box IoU) instead of the top-scoring one each frame.")] = False,
-    lossless: Annotated[bool, typer.Option("--lossless", help="Write pose.mp4/hand.mp4 losslessly (bit-exact colours).")] = False,
+    track: Annotated[bool, flag("--track", help="Follow the same person across frames (box IoU) instead of the top-scoring one each frame.")] = False,
+    lossless: Annotated[bool, flag("--lossless", help="Write pose.mp4/hand.mp4 losslessly (bit-exact colours).")] = False,
     fmt: Annotated[KeypointFormat, typer.Option("--format", help="Keypoints as keypoints.npz only, or also one OpenPose JSON per frame in openpose/.")] = KeypointFormat.npz,
     body_threshold: Annotated[float, typer.Option("--body-threshold", help="Body keypoint score needed to draw it (the release: 0.3, calibrated for Sapiens).")] = 0.3,
     hand_threshold: Annotated[float, typer.Option("--hand-threshold", help="Hand keypoint score needed to draw it (the release: 0.7).")] = 0.7,
@@ -233,7 +267,7 @@ def extract_pose(
     from_keypoints: Annotated[Path | None, typer.Option("--from-keypoints", help="Render from a keypoints.npz or OpenPose JSON folder instead of detecting.")] = None,
     align_to: Annotated[Path | None, typer.Option("--align-to", help="Reference photo: retarget the skeleton onto this person and frame it at 720x1280.")] = None,
     align: Annotated[AlignMode, typer.Option("--align", help="With --align-to: scale+offset (auto), also limb lengths (limbs), or none.")] = AlignMode.auto,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Extract again even if this video was extracted with the same settings.")] = False,
+    no_cache: Annotated[bool, flag("--no-cache", help="Extract again even if this video was extracted with the same settings.")] = False,
     models_dir: ModelsDir = None,
     device: Device = "auto",
     quiet: Quiet = False,
@@ -243,8 +277,11 @@ def extract_pose(
     """Skeleton video, hand-normal video, keypoints file and an overlay preview of a driving video."""
 
     def work(reporter: Reporter) -> None:
-        from posegen_cli.pose.settings import PoseOptions
+        from posegen_cli.preflight import check_extract_pose_files
+
+        check_extract_pose_files(video, out_dir, align_to)
         from posegen_cli.pose.extract import extract_pose as run_extract
+        from posegen_cli.pose.settings import PoseOptions
 
         options = PoseOptions(
             backend=backend.value, hand_normals=hand_normals.value, track=track, lossless=lossless, output_format=fmt.value,
@@ -255,7 +292,7 @@ def extract_pose(
         result = run_extract(video, out_dir, options, from_keypoints=from_keypoints, align_to=align_to, reporter=reporter)
         reporter.summary(result.summary(), title="Pose extracted")
 
-    _run(quiet, json_output, debug, work)
+    _run(quiet, json_output, debug, work, interrupted="interrupted (nothing was written and nothing is kept; run the same command again to extract from the start)")
 
 
 @app.command()
@@ -266,7 +303,7 @@ def prompt(
     subject: Annotated[str | None, typer.Option("--subject", help="Subject word to locate (default: picked from the caption).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed for the captioner.")] = 42,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=16, help="Longest caption, in captioner tokens (the release: 512).")] = 512,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Caption again even if this image was captioned with the same settings.")] = False,
+    no_cache: Annotated[bool, flag("--no-cache", help="Caption again even if this image was captioned with the same settings.")] = False,
     models_dir: ModelsDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -277,6 +314,10 @@ def prompt(
     """Wan-style caption of the reference (Qwen2.5-VL) and the subject word's text-encoder token positions."""
 
     def work(reporter: Reporter) -> None:
+        from posegen_cli.preflight import check_image
+
+        check_image(image, "reference image")
+        _quiet_libraries()
         from posegen_cli.prompting import PromptOptions, run_prompt
 
         options = PromptOptions(
@@ -292,11 +333,15 @@ def prompt(
 @app.command()
 def download(
     names: Annotated[list[str] | None, typer.Argument(help="Models to fetch (default: everything `animate` needs). See `posegen doctor` for names.", show_default=False)] = None,
+    models_dir: Annotated[
+        Path | None,
+        typer.Option("--models-dir", envvar="POSEGEN_MODELS_DIR", help="Fetch into this folder (<dir>/<model name>/, what --models-dir reads) instead of the Hugging Face cache."),
+    ] = None,
     quiet: Quiet = False,
     json_output: Json = False,
     debug: Debug = False,
 ) -> None:
-    """Fetch model weights into the Hugging Face cache (only the files posegen uses)."""
+    """Fetch model weights (only the files posegen uses) into the Hugging Face cache or a models folder."""
 
     def work(reporter: Reporter) -> None:
         from posegen_cli import hub
@@ -308,10 +353,10 @@ def download(
         for name in wanted:
             spec = hub.MODELS[name]
             reporter.info(f"{name}: {spec.repo_id} (~{spec.size_gb:g} GB, {spec.licence})")
-            paths[name] = str(hub.download(name))
+            paths[name] = str(hub.download(name, models_dir))
         reporter.summary(paths, title="Downloaded")
 
-    _run(quiet, json_output, debug, work)
+    _run(quiet, json_output, debug, work, interrupted="interrupted (files fetched so far are kept; run the same command again to fetch the rest)")
 
 
 @app.command("convert-checkpoint")
@@ -325,6 +370,7 @@ def convert_checkpoint(
     """Merge a release checkpoint's LoRA and write it as a diffusers PoseGenTransformer3DModel."""
 
     def work(reporter: Reporter) -> None:
+        _quiet_libraries()
         from posegen_cli.models import convert_checkpoint as run_convert
 
         out = run_convert(src, dst, reporter=reporter)
@@ -352,54 +398,106 @@ def doctor(
 
 
 def _doctor_report(models_dir: Path | None) -> dict[str, Any]:
-    import torch
+    """Versions, GPUs, ffmpeg, pose backends, disk and models, without importing torch or OpenCV (well under a second)."""
+    import importlib.metadata
+    import subprocess
+
+    import imageio_ffmpeg
 
     from posegen_cli import hub
     from posegen_cli.cache import cache_root
-    from posegen_cli.video import available_bytes
-    from posegen_cli.video._ffmpeg import run_ffmpeg
+    from posegen_cli.fsutil import available_bytes
 
     problems: list[str] = []
-    gpus = [
-        f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
-        for i in range(torch.cuda.device_count())
-    ]
+    torch_version, torch_cuda = _torch_build()
+    gpus = _nvidia_gpus()
     if not gpus:
         problems.append("no CUDA GPU: animate needs one for real models (extract-pose --backend mediapipe works on CPU)")
+    elif torch_cuda is None:
+        problems.append(f"torch {torch_version} is a CPU build but this machine has a GPU: install the CUDA build of torch")
     try:
-        ffmpeg = run_ffmpeg(["-version"]).stdout.splitlines()[0]
-    except OSError as exc:
+        ffmpeg = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         ffmpeg = f"missing ({exc})"
         problems.append("ffmpeg from imageio-ffmpeg does not run: reinstall imageio-ffmpeg")
-    from huggingface_hub.constants import HF_HUB_CACHE
+    try:
+        mediapipe = f"{importlib.metadata.version('mediapipe')} (CPU pose backend)"
+    except importlib.metadata.PackageNotFoundError:
+        mediapipe = "not installed (the CPU pose backend: pip install 'posegen[mediapipe]')"
+        if not gpus:
+            problems.append("no pose backend can run here: no GPU for Sapiens and no mediapipe (pip install 'posegen[mediapipe]')")
+    root = hub.models_dir_from_env(models_dir)
+    if root is None:
+        from huggingface_hub.constants import HF_HUB_CACHE
 
-    present = {name: hub.find_local(name, models_dir) is not None for name in hub.MODELS}
+        store = Path(HF_HUB_CACHE)
+    else:
+        store = root
+    present = {name: hub.find_local(name, root) is not None for name in hub.MODELS}
     missing = [name for name in hub.DEFAULT_DOWNLOADS if not present[name]]
     if missing:
-        problems.append(f"models not downloaded: {', '.join(missing)} (run `posegen download`)")
-    free_gb = available_bytes(HF_HUB_CACHE) / 2**30
+        problems.append(f"models not downloaded: {', '.join(missing)} (run `{download_command(missing, root)}`)")
+    free_gb = available_bytes(store) / 2**30
     needed_gb = sum(hub.MODELS[name].size_gb for name in missing)
     if free_gb < needed_gb:
-        problems.append(f"{free_gb:.0f} GB free in {HF_HUB_CACHE}, the missing models need ~{needed_gb:.0f} GB")
+        problems.append(f"{free_gb:.0f} GB free in {store}, the missing models need ~{needed_gb:.0f} GB")
     return {
         "posegen": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda or "none (CPU build)",
+        "torch": torch_version,
+        "cuda": torch_cuda or "none (CPU build)",
         "gpus": gpus or "none",
+        "mediapipe": mediapipe,
         "ffmpeg": ffmpeg,
-        "hf_cache": f"{HF_HUB_CACHE} ({free_gb:.0f} GB free)",
+        "models_dir" if root is not None else "hf_cache": f"{store} ({free_gb:.0f} GB free)",
         "posegen_cache": str(cache_root()),
         "models": {name: "present" if ok else "missing" for name, ok in present.items()},
         "problems": problems,
     }
 
 
+def _torch_build() -> tuple[str, str | None]:
+    """torch's version and CUDA version from its ``torch/version.py``, read without importing torch (seconds of CPU)."""
+    import importlib.metadata
+    import importlib.util
+    import runpy
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return "not installed", None
+    build = runpy.run_path(str(Path(next(iter(spec.submodule_search_locations))) / "version.py"))
+    return str(build.get("__version__", importlib.metadata.version("torch"))), build.get("cuda")
+
+
+def _nvidia_gpus() -> list[str]:
+    """Name and memory of each NVIDIA GPU as the driver reports it (``nvidia-smi``); empty without a driver."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.splitlines():
+        name, _, mib = line.rpartition(",")
+        if name.strip():
+            gpus.append(f"{name.strip()} ({float(mib) / 1024:.0f} GiB)")
+    return gpus
+
+
 def _quiet_libraries() -> None:
     """Our own progress bars and messages replace the libraries' tqdm bars and load-time chatter.
 
-    torchao (optional, for ``--quantize``), imported by diffusers when installed, logs the optional C++ kernels it
-    cannot load and a torch deprecation note; both are set quiet before anything imports them.
+    Called by the commands that load diffusers/transformers models, after their inputs are checked, so that
+    ``--help``, input errors, ``doctor`` and the MediaPipe pose stage never pay for importing them. torchao
+    (optional, for ``--quantize``), imported by diffusers when installed, logs the optional C++ kernels it cannot
+    load and a torch deprecation note; both are set quiet before anything imports them.
     """
     import logging
 
@@ -416,8 +514,6 @@ def _quiet_libraries() -> None:
 
 def run() -> None:
     """Console-script entry point."""
-    if not {"-h", "--help", "--version"} & set(sys.argv[1:]):
-        _quiet_libraries()
     app()
 
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from posegen_cli.errors import InputError, MissingModelError, option
+from posegen_cli.errors import InputError, MissingModelError, MissingModelsError, option
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def model_path(name: str, models_dir: str | Path | None = None, *, parts: tuple[
     root = models_dir_from_env(models_dir)
     if root is not None:
         raise MissingModelError(
-            f"model {name} not found in {root / name} (copy the {spec.repo_id} files there, or drop {option('models_dir')} to use the Hugging Face cache)"
+            f"model {name} not found in {root / name} (run `posegen download {name} {option('models_dir')} {root}`, or drop {option('models_dir')} to use the Hugging Face cache)"
         )
     if offline():
         raise MissingModelError(
@@ -168,15 +168,20 @@ def model_path(name: str, models_dir: str | Path | None = None, *, parts: tuple[
     return fetch(spec, parts=parts)
 
 
-def fetch(spec: ModelSpec, *, parts: tuple[str, ...] | None = None) -> Path:
-    """Download ``spec``'s files (or its ``parts``) into the Hugging Face cache, with huggingface_hub's progress bars."""
+def fetch(spec: ModelSpec, *, parts: tuple[str, ...] | None = None, local_dir: Path | None = None) -> Path:
+    """Download ``spec``'s files (or its ``parts``) with huggingface_hub's progress bars.
+
+    Into the Hugging Face cache, or with ``local_dir`` into that folder in the repository's layout (what
+    ``find_local`` looks for under a models folder).
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import enable_progress_bars
 
     enable_progress_bars()  # the CLI silences library bars for loading, not for downloads
     patterns = _patterns(spec, parts)
+    target = {} if local_dir is None else {"local_dir": local_dir}
     try:
-        return Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=list(patterns)))
+        return Path(snapshot_download(spec.repo_id, revision=spec.revision, allow_patterns=list(patterns), **target))
     except Exception as exc:  # noqa: BLE001 - network, auth, gating and disk errors all end as one clear line
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MissingModelError(
@@ -184,9 +189,36 @@ def fetch(spec: ModelSpec, *, parts: tuple[str, ...] | None = None) -> Path:
         ) from None
 
 
-def download(name: str) -> Path:
-    """Fetch whatever of ``name`` the Hugging Face cache lacks (a finished model costs one metadata call)."""
+def download(name: str, models_dir: str | Path | None = None) -> Path:
+    """Fetch whatever of ``name`` is missing (a finished model costs one metadata call).
+
+    Into the Hugging Face cache, or into ``<models_dir>/<name>/`` when a models folder is given, where every
+    stage then finds it.
+    """
     spec = get_spec(name)
     if offline():
         raise MissingModelError(f"cannot download {name} ({spec.repo_id}): HF_HUB_OFFLINE is set (unset it and run `posegen download {name}`)")
-    return fetch(spec)
+    root = models_dir_from_env(models_dir)
+    return fetch(spec) if root is None else fetch(spec, local_dir=root / name)
+
+
+Parts = dict[str, tuple[str, ...]]
+"""For models a stage needs only part of (the Wan tokenizer): model name to the allow patterns it needs."""
+
+
+def missing_models(names: list[str], models_dir: str | Path | None = None, parts: Parts | None = None) -> list[str]:
+    """The ``names`` (in order, once each) with no complete local copy (of their ``parts``); nothing is downloaded."""
+    parts = parts or {}
+    return [name for name in dict.fromkeys(names) if find_local(name, models_dir, parts=parts.get(name)) is None]
+
+
+def require_models(names: list[str], models_dir: str | Path | None = None, parts: Parts | None = None) -> list[str]:
+    """The missing ``names`` this run may download itself, or one MissingModelsError listing all of them.
+
+    A models folder is never filled behind the user's back, and nothing is fetched while offline.
+    """
+    missing = missing_models(names, models_dir, parts)
+    root = models_dir_from_env(models_dir)
+    if missing and (root is not None or offline()):
+        raise MissingModelsError(missing, root, offline())
+    return missing

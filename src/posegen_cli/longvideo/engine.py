@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from posegen_cli.errors import InputError, ResourceError, option, require_file
+from posegen_cli.cache import cache_root
+from posegen_cli.errors import InputError, ResourceError, option
+from posegen_cli.fsutil import copy_file
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
@@ -43,9 +45,11 @@ from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import BlankFrames, CameraFrames, FrameReader, FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION, quantization_config, resolve_attention
+from posegen_cli.pose.backends import resolve_backend, resolve_hand_normals
 from posegen_cli.pose.camera import CameraMotion, zoom_factor
 from posegen_cli.pose.types import PersonPose
-from posegen_cli.report import Reporter
+from posegen_cli.preflight import VIDEO_MODELS, animate_models, check_animate_files, check_output_video, check_video, ensure_models
+from posegen_cli.report import Reporter, plural
 from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, check_audio_file, probe_video
 from posegen_cli.video.framing import frame_to_model, warn_if_cropped
 from posegen_cli.video.image import ReferenceImage
@@ -113,6 +117,9 @@ class AnimateResult:
     """Where the pose and hand conditions came from, in words."""
     camera: str | None = None
     camera_video: Path | None = None
+    alignment_png: Path | None = None
+    pose_video: Path | None = None
+    hand_video: Path | None = None
 
     def summary(self) -> dict[str, Any]:
         """Plain values for ``Reporter.summary`` (and the JSON output)."""
@@ -141,20 +148,10 @@ class AnimateResult:
             "memory_gb": self.phase_memory,
             "peak_gpu_memory_gb": None if self.peak_gpu_memory_bytes is None else round(self.peak_gpu_memory_bytes / 1024**3, 2),
             "work_dir": None if self.work_dir is None else str(self.work_dir),
+            "alignment_png": None if self.alignment_png is None else str(self.alignment_png),
+            "pose_video": None if self.pose_video is None else str(self.pose_video),
+            "hand_video": None if self.hand_video is None else str(self.hand_video),
         }
-
-
-def check_output_path(output: Path, inputs: list[Path]) -> Path:
-    """The output must be a new .mp4 path that does not overwrite an input."""
-    output = Path(output)
-    if output.suffix.lower() != ".mp4":
-        raise InputError(f"output {output} must end in .mp4 (the video is H.264 in an MP4 container)")
-    if output.is_dir():
-        raise InputError(f"output {output} is a folder (give a file name such as {output / 'posegen.mp4'})")
-    for path in inputs:
-        if output.resolve() == path.resolve():
-            raise InputError(f"output {output} would overwrite the input {path} (choose another -o name)")
-    return output
 
 
 def motion_input(driving: Path | None, pose_video: Path | None) -> Path:
@@ -163,7 +160,7 @@ def motion_input(driving: Path | None, pose_video: Path | None) -> Path:
         raise InputError(f"give either a driving video ({driving}) or {option('pose_video')} ({pose_video}), not both")
     if driving is None and pose_video is None:
         raise InputError(f"nothing to follow: give a driving video, or your own condition video with {option('pose_video')}")
-    return require_file(driving, "driving video") if driving is not None else require_file(pose_video, "pose video")
+    return check_video(driving, "driving video") if driving is not None else check_video(pose_video, "pose video")
 
 
 def describe_video(info: VideoInfo) -> str:
@@ -421,13 +418,16 @@ def _animate(
     after_segment: Callable[[Segment], None] | None,
 ) -> AnimateResult:
     job = resolve_settings(options)
-    reference = require_file(reference, "reference image")
+    root = Path(options.work_dir) if options.work_dir is not None else None
     motion = motion_input(driving, options.pose_video)
-    hand_video = None if options.hand_video is None else require_file(options.hand_video, "hand video")
+    reference, motion, output = check_animate_files(
+        reference, motion, output, root if root is not None else cache_root(), "driving video" if driving is not None else "pose video"
+    )
+    hand_video = None if options.hand_video is None else check_video(options.hand_video, "hand video")
     audio_file = None if options.audio_file is None else check_audio_file(options.audio_file)
     videos = [motion, *([hand_video] if hand_video is not None else [])]
-    output = check_output_path(output, [reference, *videos, *([audio_file] if audio_file is not None else [])])
-    camera_video = None if options.camera is None else check_output_path(camera_video_path(output), [reference, *videos])
+    output = check_output_video(output, [reference, *videos, *([audio_file] if audio_file is not None else [])])
+    camera_video = None if options.camera is None else check_output_video(camera_video_path(output), [reference, *videos])
     device = job.device
     resolve_attention(options.attention, device, job.dtype)  # a kernel or quantisation that cannot run fails before any work
     quantization_config(options.quantize, device)
@@ -446,15 +446,18 @@ def _animate(
             warn_if_cropped(reporter, info.width, info.height, f"pose video {motion.name}", size)
         if hand_video is not None:
             check_hand_video(probe_video(hand_video), info)
-        model_dirs = [model_path(name, options.models_dir) for name in ("wan-i2v-720p", "posegen")]
+        # every model the job loads, checked (or fetched) once the inputs are known good and before any work
+        backend, _ = resolve_backend(options.pose_backend, device)
+        needed = animate_models(backend, resolve_hand_normals("auto", backend), captioned=options.prompt is None)
+        ensure_models(needed, options.models_dir, reporter.info)
+        model_dirs = [model_path(name, options.models_dir) for name in VIDEO_MODELS]
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
         length = output_frames(plan, info.frame_count)
-        root = Path(options.work_dir) if options.work_dir is not None else None
         work = WorkDir.for_job(videos, work_settings(options, job, ref, model_dirs), root)
         check_disk_space(work, plan, size, output)
     reporter.info(
-        f"{info.frame_count} {'pose' if options.pose_video else 'driving'} frames at {fps_text(info.fps)} fps -> {len(plan)} "
-        f"segments of {options.segment_frames} frames at {job.width}x{job.height}, {job.steps} steps (work folder {work.path})"
+        f"{info.frame_count} {'pose' if options.pose_video else 'driving'} frames at {fps_text(info.fps)} fps -> {plural(len(plan), 'segment')} "
+        f"of {options.segment_frames} frames at {job.width}x{job.height}, {job.steps} steps (work folder {work.path})"
     )
     if length < info.frame_count:
         reporter.warn(f"without padding the output covers only the first {length} of {info.frame_count} frames")
@@ -474,9 +477,13 @@ def _animate(
                 raise InputError(f"pose extraction of {motion} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
             pose_source: FrameReader = FrameSource(poses.pose_video, size)
             hand_source: FrameReader = FrameSource(poses.hand_video, size)
+            has_alignment = poses.alignment_png is not None and poses.alignment_png.is_file()
+            if has_alignment:
+                reporter.info(f"pose alignment preview: {poses.alignment_png} (the driving skeleton drawn on the reference)")
             conditions = f"extracted from {motion.name} ({options.pose_backend} backend, alignment {options.align})"
         else:
             shot = pick_shot(options, image, device, reporter)[0] if share_kv else None
+            poses, has_alignment = None, False
             pose_source = FrameSource(motion, size)
             hand_source = FrameSource(hand_video, size) if hand_video is not None else BlankFrames(size)
             hands = hand_video.name if hand_video is not None else "black hands"
@@ -529,7 +536,7 @@ def _animate(
         del renderer, pipe
     transitions = sum(1 for seg in plan if seg.kind == TRANSITION)
     if stats.reused:
-        reporter.info(f"reused {len(stats.reused)} finished segment(s) from {work.path}")
+        reporter.info(f"reused {plural(len(stats.reused), 'finished segment')} from {work.path}")
 
     with timer("merge + encode"):
         audio_from = pick_audio(options, info, audio_file, reporter)
@@ -538,18 +545,22 @@ def _animate(
             write_camera_video(camera_video, camera, length, info.fps, options.crf)
             reporter.info(f"camera pattern given to the negative branch -> {camera_video}")
 
+    # beside the output once it is complete: the work folder, where it was made, goes with the job
+    alignment_png = copy_file(poses.alignment_png, output.with_name(f"{output.stem}_alignment.png")) if poses is not None and has_alignment else None
     if options.keep_intermediates:
         kept: Path | None = work.path
     else:
         work.remove()
         kept = None
-    reporter.info(f"{len(plan) - transitions} base and {transitions} transition segment(s) -> {output}")
+    reporter.info(f"{plural(len(plan) - transitions, 'base segment')} and {plural(transitions, 'transition segment')} -> {output}")
     return AnimateResult(
         output=output, frames=length, fps=info.fps, width=job.width, height=job.height, audio=audio,
         segments=len(plan), computed=stats.computed, reused=stats.reused, kv_rebuilt=stats.rebuilt_anchor,
         segment_seconds=stats.seconds, shot=shot, kv=kv,
         prompt=prompt.prompt, subject=prompt.subject, phases=timer.seconds, phase_memory=timer.memory,
-        peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept,
+        peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept, alignment_png=alignment_png,
+        pose_video=poses.pose_video if kept and poses is not None else None,
+        hand_video=poses.hand_video if kept and poses is not None else None,
         conditions=conditions, camera=None if options.camera is None else f"{options.camera} at {options.camera_speed:g}",
         camera_video=camera_video,
     )  # fmt: skip

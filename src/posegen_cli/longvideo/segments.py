@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from rich.progress import Progress, TaskID
 
 from posegen_cli.longvideo.plan import ANCHOR, BASE, Segment, segment_frame_indices
 from posegen_cli.longvideo.sources import FrameReader
 from posegen_cli.longvideo.workdir import WorkDir
-from posegen_cli.report import Reporter
+from posegen_cli.report import Reporter, duration_text, set_eta
 from posegen_cli.video import iter_frames, write_video
 
 RELEASE_FPS = 30
@@ -98,6 +99,105 @@ class SegmentStats:
     seconds: dict[int, float] = field(default_factory=dict)
 
 
+PHASES = ("encoding conditions", "denoising", "decoding", "storing")
+"""What one segment goes through; each counts in the progress, denoising once per step."""
+
+
+def segment_units(steps: int, rebuild: bool) -> int:
+    """Progress units of a segment that runs ``steps`` denoising steps: one per step, one per other phase.
+
+    A K/V rebuild encodes its conditions and denoises, but decodes and stores nothing.
+    """
+    return steps + (1 if rebuild else len(PHASES) - 1)
+
+
+@dataclass
+class SegmentClock:
+    """Time left for a job's segments, from what whole segments (every phase, not only denoising) took.
+
+    A segment's weight is the share of a full segment's denoising steps it runs: 1 for a segment generated
+    whole, ``anchor_steps / num_steps`` for a K/V rebuild. Once any segment is timed (in this run, or stored by an
+    earlier run of the same job), the estimate is measured seconds per unit of weight times the weight left.
+    Before that only the denoising rate is known: the estimate is the denoising time left, a lower bound.
+    """
+
+    seconds: float = 0.0
+    weight: float = 0.0
+
+    def record(self, weight: float, seconds: float) -> None:
+        self.seconds += seconds
+        self.weight += weight
+
+    @property
+    def per_segment(self) -> float | None:
+        """Measured seconds of one full segment, or None before any is timed."""
+        return self.seconds / self.weight if self.weight > 0 else None
+
+    def remaining(
+        self, weight_after: float, current_weight: float, current_elapsed: float, step_seconds: float | None, steps_left: int, num_steps: int
+    ) -> tuple[float | None, bool]:
+        """(seconds left, whether it is only a lower bound); None when nothing has been timed yet.
+
+        ``weight_after`` is the weight of the segments after the current one, ``steps_left`` the current
+        segment's denoising steps still to run and ``step_seconds`` the measured time of one step.
+        """
+        per_segment = self.per_segment
+        if per_segment is not None:
+            return max(current_weight * per_segment - current_elapsed, 0.0) + weight_after * per_segment, False
+        if step_seconds is None:
+            return None, True
+        return (steps_left + weight_after * num_steps) * step_seconds, True
+
+
+@dataclass
+class _SegmentProgress:
+    """The bars of one segment while it runs: its own task and the overall one, with the phase in both descriptions."""
+
+    progress: Progress
+    overall: TaskID
+    task: TaskID
+    label: str
+    clock: SegmentClock
+    steps: int
+    num_steps: int
+    rebuild: bool
+    weight: float
+    weight_after: float
+    position: str
+    began: float = field(default_factory=time.perf_counter)
+    step_times: list[float] = field(default_factory=list)
+
+    def show(self, phase: str) -> None:
+        self.progress.update(self.task, description=f"{self.label} › {phase}")
+        self.progress.update(self.overall, description=f"all segments ({self.position}: {phase})")
+        steps_done = len(self.step_times)
+        step_seconds = (self.step_times[-1] - self.began) / steps_done if steps_done else None
+        elapsed = time.perf_counter() - self.began
+        eta = self.clock.remaining(self.weight_after, self.weight, elapsed, step_seconds, self.steps - steps_done, self.num_steps)
+        set_eta(self.progress, self.overall, *eta)
+
+    def advance(self) -> None:
+        self.progress.advance(self.task)
+        self.progress.advance(self.overall)
+
+    def on_step(self, count: int) -> None:
+        self.step_times.append(time.perf_counter())
+        self.advance()
+        self.show(f"denoising {count}/{self.steps}" if count < self.steps or self.rebuild else "decoding")
+
+
+def resume_notice(done: int, total: int, rebuild_steps: int, num_steps: int, anchor_seconds: float | None) -> str:
+    """What a resumed job reuses, and what rebuilding the anchor's K/V (never stored: it is gigabytes) costs."""
+    text = f"resuming: {done} of {total} segments are finished and reused"
+    if rebuild_steps:
+        cost = f", about {duration_text(anchor_seconds * rebuild_steps / num_steps)} by its last run" if anchor_seconds else ""
+        text += (
+            f"; the anchor's K/V is not stored, so the anchor is re-run for {rebuild_steps} of its {num_steps} denoising "
+            f"steps to rebuild it before the remaining base segments (no decoding{cost})"
+        )
+    return text
+
+
 def render_segments(
     plan: list[Segment],
     renderer: SegmentRenderer,
@@ -119,7 +219,9 @@ def render_segments(
     ``frame_shape`` is (height, width).
 
     ``compat_mp4`` stores each segment as the release's mp4 round trip would give it back. ``after_segment`` runs
-    once each segment is safely stored (progress hooks, and crash injection in tests).
+    once each segment is safely stored (progress hooks, and crash injection in tests). Progress counts every
+    phase of every segment still to run (:data:`PHASES`), shows the current one, and estimates the time left with
+    a :class:`SegmentClock` seeded with the segment times an earlier run of the same job stored.
     """
     stats = SegmentStats()
     pose, hand, *negative_source = sources
@@ -128,36 +230,47 @@ def render_segments(
     shape_of = {seg.index: (seg.frames, *frame_shape, 3) for seg in plan}
     done = {index for index, shape in work.finished().items() if shape_of.get(index) == shape}
     bases_left = any(seg.kind == BASE and seg.index not in done for seg in plan)
+    num_steps = renderer.num_steps
 
     def steps_to_run(seg: Segment) -> int:
         """Denoising steps ``seg`` still needs: all, the anchor's shared ones to rebuild the K/V, or none."""
         if seg.index not in done:
-            return renderer.num_steps
+            return num_steps
         return renderer.anchor_steps() if seg.kind == ANCHOR and bases_left else 0
+
+    todo = [seg for seg in plan if steps_to_run(seg)]
+    clock = SegmentClock()
+    measured = work.segment_seconds()
+    for index in done:
+        if index in measured:
+            clock.record(1.0, measured[index])
+    if done:
+        anchor = next((seg for seg in plan if seg.kind == ANCHOR), None)
+        rebuild_steps = steps_to_run(anchor) if anchor is not None and anchor.index in done else 0
+        reporter.info(resume_notice(len(done), len(plan), rebuild_steps, num_steps, measured.get(anchor.index) if anchor else None))
 
     try:
         with reporter.progress() as progress:
-            # reused segments are not counted, so the overall rate and ETA of a resumed job are those of its real work
-            overall = progress.add_task("all segments", total=sum(steps_to_run(seg) for seg in plan), unit="steps")
-            for seg in plan:
-                label = f"segment {seg.index} ({seg.kind}, frames {seg.start}-{seg.stop - 1})"
-                todo = steps_to_run(seg)
-                if todo == 0:
-                    stats.reused.append(seg.index)
-                    continue
+            # reused segments are not counted, so the overall progress and ETA of a resumed job are those of its real work
+            units = sum(segment_units(steps_to_run(seg), seg.index in done) for seg in todo)
+            overall = progress.add_task("all segments", total=units, unit="")
+            weights = [steps_to_run(seg) / num_steps for seg in todo]
+            for position, seg in enumerate(todo):
                 rebuild = seg.index in done
+                steps = steps_to_run(seg)
+                label = f"segment {seg.index} ({seg.kind}, frames {seg.start}-{seg.stop - 1}" + (", K/V rebuild)" if rebuild else ")")
                 if seg.kind not in (ANCHOR, BASE):
                     renderer.release_kv()
-                task = progress.add_task(("rebuilding K/V of " if rebuild else "") + label, total=todo, unit="steps")
+                task = progress.add_task(label, total=segment_units(steps, rebuild), unit="")
+                tracker = _SegmentProgress(progress, overall, task, label, clock, steps, num_steps, rebuild,
+                                           weights[position], sum(weights[position + 1 :]), f"{position + 1}/{len(todo)}")  # fmt: skip
+                show, advance, on_step, began = tracker.show, tracker.advance, tracker.on_step, tracker.began
 
-                def on_step(count: int, task: int = task) -> None:
-                    progress.update(task, completed=count)
-                    progress.advance(overall, 1)
-
+                show(PHASES[0])
                 indices = segment_frame_indices(seg, total_frames)
                 pose_frames, hand_frames = pose.read(indices), hand.read(indices)
                 negative = None if camera is None else camera.read(np.arange(seg.start, seg.stop))
-                began = time.perf_counter()
+                advance()  # the conditions are encoded inside the renderer's call, before its first step
                 if seg.kind == ANCHOR:
                     frames = renderer.render_anchor(
                         pose_frames, hand_frames, on_step, record=bases_left, frames_needed=not rebuild, negative_pose=negative
@@ -170,20 +283,27 @@ def render_segments(
                     frames = renderer.render_transition(
                         pose_frames, hand_frames, np.asarray(before), np.asarray(after), on_step, negative_pose=negative
                     )
-                seconds = time.perf_counter() - began
-                progress.remove_task(task)
                 if rebuild:
+                    clock.record(weights[position], time.perf_counter() - began)
+                    progress.remove_task(task)
                     stats.rebuilt_anchor = True
-                    stats.reused.append(seg.index)
                     continue
+                advance()  # decoded
+                show(PHASES[3])
                 assert frames is not None
                 if compat_mp4:
                     frames = release_mp4_roundtrip(frames, work.path)
+                seconds = time.perf_counter() - began
                 work.save_segment(seg.index, frames, seconds)
+                advance()
+                clock.record(weights[position], time.perf_counter() - began)
+                progress.remove_task(task)
+                reporter.info(f"{label}: done in {duration_text(seconds)}")
                 stats.computed.append(seg.index)
                 stats.seconds[seg.index] = seconds
                 if after_segment is not None:
                     after_segment(seg)
+            stats.reused = [seg.index for seg in plan if seg.index in done]
     finally:
         renderer.release_kv()
     return stats

@@ -11,8 +11,8 @@ import numpy as np
 
 from posegen_cli.errors import InputError
 from posegen_cli.pose.camera import CameraMotion, camera_pattern
-from posegen_cli.video.framing import frame_to_model
 from posegen_cli.video import iter_frames
+from posegen_cli.video.framing import frame_to_model
 
 
 class FrameReader(Protocol):

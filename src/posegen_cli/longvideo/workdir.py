@@ -3,13 +3,14 @@
 The folder is named by a key over the input files' contents and every setting that changes a segment's pixels,
 so a re-run with the same command finds it and a changed command never reuses stale segments. Segments are
 stored losslessly as ``.npy`` (uint8 frames) and written atomically: a file under its final name is complete.
+The folder's record (``cache.Record``, the same one the pose and caption caches keep) holds each segment's
+digest, so a segment changed or damaged since it was stored is generated again rather than merged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from posegen_cli.cache import cache_dir, cache_key
+from posegen_cli.cache import RECORD, Record, cache_dir, cache_key
 from posegen_cli.errors import ResourceError, option
 from posegen_cli.fsutil import atomic_path
 
-MANIFEST = "manifest.json"
 WORK_KIND = "animate"
 
 
@@ -39,7 +39,7 @@ def disk_errors(what: Path) -> Iterator[None]:
 
 
 class WorkDir:
-    """One job's folder of finished segments and stage outputs, with a manifest of what is done."""
+    """One job's folder of finished segments and stage outputs, with a record of what is done."""
 
     def __init__(self, path: Path, settings: dict[str, Any]) -> None:
         self.path = path
@@ -53,8 +53,8 @@ class WorkDir:
         work = cls(path, settings)
         with disk_errors(path):
             path.mkdir(parents=True, exist_ok=True)
-            if not (path / MANIFEST).exists():
-                work._write_manifest({})
+            if Record.read(path) is None:
+                work._write_record(Record({"settings": settings, "segments": {}}))
         return work
 
     def stage_dir(self, name: str) -> Path:
@@ -64,34 +64,36 @@ class WorkDir:
     def segment_path(self, index: int) -> Path:
         return self.path / f"segment-{index:04d}.npy"
 
-    def _read_manifest(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.path / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return {"segments": {}}
+    def _read_record(self) -> Record:
+        return Record.read(self.path) or Record({"settings": self.settings, "segments": {}})
 
-    def _write_manifest(self, segments: dict[str, Any]) -> None:
-        target = self.path / MANIFEST
-        with disk_errors(target), atomic_path(target) as tmp:
-            tmp.write_text(json.dumps({"settings": self.settings, "segments": segments}, indent=1, sort_keys=True, default=str))
+    def _write_record(self, record: Record) -> None:
+        with disk_errors(self.path / RECORD):
+            record.write(self.path)
 
     def finished(self) -> dict[int, tuple[int, ...]]:
-        """Segments whose file is complete: timeline index to frame-array shape."""
+        """Segments stored complete and unchanged since (their digest matches): timeline index to frame-array shape."""
+        record = self._read_record()
         done = {}
-        for key, entry in self._read_manifest().get("segments", {}).items():
+        for key, entry in record.data.get("segments", {}).items():
             index = int(key)
-            if self.segment_path(index).exists():
+            if not record.changed(self.path, [self.segment_path(index).name]):
                 done[index] = tuple(entry["shape"])
         return done
 
     def save_segment(self, index: int, frames: np.ndarray, seconds: float) -> None:
-        """Store a finished segment, then record it; a crash between the two only costs recomputing it."""
+        """Store a finished segment, then record it with its digest; a crash between the two only costs recomputing it."""
         target = self.segment_path(index)
         with disk_errors(target), atomic_path(target) as tmp, open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(frames, dtype=np.uint8))
-        segments = self._read_manifest().get("segments", {})
-        segments[str(index)] = {"shape": list(frames.shape), "seconds": round(seconds, 3)}
-        self._write_manifest(segments)
+        record = self._read_record()
+        record.data.setdefault("segments", {})[str(index)] = {"shape": list(frames.shape), "seconds": round(seconds, 3)}
+        record.add(self.path, target.name)
+        self._write_record(record)
+
+    def segment_seconds(self) -> dict[int, float]:
+        """Measured generation time of every stored segment (for ETAs), by timeline index."""
+        return {int(key): float(entry["seconds"]) for key, entry in self._read_record().data.get("segments", {}).items()}
 
     def load_segment(self, index: int) -> np.ndarray:
         """The segment's frames, memory-mapped: merging a long video never holds all of it in memory."""

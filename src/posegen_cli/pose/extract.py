@@ -9,9 +9,6 @@ the video's content and every setting that shapes them, so ``animate`` never ext
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,9 +16,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from posegen_cli.cache import cache_dir, cache_key
+from posegen_cli.cache import CacheEntry, cache_dir, cache_key
 from posegen_cli.errors import InputError, option
-from posegen_cli.fsutil import atomic_dir, atomic_path
+from posegen_cli.fsutil import copy_tree
 from posegen_cli.pose.backends import extract_reference_pose
 from posegen_cli.pose.settings import KEYPOINTS_BACKEND, PoseOptions
 from posegen_cli.pose.stream import (
@@ -36,13 +33,15 @@ from posegen_cli.pose.stream import (
     render_outputs,
 )
 from posegen_cli.pose.types import PersonPose
+from posegen_cli.preflight import check_extract_pose_files, ensure_models, pose_models
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, probe_video
 from posegen_cli.video.framing import frame_to_model, warn_if_cropped
 from posegen_cli.video.image import ReferenceImage
 
-_RESULT_FILE = "result.json"
-_CACHE_VERSION = 3  # bump when the rendering or the file layout changes
+_CACHE_VERSION = 4  # bump when the rendering or the file layout changes
+
+
 @dataclass(frozen=True)
 class ExtractResult:
     """Where the outputs are and what went into them; ``width``/``height`` are those of pose.mp4 and hand.mp4."""
@@ -69,21 +68,6 @@ class ExtractResult:
         data = {k: (str(v) if isinstance(v, (Path, Fraction)) else v) for k, v in asdict(self).items()}
         data["fps"] = float(self.fps)
         return data
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Publish ``src`` under ``dst`` atomically, sharing the bytes when the filesystem allows."""
-    if src.is_dir():
-        with atomic_dir(dst) as tmp:
-            for child in src.iterdir():
-                _link_or_copy(child, tmp / child.name)
-        return
-    with atomic_path(dst) as tmp:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
 
 
 def extract_pose(
@@ -123,8 +107,10 @@ def extract_pose(
     """
     reporter = reporter or Reporter()
     options = options or PoseOptions()
-    video = Path(video)
+    video, out_dir = check_extract_pose_files(video, out_dir, None if isinstance(align_to, ReferenceImage) else align_to)
     settings, why = options.resolve(keypoints_given=from_keypoints is not None)
+    needed = pose_models(settings.backend, settings.hand_normals, settings.model_size, settings.seg_size, settings.normal_size)
+    ensure_models(needed, settings.models_dir, reporter.info)
     reference = ReferenceImage.load(align_to, f"reference image ({option('align_to')})") if align_to is not None else None
     if info is None:
         info = probe_video(video)
@@ -137,9 +123,9 @@ def extract_pose(
         reporter.info(f"pose backend: {settings.backend} ({why})")
     if settings.hand_normals == "none":
         reporter.info("hand-normal video: black (no normal model; the release trained with the hand signal dropped 10% of the time)")
-    if reference is None:
+    if reference is not None and settings.align == "none":
+        # Only unaligned framing crops the driving frame; aligned poses are redrawn on the reference's canvas.
         warn_if_cropped(reporter, info.width, info.height, f"driving video {video.name}")
-    out_dir = Path(out_dir) if out_dir is not None else video.with_name(f"{video.stem}_pose")
 
     def produce(target: Path) -> dict[str, Any]:
         track = render_outputs(info, target, settings, from_keypoints=from_keypoints, reporter=reporter)
@@ -179,7 +165,7 @@ def extract_pose(
             files.update({name: aligned_dir / name for name in (POSE_FILE, HAND_FILE, ALIGNED_KEYPOINTS_FILE, ALIGNMENT_PNG)})
             size, alignment = (aligned["width"], aligned["height"]), aligned["alignment"]
         for name, path in files.items():
-            _link_or_copy(path, out_dir / name)
+            copy_tree(path, out_dir / name)
 
     result = ExtractResult(
         pose_video=out_dir / POSE_FILE, hand_video=out_dir / HAND_FILE, keypoints=out_dir / KEYPOINTS_FILE,
@@ -197,15 +183,13 @@ def extract_pose(
 def _cached_or_made(
     folder: Path, use_cache: bool, make: Callable[[Path], dict[str, Any]], reporter: Reporter, what: str
 ) -> tuple[dict[str, Any], bool]:
-    """The record of a finished ``folder``, or ``make`` it atomically; also says whether it was cached."""
-    done = folder / _RESULT_FILE
-    if use_cache and done.is_file():
+    """The data of an intact cache ``folder``, or ``make`` it atomically; also says whether it was cached."""
+    found = CacheEntry(folder).get_or_make(make, use_cache)
+    if found.cached:
         reporter.info(f"{what} cached from an earlier run ({folder})")
-        return json.loads(done.read_text()), True
-    with atomic_dir(folder) as tmp:
-        record = make(tmp)
-        (tmp / _RESULT_FILE).write_text(json.dumps(record))
-    return record, False
+    elif found.damaged:
+        reporter.warn(f"{what} in the cache had changed since they were stored ({', '.join(found.damaged)}); made them again")
+    return found.data, found.cached
 
 
 def _keypoint_files(source: Path | None) -> list[Path]:

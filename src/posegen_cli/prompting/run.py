@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from posegen_cli.cache import cache_dir, cache_key, file_digest
+from posegen_cli.cache import CacheEntry, cache_dir, cache_key, file_digest
 from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, option, require_file
+from posegen_cli.errors import InputError, option
 from posegen_cli.fsutil import atomic_path
+from posegen_cli.preflight import CAPTION_MODEL, TEXT_MODEL, check_image, check_writable_folder, ensure_models, prompt_models
 from posegen_cli.prompting.caption import Captioner, caption_image, caption_settings, load_captioner
 from posegen_cli.prompting.clean import prompt_line
 from posegen_cli.prompting.tokens import SubjectTokens, locate_subject, release_choice
@@ -23,8 +24,6 @@ from posegen_cli.prompting.umt5 import clean_prompt, load_tokenizer
 from posegen_cli.report import Reporter
 from posegen_cli.video.image import ReferenceImage
 
-CAPTION_MODEL = "qwen2.5-vl-7b"
-TEXT_MODEL = "wan-i2v-720p"
 DEFAULT_MAX_NEW_TOKENS = 512
 
 _IDENTITY_SUFFIXES = (".json", ".txt", ".model", ".jinja")
@@ -123,25 +122,31 @@ def _caption(
         model_dir = model_path(CAPTION_MODEL, options.models_dir)
         settings = caption_settings(CAPTION_MODEL, folder_revision(model_dir), dtype, dev)
     settings = {**settings, "seed": seed, "max_new_tokens": max_new_tokens}
-    cached_file = cache_dir("caption", cache_key([], {**settings, "image": image.digest})) / "caption.txt"
-    if options.use_cache and cached_file.is_file():
-        reporter.info(f"caption of {image.path.name} from the cache ({cached_file.parent})")
-        return cached_file.read_text(encoding="utf-8"), True, settings
+    entry = CacheEntry(cache_dir("caption", cache_key([], {**settings, "image": image.digest})))
 
-    owned = captioner is None
-    if owned:
-        reporter.info(f"loading {CAPTION_MODEL} on {dev} ({str(dtype).removeprefix('torch.')})")
-        captioner = load_captioner(model_dir, device=dev, dtype=dtype, name=CAPTION_MODEL, revision=settings["revision"])
-    try:
-        caption = caption_image(captioner, image.pixels, seed=seed, max_new_tokens=max_new_tokens, reporter=reporter)
-    finally:
+    def make(folder: Path) -> dict[str, Any]:
+        nonlocal captioner
+        owned = captioner is None
         if owned:
-            del captioner
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    _write_text(cached_file, caption)
-    return caption, False, settings
+            reporter.info(f"loading {CAPTION_MODEL} on {dev} ({str(dtype).removeprefix('torch.')})")
+            captioner = load_captioner(model_dir, device=dev, dtype=dtype, name=CAPTION_MODEL, revision=settings["revision"])
+        try:
+            caption = caption_image(captioner, image.pixels, seed=seed, max_new_tokens=max_new_tokens, reporter=reporter)
+        finally:
+            if owned:
+                captioner = None
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        (folder / "caption.txt").write_text(caption, encoding="utf-8")
+        return {"caption": caption}
+
+    found = entry.get_or_make(make, options.use_cache)
+    if found.cached:
+        reporter.info(f"caption of {image.path.name} from the cache ({entry.path})")
+    elif found.damaged:
+        reporter.warn(f"the cached caption of {image.path.name} had changed since it was stored; captioned it again")
+    return found.data["caption"], found.cached, settings
 
 
 def _prompt_record(text: str, located: SubjectTokens, tok: TextTokenizer, caption: dict[str, Any] | None) -> dict[str, Any]:
@@ -180,9 +185,14 @@ def run_prompt(
         raise InputError(
             f"{option('prompt')} is empty (pass a caption of the reference, or leave {option('prompt')} out to generate one)"
         )
-    path = image.path if isinstance(image, ReferenceImage) else require_file(image, "reference image")
+    path = image.path if isinstance(image, ReferenceImage) else check_image(image, "reference image")
     reference = ReferenceImage.load(image) if prompt is None else None  # a broken image is reported before any model loads
     out = Path(out_dir) if out_dir is not None else path.parent / f"{path.stem}_prompt"
+    check_writable_folder(out, "prompt output folder")
+    names, parts = prompt_models(captioned=prompt is None and captioner is None)
+    if tokenizer is not None:
+        names.remove(TEXT_MODEL)
+    ensure_models(names, options.models_dir, reporter.info, parts)
     tok = tokenizer or load_text_tokenizer(options.models_dir)
 
     caption_meta: dict[str, Any] | None = None

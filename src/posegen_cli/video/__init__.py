@@ -1,8 +1,9 @@
 """Video and image I/O: streaming decode, atomic H.264 encode, audio muxing."""
 
+from posegen_cli.fsutil import available_bytes
 from posegen_cli.video.audio import check_audio_file, mux_audio
 from posegen_cli.video.decode import VideoInfo, iter_frames, probe_video
-from posegen_cli.video.encode import VideoWriter, available_bytes, write_video
+from posegen_cli.video.encode import VideoWriter, write_video
 from posegen_cli.video.image import load_image
 
 __all__ = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -142,11 +141,3 @@ def write_video(
         for frame in frames:
             writer.write(frame)
     return Path(path)
-
-
-def available_bytes(folder: str | Path) -> int:
-    """Free bytes on the disk holding ``folder`` (the nearest existing parent)."""
-    folder = Path(folder).resolve()
-    while not folder.exists():
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
