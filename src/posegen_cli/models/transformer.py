@@ -143,13 +143,27 @@ class PoseGenTransformerBlock(WanTransformerBlock):
     def _modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), eps=self.norm1.eps) * (1 + scale) + shift
 
-    def _self_qkv(self, a: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _self_q(self, a: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         attn: WanAttention = self.attn1
-        heads = attn.heads
-        q = rms_norm(attn.to_q(a), attn.norm_q.weight, attn.norm_q.eps).unflatten(2, (heads, -1))
-        k = rms_norm(attn.to_k(a), attn.norm_k.weight, attn.norm_k.eps).unflatten(2, (heads, -1))
-        v = attn.to_v(a).unflatten(2, (heads, -1))
-        return apply_rope(q, freqs), apply_rope(k, freqs), v
+        q = rms_norm(attn.to_q(a), attn.norm_q.weight, attn.norm_q.eps).unflatten(2, (attn.heads, -1))
+        return apply_rope(q, freqs)
+
+    def _self_kv(self, a: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn: WanAttention = self.attn1
+        k = rms_norm(attn.to_k(a), attn.norm_k.weight, attn.norm_k.eps).unflatten(2, (attn.heads, -1))
+        return apply_rope(k, freqs), attn.to_v(a).unflatten(2, (attn.heads, -1))
+
+    def _joint_kv(
+        self, a: torch.Tensor, a_ref: torch.Tensor, freqs: torch.Tensor, ref_freqs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K_all, V_all [B, Nv + Nr, H, D/H] of modulated inputs, video and reference projected apart as the release does.
+
+        The same ops and GEMM shapes as the block's own K/V, so K/V re-projected from a stored anchor input are the
+        anchor's K/V bit for bit (the "inputs" storage format of the K/V cache).
+        """
+        kv, vv = self._self_kv(a, freqs)
+        kr, vr = self._self_kv(a_ref, ref_freqs)
+        return torch.cat([kv, kr], dim=1), torch.cat([vv, vr], dim=1)
 
     def _project_out(self, out: torch.Tensor, n_video: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Self-attention output projection of the video rows and the reference rows as two GEMMs.
@@ -179,18 +193,18 @@ class PoseGenTransformerBlock(WanTransformerBlock):
         r_shift_msa, r_scale_msa, r_gate_msa, r_shift_mlp, r_scale_mlp, r_gate_mlp = (table + ref_tmod).chunk(6, dim=1)
 
         # 1. Joint self-attention over [video; reference] tokens.
-        qv, kv, vv = self._self_qkv(self._modulated(x, shift_msa, scale_msa), freqs)
-        qr, kr, vr = self._self_qkv(self._modulated(ref, r_shift_msa, r_scale_msa), ref_freqs)
-        q_all = torch.cat([qv, qr], dim=1)
-        k_all = torch.cat([kv, kr], dim=1)
-        v_all = torch.cat([vv, vr], dim=1)
-        del qv, kv, vv, qr, kr, vr
+        a, a_ref = self._modulated(x, shift_msa, scale_msa), self._modulated(ref, r_shift_msa, r_scale_msa)
+        q_all = torch.cat([self._self_q(a, freqs), self._self_q(a_ref, ref_freqs)], dim=1)
+        k_all, v_all = self._joint_kv(a, a_ref, freqs, ref_freqs)
         if share is not None:
-            share.record_kv(block_index, k_all, v_all)
+            share.record_kv(block_index, (k_all, v_all), (a, a_ref))
+        del a, a_ref
         backend = self.attn1.processor._attention_backend
         n_video = x.shape[1]
         out, out_ref = self._project_out(attention(q_all, k_all, v_all, backend), n_video)
-        source = share.source_kv(block_index) if share is not None else None
+        del k_all, v_all
+        project = functools.partial(self._joint_kv, freqs=freqs, ref_freqs=ref_freqs)
+        source = share.source_kv(block_index, project) if share is not None else None
         x_res, ref_res = x, ref
         x = x_res + gate_msa * out
         ref = ref_res + r_gate_msa * out_ref
@@ -371,7 +385,12 @@ class PoseGenTransformer3DModel(WanTransformer3DModel):
         ref_freqs = rope_freqs(head_dim, ref_grid, -ref_grid[2] if self.config.shift_ref_pos else 0, device)
 
         if kv_share is not None:
-            kv_share.begin(grid, device)
+            inputs = {
+                "hidden_states": hidden_states, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states,
+                "encoder_hidden_states_image": encoder_hidden_states_image, "control_latents": control_latents,
+                "reference_latents": reference_latents, "hand_latents": hand_latents,
+            }  # fmt: skip
+            kv_share.begin(grid, device, inputs)
         for index, block in enumerate(self.blocks):
             x, ref = block(x, ref, text, image, tmod, ref_tmod, freqs, ref_freqs, kv_share, index)
         if kv_share is not None:
