@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, ResourceError, require_file
+from posegen_cli.device import available_host_bytes, free_device_bytes, resolve_device, resolve_dtype
+from posegen_cli.errors import InputError, MissingModelError, ResourceError, require_file
+from posegen_cli.longvideo.memory import JobShape, KVFitError, KVPlan, MemoryBudget, ModelShape, activation_bytes, format_bytes, plan_kv
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
+    BASE,
     TRANSITION,
     Segment,
     output_frames,
@@ -94,6 +96,7 @@ class AnimateResult:
     segment_seconds: dict[int, float]
     shot: str
     kv: KVShareRanges
+    kv_plan: KVPlan | None
     prompt: str
     subject: str
     phases: dict[str, float]
@@ -119,6 +122,7 @@ class AnimateResult:
             "shot": self.shot,
             "kv_steps": "{}-{}".format(*self.kv.steps),
             "kv_blocks": "{}-{}".format(*self.kv.blocks),
+            "kv_placement": None if self.kv_plan is None else self.kv_plan.describe(),
             "subject": self.subject,
             "seconds": {name: round(value, 2) for name, value in self.phases.items()},
             "total_seconds": round(sum(self.phases.values()), 2),
@@ -165,15 +169,82 @@ def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter:
 
 def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], output: Path) -> None:
     """Fail before hours of GPU work when the unfinished segments cannot fit in the work folder's disk."""
-    finished = work.finished()
-    missing = sum(seg.frames for seg in plan if seg.index not in finished)
-    needed = missing * size[0] * size[1] * 3
+    needed = segment_frame_bytes(work, plan, size)
     free = available_bytes(work.path)
     if needed > free:
         raise ResourceError(
             f"the segments need {needed / 1024**3:.1f} GB in {work.path} but only {free / 1024**3:.1f} GB are free "
             f"(free some space, or pass --work-dir on a larger disk; the video {output.name} itself is small)"
         )
+
+
+def segment_frame_bytes(work: WorkDir, plan: list[Segment], size: tuple[int, int]) -> int:
+    """Bytes the unfinished segments' frames will take in the work folder (uint8 RGB)."""
+    finished = work.finished()
+    return sum(seg.frames for seg in plan if seg.index not in finished) * size[0] * size[1] * 3
+
+
+def read_model_shape(posegen_dir: Path) -> ModelShape:
+    """The DiT's shape from the base checkpoint's ``model_config.json``, without reading any weights."""
+    import json
+
+    from posegen_cli.models.convert import CONFIG_NAME, release_config_to_diffusers
+    from posegen_cli.pipelines.pipeline_posegen import BASE_FOLDER
+
+    path = posegen_dir / BASE_FOLDER / CONFIG_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MissingModelError(f"{path} is missing (re-run `posegen download posegen`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); re-download it with `posegen download posegen`") from exc
+    return ModelShape.from_config(release_config_to_diffusers(raw, path))
+
+
+def measure_budget(device: torch.device, resident: int, disk_folder: Path, disk_reserved: int) -> MemoryBudget:
+    """Free device, host and disk bytes now; on a CPU run the device is host memory and there is no separate host tier."""
+    disk = max(0, available_bytes(disk_folder) - disk_reserved)
+    if device.type == "cuda":
+        return MemoryBudget(free_device_bytes(device), resident, available_host_bytes(), disk)
+    return MemoryBudget(available_host_bytes(), resident, 0, disk)
+
+
+def resident_bytes(model: ModelShape, job: JobShape, offload: str) -> int:
+    """Device bytes the job keeps besides the K/V: the DiT's weights (two blocks under group offload) and activations."""
+    weights = model.num_parameters() * job.dtype_bytes
+    if offload == "group":
+        weights = 2 * weights // model.num_layers
+    return weights + activation_bytes(model, job)
+
+
+def plan_job_kv(model: ModelShape, job: JobShape, kv: KVShareRanges, budget: MemoryBudget, requested: str) -> KVPlan:
+    """Where this job's anchor K/V go; a ResourceError naming the options that fit when nothing does."""
+    steps, blocks = kv.steps[1] - kv.steps[0], kv.blocks[1] - kv.blocks[0]
+    try:
+        return plan_kv(model, job, steps, blocks, budget, requested)
+    except KVFitError as exc:
+        raise ResourceError(kv_fit_message(exc, kv)) from None
+
+
+def kv_fit_message(exc: KVFitError, kv: KVShareRanges) -> str:
+    """One line: what the K/V need, what is free, and each change that would make the job fit."""
+    need = exc.needed
+    have = ", ".join(f"{tier} {format_bytes(size)}" for tier, size in exc.available.items())
+    tips = []
+    for option in exc.options:
+        if option.kind == "placement":
+            tips.append(f"--kv-placement {option.detail}")
+        elif option.kind == "fewer_blocks":
+            tips.append(f"--kv-blocks {kv.blocks[1] - int(option.detail)}-{kv.blocks[1]}")
+        elif option.kind == "disk":
+            tips.append(f"--work-dir on a disk with {option.detail} free")
+        elif option.kind == "gpu":
+            tips.append(f"--offload group, or {option.detail} more free GPU memory")
+    return (
+        f"the anchor's background K/V (steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]}) need "
+        f"{format_bytes(need['stored'])} stored or {format_bytes(need['recompute on the GPU'])} of GPU memory to recompute "
+        f"(--kv-placement {exc.requested}), but only {have} are free for them (try {'; or '.join(tips)})"
+    )
 
 
 def work_settings(
@@ -309,6 +380,15 @@ def _animate(
         from posegen_cli.pose.extract import extract_pose
 
         shot, reference_pose = pick_shot(options, image, options.device, reporter)
+        model_shape = read_model_shape(model_dirs[1])
+        kv = kv_share_ranges(shot, job.steps, model_shape.num_layers, job.kv_steps, job.kv_blocks)
+        kv_plan = None
+        if any(seg.kind == BASE for seg in plan):
+            job_shape = JobShape(job.height, job.width, options.segment_frames, torch.finfo(dtype).bits // 8, job.guidance != 1.0)
+            resident = resident_bytes(model_shape, job_shape, options.offload)
+            budget = measure_budget(device, resident, work.path, segment_frame_bytes(work, plan, size))
+            kv_plan = plan_job_kv(model_shape, job_shape, kv, budget, options.kv_placement)
+            reporter.info(f"K/V placement {kv_plan.describe()}")
         poses = extract_pose(
             driving, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,
             device=options.device, models_dir=options.models_dir, reporter=reporter, info=info, reference_pose=reference_pose,
@@ -329,10 +409,10 @@ def _animate(
         from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 
         pipe = PoseGenPipeline.from_models(options.models_dir, device=device, dtype=dtype, offload=options.offload, reporter=reporter)
-        kv = kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, job.kv_steps, job.kv_blocks)
         renderer = PipelineRenderer(
             pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
             height=job.height, width=job.width, kv=kv, num_steps=job.steps, guidance=job.guidance, seed=job.seed,
+            kv_plan=kv_plan, kv_dir=work.path / "kv",
         )  # fmt: skip
     reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
 
@@ -364,7 +444,7 @@ def _animate(
     return AnimateResult(
         output=output, frames=length, fps=info.fps, width=job.width, height=job.height, audio=audio,
         segments=len(plan), computed=stats.computed, reused=stats.reused, kv_rebuilt=stats.rebuilt_anchor,
-        segment_seconds=stats.seconds, shot=shot, kv=kv,
+        segment_seconds=stats.seconds, shot=shot, kv=kv, kv_plan=kv_plan,
         prompt=prompt.prompt, subject=prompt.subject, phases=timer.seconds, phase_memory=timer.memory,
         peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept,
     )  # fmt: skip

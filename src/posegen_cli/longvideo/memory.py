@@ -40,6 +40,11 @@ DEFAULT_LOOKAHEAD = 2
 """Items read ahead of use from host or disk; each one in flight is held on the GPU until its block runs."""
 
 
+def format_bytes(n: int) -> str:
+    """``n`` bytes in GiB with one decimal, or MiB below 1 GiB (tiny test jobs)."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 1024**2:.1f} MiB"
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What sizing needs from a ``PoseGenTransformer3DModel`` config (diffusers names)."""
@@ -204,7 +209,7 @@ class KVPlan:
     total_bytes: int
 
     def describe(self) -> str:
-        parts = [f"{name} {size / GIB:.1f} GiB" for name, size in self.tiers.items() if size]
+        parts = [f"{name} {format_bytes(size)}" for name, size in self.tiers.items() if size]
         where = ", ".join(parts) if parts else "nothing stored"
         cost = []
         if self.extra_forwards:
@@ -212,7 +217,7 @@ class KVPlan:
         if self.reprojected_items:
             cost.append(f"K/V re-projected for {self.reprojected_items} block calls")
         if self.read_bytes:
-            cost.append(f"{self.read_bytes / GIB:.1f} GiB read back per base segment")
+            cost.append(f"{format_bytes(self.read_bytes)} read back per base segment")
         return f"{self.placement} ({self.fmt}): {where}" + (f"; {', '.join(cost)}" if cost else "")
 
 
@@ -234,8 +239,8 @@ class KVFitError(Exception):
     options: list[FitOption] = field(default_factory=list)
 
     def __str__(self) -> str:
-        need = ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in self.needed.items())
-        have = ", ".join(f"{k} {v / GIB:.1f} GiB" for k, v in self.available.items())
+        need = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.needed.items())
+        have = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.available.items())
         return f"K/V placement {self.requested} needs {need}; free for it: {have}"
 
 
@@ -337,9 +342,9 @@ def _refusal(
     if gpu >= ahead and requested in ("auto", "disk"):
         short = n * in_item - (0 if requested == "disk" else (gpu - ahead) // in_item * in_item + host // in_item * in_item) - disk
         if short > 0:
-            options.append(FitOption("disk", f"{(disk + short + DISK_HEADROOM_BYTES) / GIB:.1f} GiB"))
+            options.append(FitOption("disk", format_bytes(disk + short + DISK_HEADROOM_BYTES)))
     if blocks * in_item > gpu:
-        options.append(FitOption("gpu", f"{(blocks * in_item - gpu) / GIB:.1f} GiB"))
+        options.append(FitOption("gpu", format_bytes(blocks * in_item - gpu)))
     return KVFitError(requested, needed, available, options)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from posegen_cli.errors import InputError
+from posegen_cli.longvideo.memory import KV_PLACEMENTS
 from posegen_cli.pipelines import check_model_size
 from posegen_cli.pose.align import ALIGN_MODES
 
@@ -35,6 +36,8 @@ class AnimateOptions:
     align: str = "auto"
     pose_backend: str = "auto"
     offload: str = "none"
+    kv_placement: str = "auto"
+    """Where the anchor's K/V live: auto (chosen from free GPU, host and disk), gpu, host, disk or recompute."""
     preview: bool = False
     audio: bool = True
     crf: int = 5
@@ -117,6 +120,8 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         steps = min(steps, PREVIEW_STEPS)
     if options.offload not in OFFLOAD_MODES:
         raise InputError(f"--offload {options.offload!r} is not known (use {', '.join(OFFLOAD_MODES)})")
+    if options.kv_placement not in KV_PLACEMENTS:
+        raise InputError(f"--kv-placement {options.kv_placement!r} is not known (use {', '.join(KV_PLACEMENTS)})")
     if options.align not in ALIGN_MODES:
         raise InputError(f"--align {options.align!r} is not known (use {', '.join(ALIGN_MODES)})")
     if not 0 <= options.crf <= 51:
