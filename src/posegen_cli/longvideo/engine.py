@@ -267,6 +267,7 @@ def work_settings(
         "anchor": options.anchor,
         "pad": options.pad,
         "compat_mp4": options.compat_mp4,
+        "vae_tiling": options.vae_tiling,
         "segment": [options.segment_frames, options.head, options.tail],
         "models": [str(path.resolve()) for path in model_dirs],
         "device": device.type,
@@ -409,11 +410,14 @@ def _animate(
         from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 
         pipe = PoseGenPipeline.from_models(options.models_dir, device=device, dtype=dtype, offload=options.offload, reporter=reporter)
+        if options.vae_tiling == "untiled":
+            pipe.vae_tiles = None
         renderer = PipelineRenderer(
             pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
             height=job.height, width=job.width, kv=kv, num_steps=job.steps, guidance=job.guidance, seed=job.seed,
             kv_plan=kv_plan, kv_dir=work.path / "kv",
         )  # fmt: skip
+        pipe.release_encoders()
     reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
 
     pose_source, hand_source = FrameSource(poses.pose_video, size), FrameSource(poses.hand_video, size)

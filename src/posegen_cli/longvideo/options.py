@@ -18,6 +18,7 @@ PREVIEW_SIZE = (512, 288)
 """(height, width) of ``--preview`` for the 720x1280 default: 9:16, multiples of 16, 0.4x each side."""
 PREVIEW_STEPS = 8
 OFFLOAD_MODES = ("none", "model", "group")
+VAE_TILINGS = ("release", "untiled")
 
 
 @dataclass
@@ -37,6 +38,8 @@ class AnimateOptions:
     pose_backend: str = "auto"
     offload: str = "none"
     kv_placement: str = "auto"
+    vae_tiling: str = "release"
+    """The release's VAE tiles (bit-exact parity), or untiled (whole frames at once: more GPU memory, no seams)."""
     """Where the anchor's K/V live: auto (chosen from free GPU, host and disk), gpu, host, disk or recompute."""
     preview: bool = False
     audio: bool = True
@@ -120,6 +123,8 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         steps = min(steps, PREVIEW_STEPS)
     if options.offload not in OFFLOAD_MODES:
         raise InputError(f"--offload {options.offload!r} is not known (use {', '.join(OFFLOAD_MODES)})")
+    if options.vae_tiling not in VAE_TILINGS:
+        raise InputError(f"--vae-tiling {options.vae_tiling!r} is not known (use {', '.join(VAE_TILINGS)})")
     if options.kv_placement not in KV_PLACEMENTS:
         raise InputError(f"--kv-placement {options.kv_placement!r} is not known (use {', '.join(KV_PLACEMENTS)})")
     if options.align not in ALIGN_MODES:

@@ -33,10 +33,12 @@ from posegen_cli.pipelines.scheduling import (
 from posegen_cli.pipelines.text import DEFAULT_NEGATIVE, encode_text, load_text_encoder, load_tokenizer
 from posegen_cli.pipelines.vae import (
     LATENT_CHANNELS,
+    RELEASE_TILES,
     SPATIAL,
-    decode_latents,
+    Tiles,
+    decode,
+    encode,
     encode_untiled,
-    encode_video,
     frames_to_tensor,
     load_vae,
     tensor_to_frames,
@@ -90,6 +92,9 @@ class PoseGenPipeline(DiffusionPipeline):
             scheduler=scheduler,
         )
         self.variants: PoseGenVariants | None = None
+        self.vae_tiles: Tiles | None = RELEASE_TILES
+        """VAE tiling of conditions and output: the release's (default), other (size, stride), or None (untiled)."""
+        self._black_latents: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_models(
@@ -106,8 +111,9 @@ class PoseGenPipeline(DiffusionPipeline):
 
         The DiT is read from the release folders ``posegen/720p-81f-base`` and ``720p-81f-cond`` into one model
         holding both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed
-        embeddings. ``offload``: "model" moves whole components to the GPU in turn, "group" streams the DiT's
-        blocks; both need CUDA.
+        embeddings. ``offload``: "model" moves whole components to the GPU in turn, "group" streams every resident
+        component from pinned host memory (the DiT block by block, the encoders and the VAE layer by layer); both
+        need CUDA.
         """
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
@@ -143,14 +149,31 @@ class PoseGenPipeline(DiffusionPipeline):
             if offload == "model":
                 pipe.enable_model_cpu_offload(device=dev)
             elif offload == "group":
-                for name in ("text_encoder", "image_encoder", "vae"):
-                    module = getattr(pipe, name)
-                    if module is not None:
-                        module.to(dev)
+                pipe.enable_group_offload(
+                    onload_device=dev, offload_type="leaf_level", use_stream=True, exclude_modules=["transformer"]
+                )
                 pipe.transformer.enable_group_offload(
                     onload_device=dev, offload_type="block_level", num_blocks_per_group=1, use_stream=True
                 )
         return pipe
+
+    def release_encoders(self) -> None:
+        """Drop umT5, CLIP and the tokenizer once the job's embeddings exist: off the GPU and out of host memory.
+
+        Calls that need them afterwards raise MissingModelError (pass precomputed embeddings). Under model CPU offload
+        the hooks are re-applied to the remaining components.
+        """
+        hooked = bool(getattr(self, "_all_hooks", None))
+        if hooked:
+            self.remove_all_hooks()
+        self.register_modules(tokenizer=None, text_encoder=None, image_encoder=None)
+        if hooked:
+            self.enable_model_cpu_offload(device=self._offload_device)
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def use_variant(self, name: Variant) -> None:
         """Switch the DiT to the "base" or "transition" checkpoint in place (no reload of the shared weights)."""
@@ -224,11 +247,25 @@ class PoseGenPipeline(DiffusionPipeline):
         if head + tail > num_frames:
             raise InputError(f"{head} head + {tail} tail frames do not fit in a {num_frames}-frame segment")
         dt = self.model_dtype
-        pose_latents = encode_video(self.vae, frames_to_tensor(paste_head_tail(pose, head_frames, tail_frames)).to(dt))
-        hand_latents = encode_video(self.vae, frames_to_tensor(paste_head_tail(hand, head_frames, tail_frames)).to(dt))
+        pose_latents = encode(self.vae, frames_to_tensor(paste_head_tail(pose, head_frames, tail_frames)).to(dt), self.vae_tiles)
+        hand_latents = self._encode_hand(paste_head_tail(hand, head_frames, tail_frames))
         mask = condition_mask(num_frames, head, tail, height // SPATIAL, width // SPATIAL, dt)[None]
         device = self._execution_device
         return torch.cat([mask, pose_latents], dim=1).to(device), hand_latents.to(device)
+
+    def _encode_hand(self, frames: np.ndarray) -> torch.Tensor:
+        """Hand latents; an all-black hand video (no hands found, or the release's hand dropout) is encoded once.
+
+        The latent of black frames depends only on their shape, the dtype, the tiling and the VAE, so it is kept
+        for the pipeline's life under that key (≈10 MB at 720p) instead of re-running the encoder every segment.
+        """
+        dt = self.model_dtype
+        if frames.any():
+            return encode(self.vae, frames_to_tensor(frames).to(dt), self.vae_tiles)
+        key = (frames.shape, dt, self.vae_tiles)
+        if key not in self._black_latents:
+            self._black_latents[key] = encode(self.vae, frames_to_tensor(frames).to(dt), self.vae_tiles)
+        return self._black_latents[key]
 
     @torch.no_grad()
     def __call__(
@@ -271,7 +308,7 @@ class PoseGenPipeline(DiffusionPipeline):
                 kv_share,
                 callback_on_step_end,
             )
-            pixels = decode_latents(self.vae, latents)
+            pixels = decode(self.vae, latents, self.vae_tiles)
         self.maybe_free_model_hooks()
         return tensor_to_frames(pixels)
 
