@@ -105,6 +105,7 @@ class PoseGenPipeline(DiffusionPipeline):
         dtype: str | torch.dtype = "auto",
         offload: Offload = "none",
         load_encoders: bool = True,
+        checkpoints: Literal["converted", "release"] = "converted",
         reporter: Reporter | None = None,
     ) -> PoseGenPipeline:
         """Load every component once from the model registry (``--models-dir`` layout or the HF cache).
@@ -113,7 +114,9 @@ class PoseGenPipeline(DiffusionPipeline):
         holding both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed
         embeddings. ``offload``: "model" moves whole components to the GPU in turn, "group" streams every resident
         component from pinned host memory (the DiT block by block, the encoders and the VAE layer by layer); both
-        need CUDA.
+        need CUDA. ``checkpoints="converted"`` (default) converts each release folder once into the posegen cache
+        (merged safetensors, keyed by the source files) and loads that; "release" (or too little disk for the copies)
+        reads and merges the release shards every time.
         """
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
@@ -134,9 +137,7 @@ class PoseGenPipeline(DiffusionPipeline):
         if reporter is not None:
             reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
         with out_of_memory_as(_oom_message("loading the models")):
-            variants = PoseGenVariants.from_release(
-                posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER, dtype=dt, device=place, reporter=reporter
-            )
+            variants = _load_variants(posegen, dt, place, checkpoints, reporter)
             pipe = cls(
                 tokenizer=load_tokenizer(wan / "tokenizer") if load_encoders else None,
                 text_encoder=load_text_encoder(wan / "text_encoder", dt, place) if load_encoders else None,
@@ -354,6 +355,21 @@ class PoseGenPipeline(DiffusionPipeline):
                 if update and "latents" in update:
                     latents = update["latents"]
         return latents
+
+
+def _load_variants(
+    posegen: Path, dtype: torch.dtype, device: str | torch.device, checkpoints: str, reporter: Reporter | None
+) -> PoseGenVariants:
+    """Both DiT variants, from the converted cache when asked and when the disk has room for it."""
+    from posegen_cli.models.checkpoint_cache import conversion_fits, converted_checkpoint
+
+    folders = (posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER)
+    if checkpoints == "converted" and all(conversion_fits(folder) for folder in folders):
+        base, cond = (converted_checkpoint(folder, dtype, reporter=reporter) for folder in folders)
+        return PoseGenVariants.from_converted(base, cond, dtype=dtype, device=device, reporter=reporter)
+    if checkpoints == "converted" and reporter is not None:
+        reporter.warn("too little disk in the posegen cache to keep converted checkpoints; merging the release shards in memory")
+    return PoseGenVariants.from_release(*folders, dtype=dtype, device=device, reporter=reporter)
 
 
 def _branch_view(cache: KVShareCache | None, step: int, branch: str) -> Any:
