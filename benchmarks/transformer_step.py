@@ -5,7 +5,7 @@ With a CUDA GPU: the full 14B configuration (random bf16 weights: same FLOPs as 
 overhead ≤ 3 %, peak ≤ 40 GB without offload; shared/specs/performance.md §D). Without a GPU it runs a small
 configuration on the CPU and says so: those numbers only show the harness works.
 
-    python benchmarks/transformer_step.py [--device auto|cpu|cuda] [--repeats 2] [--placement auto|gpu|cpu] [--json out.json]
+    python benchmarks/transformer_step.py [--device auto|cpu|cuda] [--repeats 2] [--placement gpu|host] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, tiny_transformer_config
+from posegen_cli.models.kv_store import TieredStore
 
 FULL = {
     "config": tiny_transformer_config(
@@ -145,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--placement", default="cpu", choices=["auto", "gpu", "cpu"], help="where the anchor K/V live")
+    parser.add_argument("--placement", default="host", choices=["gpu", "host"], help="where the anchor K/V live")
     parser.add_argument("--backend", default=None, help="diffusers attention backend, e.g. _native_cudnn, _flash_3_hub")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -177,7 +178,8 @@ def main() -> None:
     plain_peak = torch.cuda.max_memory_allocated(device) if gpu else None
 
     subject = list(range(2, 4))
-    cache = KVShareCache({0}, setup["share_blocks"], subject, max_map_block=setup["max_map_block"], placement=args.placement)
+    store = TieredStore() if args.placement == "gpu" else TieredStore(gpu_bytes=0, host_bytes=None)
+    cache = KVShareCache({0}, setup["share_blocks"], subject, max_map_block=setup["max_map_block"], store=store)
     with torch.no_grad():
         model(**inputs, kv_share=cache.view(0, "cond"))
     cache.start_replay()
@@ -203,7 +205,7 @@ def main() -> None:
         "replay_overhead_pct_per_segment": 100 * (replay_s / plain_s - 1) * 2 / 25,
         "replay_extra_flop_pct": 100 * extra / flops,
         "kv_cache_gib": cache.nbytes / 2**30,
-        "kv_placement": cache.resolved_placement,
+        "kv_placement": args.placement,
         "achieved_tflops": achieved,
         "matmul_tflops": peak_matmul,
         "utilisation_pct_of_matmul": 100 * achieved / peak_matmul,
