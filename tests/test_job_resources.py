@@ -84,3 +84,22 @@ def test_untiled_vae_option_runs_whole_frames(pipe: PoseGenPipeline) -> None:
     assert not torch.equal(tiled, whole)
     pixels = decode(pipe.vae, whole, None)
     assert pixels.shape == (1, 3, 5, 256, 448) and pixels.abs().max() <= 1
+
+
+def test_group_offload_covers_every_component(pipe: PoseGenPipeline) -> None:
+    """``--offload group`` on the CPU (no streams): every module is under the hooks and the segment is unchanged."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    prompt, negative = pipe.encode_prompt("a man dancing")
+    image = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    image_embeds, reference = pipe.encode_reference(image, H, W)
+    call = {
+        "prompt_embeds": prompt, "negative_prompt_embeds": negative, "image_embeds": image_embeds,
+        "reference_latents": reference, "pose_frames": frames(6), "hand_frames": frames(7), "num_inference_steps": 1,
+    }  # fmt: skip
+    resident = pipe(**call)
+    pipe.enable_group_offload_all(torch.device("cpu"), use_stream=False)
+    for name in ("text_encoder", "image_encoder", "vae", "transformer"):
+        assert _is_group_offload_enabled(getattr(pipe, name)), name
+    assert torch.equal(pipe.encode_prompt("a man dancing")[0], prompt)
+    np.testing.assert_array_equal(pipe(**call), resident)
