@@ -333,7 +333,7 @@ def _refusal(
     if requested != "auto":
         plan = _first_fit(model, job, steps, blocks, budget, "auto", lookahead)
         if plan is not None:
-            options.append(FitOption("placement", plan.placement.split("+")[0]))
+            options.append(FitOption("placement", "auto" if "+" in plan.placement else plan.placement))
     for fewer in range(blocks - 1, 0, -1):
         if _first_fit(model, job, steps, fewer, budget, requested, lookahead) is not None:
             options.append(FitOption("fewer_blocks", str(fewer)))
