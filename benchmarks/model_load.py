@@ -19,6 +19,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,17 @@ def _read_once(folder: Path) -> tuple[float, int]:
     return time.perf_counter() - start, size
 
 
-def _switch_round(variants: PoseGenVariants, device: torch.device) -> float:
+def _load_and_switch(load: Callable[[], PoseGenVariants], device: torch.device) -> tuple[float, float]:
+    """Seconds to load both variants, then seconds of one base -> transition -> base round of switches."""
     _sync(device)
     start = time.perf_counter()
+    variants = load()
+    _sync(device)
+    loaded = time.perf_counter()
     for name in ("transition", "base"):
         variants.activate(name)
     _sync(device)
-    return time.perf_counter() - start
+    return loaded - start, time.perf_counter() - loaded
 
 
 def run(posegen_dir: Path | None = None, device: str = "auto", dtype: torch.dtype = torch.bfloat16, cache: Path | None = None) -> dict[str, Any]:
@@ -67,19 +72,8 @@ def run(posegen_dir: Path | None = None, device: str = "auto", dtype: torch.dtyp
     converted = [converted_checkpoint(folder, dtype, root=root) for folder in folders]
     convert_s = time.perf_counter() - start
     reads = [_read_once(folder) for folder in converted]
-    _sync(dev)
-    start = time.perf_counter()
-    variants = PoseGenVariants.from_converted(*converted, dtype=dtype, device=dev)
-    _sync(dev)
-    load_s = time.perf_counter() - start
-    switch_s = _switch_round(variants, dev)
-    del variants
-    _sync(dev)
-    start = time.perf_counter()
-    release = PoseGenVariants.from_release(*folders, dtype=dtype, device=dev)
-    _sync(dev)
-    release_s = time.perf_counter() - start
-    release_switch_s = _switch_round(release, dev)
+    load_s, switch_s = _load_and_switch(lambda: PoseGenVariants.from_converted(*converted, dtype=dtype, device=dev), dev)
+    release_s, release_switch_s = _load_and_switch(lambda: PoseGenVariants.from_release(*folders, dtype=dtype, device=dev), dev)
     read_s = sum(s for s, _ in reads)
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",

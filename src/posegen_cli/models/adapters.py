@@ -137,6 +137,23 @@ def _swap_hand(model: PoseGenTransformer3DModel, hand: nn.Module) -> None:
     _apply_group_offloading(model, top.config)
 
 
+def _check_pair(configs: dict[str, dict], base_keys: set[str], cond_keys: set[str], base_dir: Path, cond_dir: Path, config_name: str) -> bool:
+    """Raise an InputError unless the folders are two variants of one model; returns whether their hand modules match.
+
+    Variants may differ only in the switchable flags (RoPE shift, hand projection) and, with different hand
+    modules, in the hand embedding's tensors.
+    """
+    fixed = {name: {k: v for k, v in c.items() if k not in _SWITCHABLE_CONFIG} for name, c in configs.items()}
+    if fixed["base"] != fixed["transition"]:
+        differ = sorted(k for k in fixed["base"] if fixed["base"][k] != fixed["transition"].get(k))
+        raise InputError(f"{cond_dir}: {config_name} differs from {base_dir} in {', '.join(differ)}; not two variants of one model")
+    same_hand = configs["base"]["use_hand_proj"] == configs["transition"]["use_hand_proj"]
+    extra = {k for k in base_keys ^ cond_keys if same_hand or not k.startswith("hand_patch_embedding.")}
+    if extra:
+        raise InputError(f"{cond_dir}: tensors {', '.join(sorted(extra)[:3])} are not in both folders; not two variants of one model")
+    return same_hand
+
+
 def _safetensors_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> file of a ``save_pretrained`` folder (one file, or shards with an index)."""
     import json
@@ -214,17 +231,11 @@ class PoseGenVariants:
         start = time.perf_counter()
         device = torch.device(device)
         ckpts = {"base": read_release_checkpoint(base_dir, reporter), "transition": read_release_checkpoint(cond_dir, reporter)}
-        fixed_a = {k: v for k, v in ckpts["base"].config.items() if k not in _SWITCHABLE_CONFIG}
-        fixed_b = {k: v for k, v in ckpts["transition"].config.items() if k not in _SWITCHABLE_CONFIG}
-        if fixed_a != fixed_b:
-            differ = sorted(k for k in fixed_a if fixed_a[k] != fixed_b.get(k))
-            raise InputError(f"{cond_dir}: model_config.json differs from {base_dir} in {', '.join(differ)}; not two variants of one model")
         sds = {name: to_diffusers_names(ck.base, ck) for name, ck in ckpts.items()}
         base_sd, cond_sd = sds["base"], sds["transition"]
-        same_hand = ckpts["base"].config["use_hand_proj"] == ckpts["transition"].config["use_hand_proj"]
-        extra = {k for k in set(base_sd) ^ set(cond_sd) if same_hand or not k.startswith("hand_patch_embedding.")}
-        if extra:
-            raise InputError(f"{cond_dir}: tensors {', '.join(sorted(extra)[:3])} are not in both folders; not two variants of one model")
+        same_hand = _check_pair(
+            {name: ck.config for name, ck in ckpts.items()}, set(base_sd), set(cond_sd), Path(base_dir), Path(cond_dir), "model_config.json"
+        )
 
         def differs(key: str) -> bool:
             if key.startswith("hand_patch_embedding.") and not same_hand:
@@ -290,20 +301,11 @@ class PoseGenVariants:
         device = torch.device(device)
         dirs = {"base": Path(base_dir), "transition": Path(cond_dir)}
         configs = {name: PoseGenTransformer3DModel.load_config(str(d)) for name, d in dirs.items()}
-        fixed = {name: {k: v for k, v in c.items() if not k.startswith("_") and k not in _SWITCHABLE_CONFIG} for name, c in configs.items()}
-        if fixed["base"] != fixed["transition"]:
-            differ = sorted(k for k in fixed["base"] if fixed["base"][k] != fixed["transition"].get(k))
-            raise InputError(f"{cond_dir}: config.json differs from {base_dir} in {', '.join(differ)}; not two variants of one model")
+        configs = {name: {k: v for k, v in c.items() if not k.startswith("_")} for name, c in configs.items()}
         digests = {name: read_digests(d) for name, d in dirs.items()}
-        same_hand = configs["base"]["use_hand_proj"] == configs["transition"]["use_hand_proj"]
-
-        def structural(key: str) -> bool:
-            return not same_hand and key.startswith("hand_patch_embedding.")
-
-        extra = {k for k in set(digests["base"]) ^ set(digests["transition"]) if not structural(k)}
-        if extra:
-            raise InputError(f"{cond_dir}: tensors {', '.join(sorted(extra)[:3])} are not in both folders; not two variants of one model")
-        switched = {k for k, d in digests["base"].items() if not structural(k) and digests["transition"][k] != d}
+        same_hand = _check_pair(configs, set(digests["base"]), set(digests["transition"]), dirs["base"], dirs["transition"], "config.json")
+        structural = "" if same_hand else "hand_patch_embedding."
+        switched = {k for k, d in digests["base"].items() if not (structural and k.startswith(structural)) and digests["transition"][k] != d}
         model = PoseGenTransformer3DModel.from_pretrained(
             str(dirs["base"]), torch_dtype=dtype, low_cpu_mem_usage=True, device_map={"": device}
         ).eval()
