@@ -243,7 +243,8 @@ def kv_fit_message(exc: KVFitError, kv: KVShareRanges) -> str:
     return (
         f"the anchor's background K/V (steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]}) need "
         f"{format_bytes(need['stored'])} stored or {format_bytes(need['recompute on the GPU'])} of GPU memory to recompute "
-        f"(--kv-placement {exc.requested}), but only {have} are free for them (try {'; or '.join(tips)})"
+        f"(--kv-placement {exc.requested}), but only {have} are free for them"
+        + (f" (try {'; or '.join(tips)})" if tips else " (free GPU memory, host memory or disk)")
     )
 
 
