@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from posegen_cli.models import PoseGenVariants
 from posegen_cli.models.checkpoint_cache import converted_checkpoint
-from posegen_cli.pipelines.pipeline_posegen import BASE_FOLDER, TRANSITION_FOLDER
+from posegen_cli.longvideo.loading import BASE_FOLDER, TRANSITION_FOLDER
 from posegen_cli.testing import make_tiny_models
 
 

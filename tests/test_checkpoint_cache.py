@@ -12,7 +12,7 @@ from test_convert import two_variant_folders
 
 from posegen_cli.models import PoseGenVariants
 from posegen_cli.models import checkpoint_cache as cc
-from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.longvideo.loading import load_pipeline
 
 torch.set_num_threads(1)
 
@@ -63,13 +63,13 @@ def test_converted_variants_switch_bitwise_equal_to_merging(tmp_path: Path, dtyp
 
 
 def test_pipeline_loads_the_converted_cache_and_reuses_it(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = PoseGenPipeline.from_models(tiny_models, device="cpu", dtype="float32")
+    first = load_pipeline(tiny_models, device="cpu", dtype="float32")
     assert first.variants is not None and first.variants.mode == "converted"
     monkeypatch.setattr(cc, "load_release_model", lambda *a, **k: pytest.fail("the second job must not convert again"))
-    second = PoseGenPipeline.from_models(tiny_models, device="cpu", dtype="float32")
+    second = load_pipeline(tiny_models, device="cpu", dtype="float32")
     a, b = first.transformer.state_dict(), second.transformer.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    release = PoseGenPipeline.from_models(tiny_models, device="cpu", dtype="float32", checkpoints="release")
+    release = load_pipeline(tiny_models, device="cpu", dtype="float32", checkpoints="release")
     for name in ("transition", "base"):
         second.use_variant(name)
         release.use_variant(name)

@@ -10,8 +10,8 @@ import torch
 from accelerate import init_empty_weights
 from animate_inputs import TEST_OPTIONS
 
-from posegen_cli.errors import ResourceError
-from posegen_cli.longvideo import AnimateOptions, animate, engine
+from posegen_cli.errors import ResourceError, phrase
+from posegen_cli.longvideo import AnimateOptions, animate, engine, loading
 from posegen_cli.longvideo.memory import (
     GIB,
     JobShape,
@@ -130,7 +130,7 @@ def test_refusal_names_the_options_that_fit() -> None:
     # each option, applied, fits
     assert plan_kv(MODEL, JOB, steps, 3, budget).placement == "recompute"
     ranges = kv_share_ranges("full-body", 25, 40)
-    message = engine.kv_fit_message(refused.value, ranges)
+    message = phrase(engine.kv_fit_message(refused.value, ranges))
     assert "--kv-blocks 37-40" in message and "--work-dir" in message and "--offload group" in message
 
 
@@ -141,7 +141,7 @@ def test_a_job_that_cannot_fit_is_refused_before_any_work(
     extracted = []
     monkeypatch.setattr(extract_module, "extract_pose", lambda *a, **k: extracted.append(1))
     loaded = []
-    monkeypatch.setattr(PoseGenPipeline, "from_models", classmethod(lambda cls, *a, **k: loaded.append(1)))
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: loaded.append(1))
     output = tmp_path / "out.mp4"
     options = AnimateOptions(**TEST_OPTIONS, models_dir=tiny_models, shot="half-body")
     with pytest.raises(ResourceError, match=r"background K/V .* need .* MiB stored .* \(try .*--offload group") as refused:
@@ -152,7 +152,7 @@ def test_a_job_that_cannot_fit_is_refused_before_any_work(
 
 @pytest.fixture(scope="module")
 def pipe(tiny_models: Path) -> PoseGenPipeline:
-    return PoseGenPipeline.from_models(tiny_models, device="cpu", dtype="float32")
+    return loading.load_pipeline(tiny_models, device="cpu", dtype="float32")
 
 
 def test_renderer_placements_give_the_same_base_segment(pipe: PoseGenPipeline, tmp_path: Path, shared_data: Path) -> None:
@@ -184,8 +184,9 @@ def test_renderer_placements_give_the_same_base_segment(pipe: PoseGenPipeline, t
     for name, plan in {"stored": None, **plans}.items():
         renderer = PipelineRenderer(
             pipe, prompt="a man dancing", subject_positions=[1], reference=reference, height=height, width=width,
-            kv=kv, num_steps=2, guidance=5.0, seed=1, kv_plan=plan, kv_dir=tmp_path / "kv",
+            kv=kv, num_steps=2, guidance=5.0, seed=1,
         )  # fmt: skip
+        renderer.place_kv(plan, tmp_path / "kv")
         renderer.render_anchor(pose[0], hand, lambda n: None, record=True)
         results[name] = renderer.render_base(pose[1], hand, lambda n: None)
         renderer.release_kv()

@@ -190,7 +190,7 @@ def test_rebuild_from_the_anchors_inputs_in_a_fresh_cache() -> None:
     """What another worker does: rebuild the anchor's K/V from its kept inputs, then replay as the anchor's own cache."""
     model = build(5)
     anchor, other = segment_inputs(15, model), segment_inputs(16, model)
-    own = KVShareCache({0, 1}, {3, 4}, [1, 2], max_map_block=2, keep_inputs=True)
+    own = KVShareCache({0, 1}, {3, 4}, [1, 2], max_map_block=2)
     run_segment(model, anchor, own)
     own.start_replay()
     assert own.anchor_inputs is not None and set(own.anchor_inputs.calls) == {(0, "cond"), (0, "uncond"), (1, "cond"), (1, "uncond")}

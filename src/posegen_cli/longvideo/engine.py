@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from posegen_cli.device import available_host_bytes, free_device_bytes, resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, MissingModelError, ResourceError, require_file
+from posegen_cli.device import available_host_bytes, free_device_bytes
+from posegen_cli.errors import InputError, MissingModelError, ResourceError, option, require_file
 from posegen_cli.longvideo.memory import JobShape, KVFitError, KVPlan, MemoryBudget, ModelShape, activation_bytes, format_bytes, plan_kv
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
@@ -39,10 +39,11 @@ from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
-from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
-from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
+from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, probe_video
+from posegen_cli.video.framing import frame_to_model, warn_if_cropped
+from posegen_cli.video.image import ReferenceImage
 
 ENGINE_VERSION = 2
 """Part of every work folder's key: bump when a change makes old finished segments wrong."""
@@ -105,7 +106,7 @@ class AnimateResult:
     work_dir: Path | None
 
     def summary(self) -> dict[str, Any]:
-        """Plain values for ``Reporter.summary`` (and ``--json``)."""
+        """Plain values for ``Reporter.summary`` (and the JSON output)."""
         return {
             "output": str(self.output),
             "frames": self.frames,
@@ -145,8 +146,8 @@ def check_output_path(output: Path, inputs: list[Path]) -> Path:
     return output
 
 
-def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter: Reporter) -> tuple[str, PersonPose | None]:
-    """``--shot auto`` reads the reference person's visible keypoints and height; an explicit shot is kept.
+def pick_shot(options: AnimateOptions, image: np.ndarray, device: torch.device, reporter: Reporter) -> tuple[str, PersonPose | None]:
+    """The ``auto`` shot reads the reference person's visible keypoints and height; an explicit shot is kept.
 
     The person is detected on the reference framed at the model's full 720x1280, whatever the job's size, so a
     preview picks the same preset as the real run. That is also the frame pose alignment detects on, so the
@@ -155,15 +156,15 @@ def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter:
     """
     if options.shot != "auto":
         return options.shot, None
-    from posegen_cli.pose.extract import extract_reference_pose
+    from posegen_cli.pose.backends import extract_reference_pose
 
     framed_reference = frame_to_model(image)
     person = extract_reference_pose(framed_reference, options.pose_backend, device=device, models_dir=options.models_dir)
     if person is None:
-        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set --shot to choose)")
+        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set {option('shot')} to choose)")
         return DEFAULT_SHOT, None
     shot = classify_shot(person.keypoints, person.scores, person.box, framed_reference.shape[0])
-    reporter.info(f"reference framing: {shot} (override with --shot)")
+    reporter.info(f"reference framing: {shot} (override with {option('shot')})")
     return shot, person
 
 
@@ -174,7 +175,7 @@ def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], 
     if needed > free:
         raise ResourceError(
             f"the segments need {needed / 1024**3:.1f} GB in {work.path} but only {free / 1024**3:.1f} GB are free "
-            f"(free some space, or pass --work-dir on a larger disk; the video {output.name} itself is small)"
+            f"(free some space, or pass {option('work_dir')} on a larger disk; the video {output.name} itself is small)"
         )
 
 
@@ -189,7 +190,7 @@ def read_model_shape(posegen_dir: Path) -> ModelShape:
     import json
 
     from posegen_cli.models.convert import CONFIG_NAME, release_config_to_diffusers
-    from posegen_cli.pipelines.pipeline_posegen import BASE_FOLDER
+    from posegen_cli.longvideo.loading import BASE_FOLDER
 
     path = posegen_dir / BASE_FOLDER / CONFIG_NAME
     try:
@@ -231,27 +232,25 @@ def kv_fit_message(exc: KVFitError, kv: KVShareRanges) -> str:
     need = exc.needed
     have = ", ".join(f"{tier} {format_bytes(size)}" for tier, size in exc.available.items())
     tips = []
-    for option in exc.options:
-        if option.kind == "placement":
-            tips.append(f"--kv-placement {option.detail}")
-        elif option.kind == "fewer_blocks":
-            tips.append(f"--kv-blocks {kv.blocks[1] - int(option.detail)}-{kv.blocks[1]}")
-        elif option.kind == "disk":
-            tips.append(f"--work-dir on a disk with {option.detail} free")
-        elif option.kind == "gpu":
-            tips.append(f"--offload group, or {option.detail} more free GPU memory")
+    for fit in exc.options:
+        if fit.kind == "placement":
+            tips.append(f"{option('kv_placement')} {fit.detail}")
+        elif fit.kind == "fewer_blocks":
+            tips.append(f"{option('kv_blocks')} {kv.blocks[1] - int(fit.detail)}-{kv.blocks[1]}")
+        elif fit.kind == "disk":
+            tips.append(f"{option('work_dir')} on a disk with {fit.detail} free")
+        elif fit.kind == "gpu":
+            tips.append(f"{option('offload')} group, or {fit.detail} more free GPU memory")
     return (
         f"the anchor's background K/V (steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]}) need "
         f"{format_bytes(need['stored'])} stored or {format_bytes(need['recompute on the GPU'])} of GPU memory to recompute "
-        f"(--kv-placement {exc.requested}), but only {have} are free for them"
+        f"({option('kv_placement')} {exc.requested}), but only {have} are free for them"
         + (f" (try {'; or '.join(tips)})" if tips else " (free GPU memory, host memory or disk)")
     )
 
 
-def work_settings(
-    options: AnimateOptions, job: JobSettings, device: torch.device, dtype: torch.dtype, model_dirs: list[Path]
-) -> dict[str, Any]:
-    """Every setting that changes a segment's pixels, for the work folder's key (not --offload, --crf, audio).
+def work_settings(options: AnimateOptions, job: JobSettings, reference: ReferenceImage, model_dirs: list[Path]) -> dict[str, Any]:
+    """Every setting that changes a segment's pixels, for the work folder's key (not offloading, crf, audio).
 
     Model folders count by their resolved path: a Hugging Face snapshot path names the commit.
     """
@@ -271,8 +270,9 @@ def work_settings(
         "vae_tiling": options.vae_tiling,
         "segment": [options.segment_frames, options.head, options.tail],
         "models": [str(path.resolve()) for path in model_dirs],
-        "device": device.type,
-        "dtype": str(dtype),
+        "device": job.device.type,
+        "dtype": str(job.dtype),
+        "reference": reference.digest,
     }
 
 
@@ -353,15 +353,15 @@ def _animate(
     reference = require_file(reference, "reference image")
     driving = require_file(driving, "driving video")
     output = check_output_path(output, [reference, driving])
-    device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, device)
+    device = job.device
     timer = PhaseTimer(device)
     size = (job.height, job.width)
 
     with timer("inputs"):
         from posegen_cli.hub import model_path
 
-        image = load_image(reference)
+        ref = ReferenceImage.load(reference)  # decoded and hashed once for the whole job
+        image = ref.pixels
         warn_if_cropped(reporter, image.shape[1], image.shape[0], f"reference image {reference.name}", size)
         framed = frame_to_model(image, size)
         info = probe_video(driving)
@@ -369,7 +369,7 @@ def _animate(
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
         length = output_frames(plan, info.frame_count)
         root = Path(options.work_dir) if options.work_dir is not None else None
-        work = WorkDir.for_job([reference, driving], work_settings(options, job, device, dtype, model_dirs), root)
+        work = WorkDir.for_job([driving], work_settings(options, job, ref, model_dirs), root)
         check_disk_space(work, plan, size, output)
     reporter.info(
         f"{info.frame_count} driving frames at {fps_text(info.fps)} fps -> {len(plan)} segments of {options.segment_frames} "
@@ -380,44 +380,46 @@ def _animate(
 
     with timer("pose"):
         from posegen_cli.pose.extract import extract_pose
+        from posegen_cli.pose.settings import PoseOptions
 
-        shot, reference_pose = pick_shot(options, image, options.device, reporter)
+        shot, reference_pose = pick_shot(options, image, device, reporter)
         model_shape = read_model_shape(model_dirs[1])
         kv = kv_share_ranges(shot, job.steps, model_shape.num_layers, job.kv_steps, job.kv_blocks)
         kv_plan = None
         if any(seg.kind == BASE for seg in plan):
-            job_shape = JobShape(job.height, job.width, options.segment_frames, torch.finfo(dtype).bits // 8, job.guidance != 1.0)
+            job_shape = JobShape(job.height, job.width, options.segment_frames, torch.finfo(job.dtype).bits // 8, job.guidance != 1.0)
             resident = resident_bytes(model_shape, job_shape, options.offload)
             budget = measure_budget(device, resident, work.path, segment_frame_bytes(work, plan, size))
             kv_plan = plan_job_kv(model_shape, job_shape, kv, budget, options.kv_placement)
             reporter.info(f"K/V placement {kv_plan.describe()}")
+        pose_options = PoseOptions(backend=options.pose_backend, align=options.align, device=device, models_dir=options.models_dir)
         poses = extract_pose(
-            driving, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,
-            device=options.device, models_dir=options.models_dir, reporter=reporter, info=info, reference_pose=reference_pose,
-        )  # fmt: skip
+            driving, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, reference_pose=reference_pose
+        )
         if poses.frame_count != info.frame_count:
             raise InputError(f"pose extraction of {driving} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
 
     with timer("prompt"):
-        from posegen_cli.prompting import run_prompt
+        from posegen_cli.prompting import PromptOptions, run_prompt
 
-        prompt = run_prompt(
-            reference, work.stage_dir("prompt"), prompt=options.prompt, subject=options.subject, seed=options.seed,
-            device=options.device, models_dir=options.models_dir, reporter=reporter,
+        prompt_options = PromptOptions(
+            prompt=options.prompt, subject=options.subject, seed=options.seed, device=device, dtype=job.dtype,
+            models_dir=options.models_dir,
         )  # fmt: skip
+        prompt = run_prompt(ref, work.stage_dir("prompt"), prompt_options, reporter=reporter)
 
     with timer("load models"):
+        from posegen_cli.longvideo.loading import load_pipeline
         from posegen_cli.longvideo.renderer import PipelineRenderer
-        from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 
-        pipe = PoseGenPipeline.from_models(options.models_dir, device=device, dtype=dtype, offload=options.offload, reporter=reporter)
+        pipe = load_pipeline(options.models_dir, device=device, dtype=job.dtype, offload=options.offload, reporter=reporter)
         if options.vae_tiling == "untiled":
             pipe.vae_tiles = None
         renderer = PipelineRenderer(
             pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
             height=job.height, width=job.width, kv=kv, num_steps=job.steps, guidance=job.guidance, seed=job.seed,
-            kv_plan=kv_plan, kv_dir=work.path / "kv",
         )  # fmt: skip
+        renderer.place_kv(kv_plan, work.path / "kv")
         pipe.release_encoders()
     reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
 
@@ -425,8 +427,8 @@ def _animate(
     try:
         with timer("segments"):
             stats: SegmentStats = render_segments(
-                plan, renderer, pose_source, hand_source, work, total_frames=info.frame_count, frame_shape=size,
-                head=options.head, tail=options.tail, reporter=reporter, compat_mp4=options.compat_mp4,
+                plan, renderer, (pose_source, hand_source), work, total_frames=info.frame_count, frame_shape=size,
+                overlap=(options.head, options.tail), reporter=reporter, compat_mp4=options.compat_mp4,
                 after_segment=after_segment,
             )  # fmt: skip
     finally:

@@ -1,7 +1,7 @@
 """How big a job is and where the anchor's background K/V can live: pure sizing and placement arithmetic.
 
 Everything here is integer arithmetic on the model config and the job's sizes; nothing touches torch or a device,
-so the job planner (``--dry-run``) and tests can ask it anything. The figures:
+so the job planner (a dry run) and tests can ask it anything. The figures:
 
 - **K/V per (step, branch, block)**: the release keeps self-attention K and V, each [1, L, inner_dim], with
   L = video tokens + reference tokens (port spec §2.6): ``2 · L · inner · bytes``. At 720x1280x81 in bf16 that is
@@ -22,9 +22,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from posegen_cli.choices import KV_PLACEMENTS
+
 KVFormat = Literal["kv", "inputs"]
-KVPlacementName = Literal["auto", "gpu", "host", "disk", "recompute"]
-KV_PLACEMENTS: tuple[str, ...] = ("auto", "gpu", "host", "disk", "recompute")
 
 GIB = 1024**3
 ACTIVATION_TOKEN_FACTOR = 8

@@ -14,7 +14,7 @@ from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.segments import ProgressCallback
 from posegen_cli.models import KVShareCache
 from posegen_cli.models.kv_store import TieredStore
-from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, release_generator
 
 
 class _Recorded(Exception):
@@ -26,7 +26,7 @@ class PipelineRenderer:
 
     Base segments (anchor included) run on the "base" variant and transitions on the "transition" variant, swapped
     in place; the anchor's K/V cache lives here from the anchor's run until :meth:`release_kv`, stored as
-    ``kv_plan`` says (all on the device when None), disk entries under ``kv_dir``.
+    :meth:`place_kv` says (all on the device until it is called).
     """
 
     def __init__(
@@ -42,8 +42,6 @@ class PipelineRenderer:
         num_steps: int,
         guidance: float,
         seed: int,
-        kv_plan: KVPlan | None = None,
-        kv_dir: Path | None = None,
     ) -> None:
         self.pipe = pipe
         self.num_steps = num_steps
@@ -53,8 +51,8 @@ class PipelineRenderer:
         self.subject_positions = list(subject_positions)
         self.prompt_embeds, self.negative_embeds = pipe.encode_prompt(prompt)
         self.image_embeds, self.reference_latents = pipe.encode_reference(reference, height, width)
-        self.kv_plan = kv_plan
-        self.kv_dir = kv_dir
+        self.kv_plan: KVPlan | None = None
+        self.kv_dir: Path | None = None
         self.cache: KVShareCache | None = None
         self._variant: str | None = None
 
@@ -88,12 +86,12 @@ class PipelineRenderer:
             hand_frames=hand,
             head_frames=head,
             tail_frames=tail,
-            seed=self.seed,
             num_inference_steps=self.num_steps,
             guidance_scale=self.guidance,
+            generator=release_generator(self.seed),  # fresh per segment: every segment starts from the same noise
             kv_share=kv_share,
             callback_on_step_end=callback,
-        )
+        ).frames
 
     def anchor_steps(self) -> int:
         return self.kv.steps[1]
@@ -113,6 +111,10 @@ class PipelineRenderer:
         if self.cache is not None:
             self.cache.start_replay()
         return frames
+
+    def place_kv(self, plan: KVPlan | None, folder: Path | None) -> None:
+        """Store the anchor's K/V as ``plan`` says (``memory.plan_kv``; None: on the device), disk entries in ``folder``."""
+        self.kv_plan, self.kv_dir = plan, folder
 
     def _new_cache(self) -> KVShareCache:
         """An empty recording cache placed as the job's K/V plan says."""

@@ -15,7 +15,7 @@ reloads a second model. Two forms:
   safetensors (``checkpoint_cache``); the tensors whose digests differ are copied from the other variant's
   memory-mapped files on each switch. No CPU merge, no host copy, bit-identical to "exact".
 
-Under diffusers' group offloading (``--offload group``) a switch stays correct: the hooks offload every group when
+Under diffusers' group offloading (``offload="group"``) a switch stays correct: the hooks offload every group when
 they are applied, so the parameters ``activate`` writes into are the host copies each group is onloaded from (the
 pinned copies with ``use_stream=True``); a swapped-in hand embedding gets the hooks rebuilt around it.
 """

@@ -151,8 +151,8 @@ class KVShareCache:
     device); ``kv_format`` "kv" stores K and V, "inputs" the block's modulated input (half the bytes, K/V
     re-projected on use); ``recompute_model`` (the transformer) stores neither and re-runs the anchor's forward
     before each base forward at a shared step (``kv_format`` is then "inputs" for the transient entries);
-    ``lookahead`` entries are read ahead from host or disk; ``keep_inputs`` keeps :attr:`anchor_inputs` also when
-    not recomputing (to ship them to other workers).
+    ``lookahead`` entries are read ahead from host or disk. The anchor's transformer inputs at the shared steps are
+    always kept (:attr:`anchor_inputs`, tens of MB on the CPU) so that another worker can :meth:`rebuild` the cache.
     """
 
     def __init__(
@@ -168,7 +168,6 @@ class KVShareCache:
         kv_format: KVFormat = "kv",
         recompute_model: Callable[..., object] | None = None,
         lookahead: int = 2,
-        keep_inputs: bool = False,
     ) -> None:
         self.steps = frozenset(int(s) for s in steps)
         self.blocks = frozenset(int(b) for b in blocks)
@@ -190,7 +189,7 @@ class KVShareCache:
         self.recompute_model = recompute_model
         self.kv_format: KVFormat = "inputs" if recompute_model is not None else kv_format
         self.lookahead = lookahead
-        self.anchor_inputs: AnchorInputs | None = AnchorInputs() if keep_inputs or recompute_model is not None else None
+        self.anchor_inputs: AnchorInputs | None = AnchorInputs()
         self.mode: Literal["record", "replay", "released"] = "record"
         self._order: list[Key] = []
         self._prev_masks: dict[int, torch.Tensor] = {}
@@ -241,8 +240,7 @@ class KVShareCache:
             for step, branch in order:
                 if step in self.steps:
                     transformer(**inputs.call(step, branch, device), kv_share=KVShareView(self, step, branch, recording=True))  # type: ignore[arg-type]
-        if self.anchor_inputs is not None:
-            self.anchor_inputs = inputs
+        self.anchor_inputs = inputs
         self.start_replay()
 
     def start_replay(self) -> None:
