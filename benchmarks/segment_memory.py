@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from transformer_step import build_model
+from gpu_suite import build_model
 
 from posegen_cli.device import available_host_bytes
 from posegen_cli.longvideo.memory import (
@@ -49,7 +49,7 @@ from posegen_cli.longvideo.memory import (
 )
 from posegen_cli.longvideo.presets import kv_share_ranges
 from posegen_cli.longvideo.renderer import plan_store
-from posegen_cli.models import KVShareCache, tiny_transformer_config
+from posegen_cli.models import KVShareCache, kv_sharing, tiny_transformer_config
 from posegen_cli.video import available_bytes
 
 SCALES = {
@@ -96,8 +96,8 @@ def _forward(
     """Seconds of one forward, including what the cache does for it (a recomputed anchor forward, reads)."""
     _sync(device)
     start = time.perf_counter()
-    view = cache.view(step, branch) if cache is not None else None  # type: ignore[arg-type]
-    model(**inputs, timestep=torch.tensor([1000.0 - 40 * step], device=device), encoder_hidden_states=context, kv_share=view)
+    with kv_sharing(model, cache), model.cache_context(branch, step_index=step):
+        model(**inputs, timestep=torch.tensor([1000.0 - 40 * step], device=device), encoder_hidden_states=context)
     _sync(device)
     return time.perf_counter() - start
 

@@ -25,3 +25,8 @@ KV_PLACEMENTS = ("auto", "gpu", "host", "disk", "recompute")
 disk, or nowhere (recomputed from the anchor's inputs before each base forward at a shared step)."""
 VAE_TILINGS = ("release", "untiled")
 """VAE passes: the release's spatial tiles (bit-exact parity), or whole frames at once."""
+ATTENTION_CHOICES = ("auto", "native", "cudnn", "flash", "flash3", "sage")
+"""Attention kernels, mapped onto diffusers' backend names by ``models.acceleration.resolve_attention``; ``sage`` is
+approximate, the others exact."""
+QUANTIZE_CHOICES = ("none", "fp8", "int8")
+"""torchao weights for the DiT's block linears."""

@@ -15,6 +15,7 @@ from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import MissingModelError, OptionError, option, out_of_memory_as
 from posegen_cli.hub import model_path
 from posegen_cli.models import PoseGenVariants
+from posegen_cli.models.acceleration import compile_blocks, quantization_config, resolve_attention, set_attention
 from posegen_cli.pipelines.image import load_image_encoder
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, oom_message
 from posegen_cli.pipelines.scheduling import make_scheduler
@@ -36,6 +37,9 @@ def load_pipeline(
     offload: str = "none",
     load_encoders: bool = True,
     checkpoints: str = "converted",
+    attention: str = "auto",
+    compile: bool = False,
+    quantize: str = "none",
     reporter: Reporter | None = None,
 ) -> PoseGenPipeline:
     """Load every component once from the model registry (a models folder, or the Hugging Face cache when None).
@@ -47,9 +51,13 @@ def load_pipeline(
     ``checkpoints="converted"`` (default) converts each release folder once into the posegen cache (merged
     safetensors keyed by the source files, ``models/checkpoint_cache.py``) and loads that straight onto the device;
     "release" (or too little disk for the copies) reads and merges the release shards every time.
+    ``attention``, ``compile`` and ``quantize`` are the DiT speed-ups of :mod:`posegen_cli.models.acceleration`,
+    checked before anything loads and applied in the order quantize, attention, compile; ``pipe.attention`` tells
+    which kernel was set.
 
     Raises:
         OptionError: an unknown ``offload``, or offloading without CUDA.
+        InputError: an attention kernel or quantisation this device cannot run.
         MissingModelError: a component folder is missing.
         ResourceError: the GPU ran out of memory while loading.
     """
@@ -70,6 +78,8 @@ def load_pipeline(
     for sub in (BASE_FOLDER, TRANSITION_FOLDER):
         if not (posegen / sub).is_dir():
             raise MissingModelError(f"{posegen / sub} is missing (re-run `posegen download posegen`)")
+    attention_choice = resolve_attention(attention, dev, dt)
+    quantization = quantization_config(quantize, dev)
     place = "cpu" if offload != "none" else dev
     if reporter is not None:
         reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
@@ -84,10 +94,17 @@ def load_pipeline(
             scheduler=make_scheduler(),
         )
         pipe.variants = variants
+        if quantization is not None:
+            variants.quantize(quantization)
         if offload == "model":
             pipe.enable_model_cpu_offload(device=dev)
         elif offload == "group":
             pipe.enable_group_offload_all(dev)
+        set_attention(pipe.transformer, attention_choice)
+        pipe.attention = attention_choice
+        if compile:
+            # group offloading's hooks run eagerly inside each block (graph breaks), so only then allow breaks
+            compile_blocks(pipe.transformer, fullgraph=offload == "none")
     return pipe
 
 

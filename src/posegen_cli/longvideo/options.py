@@ -15,7 +15,16 @@ from typing import Any
 
 import torch
 
-from posegen_cli.choices import ALIGN_MODES, BACKENDS, KV_PLACEMENTS, OFFLOAD_MODES, SHOT_TYPES, VAE_TILINGS
+from posegen_cli.choices import (
+    ALIGN_MODES,
+    ATTENTION_CHOICES,
+    BACKENDS,
+    KV_PLACEMENTS,
+    OFFLOAD_MODES,
+    QUANTIZE_CHOICES,
+    SHOT_TYPES,
+    VAE_TILINGS,
+)
 from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import OptionError, option
 from posegen_cli.pipelines import check_model_size
@@ -56,6 +65,14 @@ class AnimateOptions:
     models_dir: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    attention: str = "auto"
+    """Attention kernel: one of ``choices.ATTENTION_CHOICES`` (auto: the fastest exact one present)."""
+    compile: bool = False
+    """Compile the transformer blocks (regional ``torch.compile``)."""
+    quantize: str = "none"
+    """torchao weights of the block linears: one of ``choices.QUANTIZE_CHOICES``."""
+    gpu: str | None = None
+    """GPU the job planner estimates for (a name of ``longvideo.planner.GPUS``); None: the one present."""
     anchor: int = 0
     pad: bool = True
     segment_frames: int = 81
@@ -137,6 +154,8 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         ("shot", options.shot, ("auto", *SHOT_TYPES)),
         ("kv_placement", options.kv_placement, KV_PLACEMENTS),
         ("vae_tiling", options.vae_tiling, VAE_TILINGS),
+        ("attention", options.attention, ATTENTION_CHOICES),
+        ("quantize", options.quantize, QUANTIZE_CHOICES),
     ):
         if value not in choices:
             raise OptionError(name, value, choices)
