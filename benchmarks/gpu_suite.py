@@ -274,7 +274,7 @@ def run(setup: dict, device: torch.device, repeats: int, budget_s: float) -> dic
     print(f"compile ({best}): {time.perf_counter() - compile_start:.1f} s incl. the first pass", flush=True)
     suite.time(f"{best} compiled", warmup=False)
 
-    cache = KVShareCache({0}, suite.setup["share_blocks"], [2, 3], max_map_block=suite.setup["max_map_block"], placement="gpu")
+    cache = KVShareCache({0}, suite.setup["share_blocks"], [2, 3], max_map_block=suite.setup["max_map_block"])
     suite.time(f"{best} compiled, K/V record", cache=cache, repeats=1)
     cache.start_replay()
     suite.time(f"{best} compiled, K/V replay", cache=cache, replay=True, warmup=True)

@@ -79,6 +79,7 @@ def test_animate_end_to_end(
     assert {"inputs", "pose", "prompt", "load models", "segments", "merge + encode"} <= set(summary["seconds"])
     assert summary["peak_gpu_memory_gb"] is None
     assert (summary["kv_steps"], summary["kv_blocks"]) == ("0-2", "1-2")  # the --kv-steps/--kv-blocks syntax
+    assert summary["kv_placement"].startswith("gpu (kv)")  # tiny K/V: all of it stays where it is made
 
     # the video is the cross-fade of the stored segments, trimmed to the driving length; compared in luma, which
     # 4:2:0 H.264 keeps at full resolution (the tiny models' output is per-pixel colour noise)

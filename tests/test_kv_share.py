@@ -8,6 +8,7 @@ from posegen_reference import ReleaseShare, make_inputs, randomize_, reference_f
 
 from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, kv_sharing, tiny_transformer_config
 from posegen_cli.models.kv_cache import otsu_masks, subject_map
+from posegen_cli.models.kv_store import TieredStore
 
 torch.set_num_threads(1)
 
@@ -139,22 +140,72 @@ def test_reported_bytes_equal_the_formula(dtype: torch.dtype) -> None:
         cache.view(0, "cond")
 
 
+def placements(model, tmp_path) -> dict[str, dict]:
+    """Every storage choice of the K/V, as KVShareCache keyword arguments (sizes in bytes of the tiny entries)."""
+    n_video, n_ref, inner = 3 * 6 * 5, 6 * 5, 24
+    item = (n_video + n_ref) * inner * next(model.parameters()).element_size()
+    return {
+        "gpu": {},
+        "gpu-inputs": {"kv_format": "inputs"},
+        "host": {"store": TieredStore(gpu_bytes=0, host_bytes=None)},
+        "host-inputs": {"store": TieredStore(gpu_bytes=0, host_bytes=None), "kv_format": "inputs"},
+        "disk": {"store": TieredStore(gpu_bytes=0, host_bytes=0, disk_dir=tmp_path / "kv"), "kv_format": "inputs"},
+        "tiered": {"store": TieredStore(gpu_bytes=3 * item, host_bytes=2 * item, disk_dir=tmp_path / "kv2"), "kv_format": "inputs"},
+        "recompute": {"recompute_model": model},
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
-def test_cpu_placement_equals_gpu_placement(device: str) -> None:
-    model = build(5).to(device)
+def test_every_placement_gives_the_stored_path_bit_for_bit(device: str, dtype: torch.dtype, tmp_path) -> None:
+    """GPU (stand-in: where the tensors are), host, disk, a mix of all three, and recompute: identical base segments."""
+    model = build(5, dtype).to(device)
     anchor, other = segment_inputs(9, model), segment_inputs(10, model)
     results = {}
-    for placement in ("gpu", "cpu"):
-        cache = KVShareCache({0, 1}, {3, 4}, [2, 3], max_map_block=2, placement=placement)
+    for name, kwargs in placements(model, tmp_path).items():
+        cache = KVShareCache({0, 1}, {3, 4}, [2, 3], max_map_block=2, lookahead=1, **kwargs)
         run_segment(model, anchor, cache, device)
         cache.start_replay()
-        assert cache.resolved_placement == placement
-        k, _ = cache._kv[(0, "cond", 3)]
-        assert k.device.type == ("cpu" if placement == "cpu" else device)
-        if placement == "cpu" and device == "cuda":
-            assert k.is_pinned()
-        results[placement] = run_segment(model, other, cache, device)
-    assert all(torch.equal(a, b) for a, b in zip(results["gpu"], results["cpu"]))
+        results[name] = run_segment(model, other, cache, device)
+        if name == "tiered":
+            tiers = {cache.store.tier_of(key) for key in cache.store.keys()}
+            assert tiers == {"gpu", "host", "disk"} and cache.store.tier_bytes()["disk"] > 0
+            assert any((tmp_path / "kv2").iterdir())
+        if name == "recompute":
+            assert cache.store.nbytes == 0, "recomputed entries must not outlive the forward that reads them"
+        if name == "host" and device == "cuda":
+            k = cache.store._entries[(0, "cond", 3)].tensors[0]
+            assert k.device.type == "cpu" and k.is_pinned()
+        cache.release()
+        assert not (tmp_path / "kv2").exists() or not any((tmp_path / "kv2").iterdir())
+    for name, outs in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(outs, results["gpu"])), name
+
+
+def test_inputs_format_holds_half_the_bytes_and_recompute_none() -> None:
+    model = build(5)
+    sizes = {}
+    for name, kwargs in {"kv": {}, "inputs": {"kv_format": "inputs"}, "recompute": {"recompute_model": model}}.items():
+        cache = KVShareCache({0, 1}, {3, 4}, [2], max_map_block=2, **kwargs)
+        run_segment(model, segment_inputs(8, model), cache)
+        sizes[name] = cache.nbytes - 2 * 3 * 6 * 5  # minus the two steps' uint8 masks
+    assert sizes["inputs"] * 2 == sizes["kv"] and sizes["recompute"] == 0
+
+
+def test_rebuild_from_the_anchors_inputs_in_a_fresh_cache() -> None:
+    """What another worker does: rebuild the anchor's K/V from its kept inputs, then replay as the anchor's own cache."""
+    model = build(5)
+    anchor, other = segment_inputs(15, model), segment_inputs(16, model)
+    own = KVShareCache({0, 1}, {3, 4}, [1, 2], max_map_block=2)
+    run_segment(model, anchor, own)
+    own.start_replay()
+    assert own.anchor_inputs is not None and set(own.anchor_inputs.calls) == {(0, "cond"), (0, "uncond"), (1, "cond"), (1, "uncond")}
+    rebuilt = KVShareCache({0, 1}, {3, 4}, [1, 2], max_map_block=2, kv_format="inputs")
+    rebuilt.rebuild(model, own.anchor_inputs)
+    assert all(torch.equal(own.subject_masks[s], rebuilt.subject_masks[s]) for s in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(run_segment(model, other, own), run_segment(model, other, rebuilt)))
+    with pytest.raises(RuntimeError, match="fresh recording cache"):
+        rebuilt.rebuild(model, own.anchor_inputs)
 
 
 def test_subject_map_and_otsu_on_a_hand_made_case() -> None:
@@ -175,8 +226,8 @@ def test_invalid_use_is_rejected() -> None:
         KVShareCache({0}, {5, 10}, [1], max_map_block=10)
     with pytest.raises(ValueError, match="subject token positions"):
         KVShareCache({0}, {34}, [])
-    with pytest.raises(ValueError, match="placement"):
-        KVShareCache({0}, {34}, [1], placement="disk")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="kv_format"):
+        KVShareCache({0}, {34}, [1], kv_format="fp8")  # type: ignore[arg-type]
     model = build(4)
     cache = KVShareCache({0, 1}, {2, 3}, [1], max_map_block=1)
     forward_once(model, segment_inputs(11, model), cache, 0, "cond")

@@ -267,8 +267,8 @@ def test_onload_triggers_an_offload_hook_before_reading_the_device():
 
 
 def test_pipeline_variants_hold_the_release_merged_weights(pipe, tiny_models):
-    """The pipeline switches in the exact form: each variant's DiT equals the release's merge of that folder."""
-    assert pipe.variants is not None and pipe.variants.mode == "exact"
+    """The pipeline switches from the converted cache: each variant's DiT equals the release's merge of that folder."""
+    assert pipe.variants is not None and pipe.variants.mode == "converted"
     try:
         for name, folder in (("transition", "720p-81f-cond"), ("base", "720p-81f-base")):
             pipe.use_variant(name)

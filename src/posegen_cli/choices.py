@@ -22,6 +22,11 @@ DTYPES = ("auto", "bfloat16", "float32")
 """Model dtypes by name; ``auto`` is bfloat16 on a GPU and float32 on the CPU (``bf16``/``fp32`` are accepted too)."""
 CAMERA_MOTIONS = ("pan-left", "pan-right", "pan-up", "pan-down", "zoom-in", "zoom-out")
 """Experimental camera moves steered through the negative guidance branch (``pose.camera``)."""
+KV_PLACEMENTS = ("auto", "gpu", "host", "disk", "recompute")
+"""Where the anchor's background K/V live: chosen per job from free memory and disk, GPU, pinned host memory, local
+disk, or nowhere (recomputed from the anchor's inputs before each base forward at a shared step)."""
+VAE_TILINGS = ("release", "untiled")
+"""VAE passes: the release's spatial tiles (bit-exact parity), or whole frames at once."""
 ATTENTION_CHOICES = ("auto", "native", "cudnn", "flash", "flash3", "sage")
 """Attention kernels, mapped onto diffusers' backend names by ``models.acceleration.resolve_attention``; ``sage`` is
 approximate, the others exact."""

@@ -39,6 +39,8 @@ Offload = _choice_enum("Offload", choices.OFFLOAD_MODES)
 KeypointFormat = _choice_enum("KeypointFormat", choices.OUTPUT_FORMATS)
 ShotType = _choice_enum("ShotType", ("auto", *choices.SHOT_TYPES))
 CameraMove = _choice_enum("CameraMove", choices.CAMERA_MOTIONS)
+KVPlacement = _choice_enum("KVPlacement", choices.KV_PLACEMENTS)
+VaeTiling = _choice_enum("VaeTiling", choices.VAE_TILINGS)
 AttentionKernel = _choice_enum("AttentionKernel", choices.ATTENTION_CHOICES)
 Quantize = _choice_enum("Quantize", choices.QUANTIZE_CHOICES)
 
@@ -157,6 +159,8 @@ def animate(
     kv_blocks: Annotated[str | None, typer.Option("--kv-blocks", help="Override the preset's shared blocks, e.g. '34-40'.")] = None,
     align: Annotated[AlignMode, typer.Option("--align", help="Move the driving skeleton onto the reference person: scale+offset (auto), also limb lengths (limbs), or not at all.")] = AlignMode.auto,
     pose_backend: Annotated[Backend, typer.Option("--pose-backend", help="Pose extractor: sapiens (the paper's, GPU), mediapipe (CPU, offline), auto.")] = Backend.auto,
+    vae_tiling: Annotated[VaeTiling, typer.Option("--vae-tiling", help="VAE tiles: the release's (exact parity) or untiled (whole frames: more GPU memory, no seams, slightly different pixels).")] = VaeTiling.release,
+    kv_placement: Annotated[KVPlacement, typer.Option("--kv-placement", help="Where the anchor's background K/V live: auto picks from free GPU, host and disk; gpu, host, disk, or recompute (nothing stored, one extra forward per shared step).")] = KVPlacement.auto,
     offload: Annotated[Offload, typer.Option("--offload", help="Keep models on the CPU until needed (model) or stream blocks (group) to fit smaller GPUs.")] = Offload.none,
     preview: Annotated[bool, flag("--preview", help="Low resolution and few steps, to check a job fast.")] = False,
     no_audio: Annotated[bool, flag("--no-audio", help="Do not copy the driving video's audio.")] = False,
@@ -201,7 +205,8 @@ def animate(
         options = AnimateOptions(
             prompt=prompt, subject=subject, seed=seed, steps=steps, guidance=guidance, resolution=resolution,
             shot=shot.value, kv_steps=kv_steps, kv_blocks=kv_blocks, align=align.value, pose_backend=pose_backend.value,
-            offload=offload.value, preview=preview, audio=not no_audio, crf=crf, compat_mp4=compat_mp4, anchor=anchor,
+            offload=offload.value, kv_placement=kv_placement.value, vae_tiling=vae_tiling.value, preview=preview,
+            audio=not no_audio, crf=crf, compat_mp4=compat_mp4, anchor=anchor,
             work_dir=work_dir, pose_video=pose_video, hand_video=hand_video, audio_file=audio_file,
             camera=None if camera is None else camera.value, camera_speed=camera_speed,
             attention=attention.value, compile=compile_blocks, quantize=quantize.value, gpu=gpu,

@@ -43,3 +43,28 @@ def resolve_dtype(spec: str | torch.dtype, device: torch.device) -> torch.dtype:
     if spec not in _DTYPE_NAMES:
         raise OptionError("dtype", spec, problem=f"{spec!r} is not understood (use {', '.join(DTYPES[:-1])} or {DTYPES[-1]})")
     return _DTYPE_NAMES[spec]
+
+
+def available_host_bytes() -> int:
+    """Host memory a new allocation can get without swapping: ``MemAvailable`` of /proc/meminfo (Linux).
+
+    Falls back to free physical pages where /proc/meminfo is absent (this under-counts reclaimable page cache).
+    """
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: CUDA's ``mem_get_info``, or available host memory for the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return available_host_bytes()

@@ -27,11 +27,14 @@ import numpy as np
 import torch
 
 from posegen_cli.cache import cache_root
-from posegen_cli.errors import InputError, ResourceError, option
+from posegen_cli.device import available_host_bytes, free_device_bytes
+from posegen_cli.errors import InputError, MissingModelError, ResourceError, option
 from posegen_cli.fsutil import copy_file
+from posegen_cli.longvideo.memory import JobShape, KVFitError, KVPlan, MemoryBudget, ModelShape, activation_bytes, format_bytes, plan_kv
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
+    BASE,
     TRANSITION,
     Segment,
     output_frames,
@@ -39,7 +42,8 @@ from posegen_cli.longvideo.plan import (
     plan_segments,
     timeline_order,
 )
-from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, JobSpec, ModelShape, expected_kernel, find_gpu, plan_job
+from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, JobSpec, expected_kernel, find_gpu, plan_job
+from posegen_cli.longvideo.planner import ModelShape as PlannerShape
 from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot, kv_share_ranges
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import BlankFrames, CameraFrames, FrameReader, FrameSource
@@ -107,6 +111,7 @@ class AnimateResult:
     shot: str | None
     kv: KVShareRanges | None
     """None: no background K/V sharing (``camera`` set)."""
+    kv_plan: KVPlan | None
     prompt: str
     subject: str
     phases: dict[str, float]
@@ -142,6 +147,7 @@ class AnimateResult:
             "shot": self.shot,
             "kv_steps": "off" if self.kv is None else "{}-{}".format(*self.kv.steps),
             "kv_blocks": "off" if self.kv is None else "{}-{}".format(*self.kv.blocks),
+            "kv_placement": None if self.kv_plan is None else self.kv_plan.describe(),
             "subject": self.subject,
             "seconds": {name: round(value, 2) for name, value in self.phases.items()},
             "total_seconds": round(sum(self.phases.values()), 2),
@@ -240,15 +246,83 @@ def pick_shot(options: AnimateOptions, image: np.ndarray, device: torch.device, 
 
 def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], output: Path) -> None:
     """Fail before hours of GPU work when the unfinished segments cannot fit in the work folder's disk."""
-    finished = work.finished()
-    missing = sum(seg.frames for seg in plan if seg.index not in finished)
-    needed = missing * size[0] * size[1] * 3
+    needed = segment_frame_bytes(work, plan, size)
     free = available_bytes(work.path)
     if needed > free:
         raise ResourceError(
             f"the segments need {needed / 1024**3:.1f} GB in {work.path} but only {free / 1024**3:.1f} GB are free "
             f"(free some space, or pass {option('work_dir')} on a larger disk; the video {output.name} itself is small)"
         )
+
+
+def segment_frame_bytes(work: WorkDir, plan: list[Segment], size: tuple[int, int]) -> int:
+    """Bytes the unfinished segments' frames will take in the work folder (uint8 RGB)."""
+    finished = work.finished()
+    return sum(seg.frames for seg in plan if seg.index not in finished) * size[0] * size[1] * 3
+
+
+def read_model_shape(posegen_dir: Path) -> ModelShape:
+    """The DiT's shape from the base checkpoint's ``model_config.json``, without reading any weights."""
+    import json
+
+    from posegen_cli.longvideo.loading import BASE_FOLDER
+    from posegen_cli.models.convert import CONFIG_NAME, release_config_to_diffusers
+
+    path = posegen_dir / BASE_FOLDER / CONFIG_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MissingModelError(f"{path} is missing (re-run `posegen download posegen`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); re-download it with `posegen download posegen`") from exc
+    return ModelShape.from_config(release_config_to_diffusers(raw, path))
+
+
+def measure_budget(device: torch.device, resident: int, disk_folder: Path, disk_reserved: int) -> MemoryBudget:
+    """Free device, host and disk bytes now; on a CPU run the device is host memory and there is no separate host tier."""
+    disk = max(0, available_bytes(disk_folder) - disk_reserved)
+    if device.type == "cuda":
+        return MemoryBudget(free_device_bytes(device), resident, available_host_bytes(), disk)
+    return MemoryBudget(available_host_bytes(), resident, 0, disk)
+
+
+def resident_bytes(model: ModelShape, job: JobShape, offload: str) -> int:
+    """Device bytes the job keeps besides the K/V: the DiT's weights (two blocks under group offload) and activations."""
+    weights = model.num_parameters() * job.dtype_bytes
+    if offload == "group":
+        weights = 2 * weights // model.num_layers
+    return weights + activation_bytes(model, job)
+
+
+def plan_job_kv(model: ModelShape, job: JobShape, kv: KVShareRanges, budget: MemoryBudget, requested: str) -> KVPlan:
+    """Where this job's anchor K/V go; a ResourceError naming the options that fit when nothing does."""
+    steps, blocks = kv.steps[1] - kv.steps[0], kv.blocks[1] - kv.blocks[0]
+    try:
+        return plan_kv(model, job, steps, blocks, budget, requested)
+    except KVFitError as exc:
+        raise ResourceError(kv_fit_message(exc, kv)) from None
+
+
+def kv_fit_message(exc: KVFitError, kv: KVShareRanges) -> str:
+    """One line: what the K/V need, what is free, and each change that would make the job fit."""
+    need = exc.needed
+    have = ", ".join(f"{tier} {format_bytes(size)}" for tier, size in exc.available.items())
+    tips = []
+    for fit in exc.options:
+        if fit.kind == "placement":
+            tips.append(f"{option('kv_placement')} {fit.detail}")
+        elif fit.kind == "fewer_blocks":
+            tips.append(f"{option('kv_blocks')} {kv.blocks[1] - int(fit.detail)}-{kv.blocks[1]}")
+        elif fit.kind == "disk":
+            tips.append(f"{option('work_dir')} on a disk with {fit.detail} free")
+        elif fit.kind == "gpu":
+            tips.append(f"{option('offload')} group, or {fit.detail} more free GPU memory")
+    return (
+        f"the anchor's background K/V (steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]}) need "
+        f"{format_bytes(need['stored'])} stored or {format_bytes(need['recompute on the GPU'])} of GPU memory to recompute "
+        f"({option('kv_placement')} {exc.requested}), but only {have} are free for them"
+        + (f" (try {'; or '.join(tips)})" if tips else " (free GPU memory, host memory or disk)")
+    )
 
 
 def work_settings(options: AnimateOptions, job: JobSettings, reference: ReferenceImage, model_dirs: list[Path]) -> dict[str, Any]:
@@ -276,6 +350,7 @@ def work_settings(options: AnimateOptions, job: JobSettings, reference: Referenc
         "anchor": options.anchor,
         "pad": options.pad,
         "compat_mp4": options.compat_mp4,
+        "vae_tiling": options.vae_tiling,
         "segment": [options.segment_frames, options.head, options.tail],
         "models": [str(path.resolve()) for path in model_dirs],
         "device": job.device.type,
@@ -331,7 +406,7 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def model_shape(models_dir: Path | None) -> tuple[ModelShape, str]:
+def model_shape(models_dir: Path | None) -> tuple[PlannerShape, str]:
     """The DiT's shape from the base checkpoint's ``model_config.json`` when it is on disk (read, not loaded), else
     the release's 14B shape; and where it came from."""
     import json
@@ -345,7 +420,7 @@ def model_shape(models_dir: Path | None) -> tuple[ModelShape, str]:
     if config_file is None or not config_file.is_file():
         return WAN_I2V_14B, "Wan2.1-I2V-14B-720P + PoseGen (models not downloaded: the release's shape)"
     config = release_config_to_diffusers(json.loads(config_file.read_text()), config_file)
-    return ModelShape.from_config(config), str(config_file)
+    return PlannerShape.from_config(config), str(config_file)
 
 
 def plan_animate(driving: Path | None, *, options: AnimateOptions, reporter: Reporter) -> JobPlan:
@@ -464,11 +539,21 @@ def _animate(
 
     share_kv = options.camera is None
     with timer("pose"):
+        shot, reference_pose = pick_shot(options, image, device, reporter) if share_kv else (None, None)
+        kv, kv_plan = None, None
+        if shot is not None:  # planned before any extraction: a K/V cache that cannot fit refuses the job here
+            model_shape = read_model_shape(model_dirs[1])
+            kv = kv_share_ranges(shot, job.steps, model_shape.num_layers, job.kv_steps, job.kv_blocks)
+            if any(seg.kind == BASE for seg in plan):
+                job_shape = JobShape(job.height, job.width, options.segment_frames, torch.finfo(job.dtype).bits // 8, job.guidance != 1.0)
+                resident = resident_bytes(model_shape, job_shape, options.offload)
+                budget = measure_budget(device, resident, work.path, segment_frame_bytes(work, plan, size))
+                kv_plan = plan_job_kv(model_shape, job_shape, kv, budget, options.kv_placement)
+                reporter.info(f"K/V placement {kv_plan.describe()}")
         if options.pose_video is None:
             from posegen_cli.pose.extract import extract_pose
             from posegen_cli.pose.settings import PoseOptions
 
-            shot, reference_pose = pick_shot(options, image, device, reporter) if share_kv else (None, None)
             pose_options = PoseOptions(backend=options.pose_backend, align=options.align, device=device, models_dir=options.models_dir)
             poses = extract_pose(
                 motion, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, reference_pose=reference_pose
@@ -482,7 +567,6 @@ def _animate(
                 reporter.info(f"pose alignment preview: {poses.alignment_png} (the driving skeleton drawn on the reference)")
             conditions = f"extracted from {motion.name} ({options.pose_backend} backend, alignment {options.align})"
         else:
-            shot = pick_shot(options, image, device, reporter)[0] if share_kv else None
             poses, has_alignment = None, False
             pose_source = FrameSource(motion, size)
             hand_source = FrameSource(hand_video, size) if hand_video is not None else BlankFrames(size)
@@ -510,13 +594,16 @@ def _animate(
             options.models_dir, device=device, dtype=job.dtype, offload=options.offload, attention=options.attention,
             compile=options.compile, quantize=options.quantize, reporter=reporter,
         )  # fmt: skip
+        if options.vae_tiling == "untiled":
+            pipe.vae_tiles = None
         if pipe.attention is not None:
             reporter.info(f"attention: {pipe.attention.describe()}")
-        kv = None if shot is None else kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, job.kv_steps, job.kv_blocks)
         renderer = PipelineRenderer(
             pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
             height=job.height, width=job.width, kv=kv, num_steps=job.steps, guidance=job.guidance, seed=job.seed,
         )  # fmt: skip
+        renderer.place_kv(kv_plan, work.path / "kv")
+        pipe.release_encoders()
     if kv is None:
         reporter.info(f"camera {options.camera} (experimental) in the negative guidance branch; background K/V sharing is off")
     else:
@@ -556,7 +643,7 @@ def _animate(
     return AnimateResult(
         output=output, frames=length, fps=info.fps, width=job.width, height=job.height, audio=audio,
         segments=len(plan), computed=stats.computed, reused=stats.reused, kv_rebuilt=stats.rebuilt_anchor,
-        segment_seconds=stats.seconds, shot=shot, kv=kv,
+        segment_seconds=stats.seconds, shot=shot, kv=kv, kv_plan=kv_plan,
         prompt=prompt.prompt, subject=prompt.subject, phases=timer.seconds, phase_memory=timer.memory,
         peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept, alignment_png=alignment_png,
         pose_video=poses.pose_video if kept and poses is not None else None,

@@ -36,6 +36,7 @@ def load_pipeline(
     dtype: str | torch.dtype = "auto",
     offload: str = "none",
     load_encoders: bool = True,
+    checkpoints: str = "converted",
     attention: str = "auto",
     compile: bool = False,
     quantize: str = "none",
@@ -45,7 +46,11 @@ def load_pipeline(
 
     The DiT is read from the release folders ``posegen/720p-81f-base`` and ``720p-81f-cond`` into one model holding
     both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed embeddings.
-    ``offload``: "model" moves whole components to the GPU in turn, "group" streams the DiT's blocks; both need CUDA.
+    ``offload``: "model" moves whole components to the GPU in turn, "group" streams every resident component from
+    pinned host memory (the DiT block by block, the encoders and the VAE layer by layer); both need CUDA.
+    ``checkpoints="converted"`` (default) converts each release folder once into the posegen cache (merged
+    safetensors keyed by the source files, ``models/checkpoint_cache.py``) and loads that straight onto the device;
+    "release" (or too little disk for the copies) reads and merges the release shards every time.
     ``attention``, ``compile`` and ``quantize`` are the DiT speed-ups of :mod:`posegen_cli.models.acceleration`,
     checked before anything loads and applied in the order quantize, attention, compile; ``pipe.attention`` tells
     which kernel was set.
@@ -79,7 +84,7 @@ def load_pipeline(
     if reporter is not None:
         reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
     with out_of_memory_as(oom_message("loading the models")):
-        variants = PoseGenVariants.from_release(posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER, dtype=dt, device=place, reporter=reporter)
+        variants = _load_variants(posegen, dt, place, checkpoints, reporter)
         pipe = PoseGenPipeline(
             tokenizer=load_tokenizer(wan / "tokenizer") if load_encoders else None,
             text_encoder=load_text_encoder(wan / "text_encoder", dt, place) if load_encoders else None,
@@ -94,14 +99,25 @@ def load_pipeline(
         if offload == "model":
             pipe.enable_model_cpu_offload(device=dev)
         elif offload == "group":
-            for name in ("text_encoder", "image_encoder", "vae"):
-                module = getattr(pipe, name)
-                if module is not None:
-                    module.to(dev)
-            pipe.transformer.enable_group_offload(onload_device=dev, offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+            pipe.enable_group_offload_all(dev)
         set_attention(pipe.transformer, attention_choice)
         pipe.attention = attention_choice
         if compile:
             # group offloading's hooks run eagerly inside each block (graph breaks), so only then allow breaks
             compile_blocks(pipe.transformer, fullgraph=offload == "none")
     return pipe
+
+
+def _load_variants(
+    posegen: Path, dtype: torch.dtype, device: str | torch.device, checkpoints: str, reporter: Reporter | None
+) -> PoseGenVariants:
+    """Both DiT variants, from the converted cache when asked and when the disk has room for it."""
+    from posegen_cli.models.checkpoint_cache import conversion_fits, converted_checkpoint
+
+    folders = (posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER)
+    if checkpoints == "converted" and all(conversion_fits(folder) for folder in folders):
+        base, cond = (converted_checkpoint(folder, dtype, reporter=reporter) for folder in folders)
+        return PoseGenVariants.from_converted(base, cond, dtype=dtype, device=device, reporter=reporter)
+    if checkpoints == "converted" and reporter is not None:
+        reporter.warn("too little disk in the posegen cache to keep converted checkpoints; merging the release shards in memory")
+    return PoseGenVariants.from_release(*folders, dtype=dtype, device=device, reporter=reporter)

@@ -20,9 +20,11 @@ from posegen_cli.choices import (
     ATTENTION_CHOICES,
     BACKENDS,
     CAMERA_MOTIONS,
+    KV_PLACEMENTS,
     OFFLOAD_MODES,
     QUANTIZE_CHOICES,
     SHOT_TYPES,
+    VAE_TILINGS,
 )
 from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import OptionError, option
@@ -51,6 +53,10 @@ class AnimateOptions:
     align: str = "auto"
     pose_backend: str = "auto"
     offload: str = "none"
+    kv_placement: str = "auto"
+    vae_tiling: str = "release"
+    """The release's VAE tiles (bit-exact parity), or untiled (whole frames at once: more GPU memory, no seams)."""
+    """Where the anchor's K/V live: auto (chosen from free GPU, host and disk), gpu, host, disk or recompute."""
     preview: bool = False
     audio: bool = True
     crf: int = 5
@@ -159,6 +165,8 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         ("align", options.align, ALIGN_MODES),
         ("pose_backend", options.pose_backend, BACKENDS),
         ("shot", options.shot, ("auto", *SHOT_TYPES)),
+        ("kv_placement", options.kv_placement, KV_PLACEMENTS),
+        ("vae_tiling", options.vae_tiling, VAE_TILINGS),
         ("attention", options.attention, ATTENTION_CHOICES),
         ("quantize", options.quantize, QUANTIZE_CHOICES),
     ):

@@ -123,7 +123,8 @@ VAE_TILE = (30, 52)
 ROPE_CHUNK_TOKENS = 8192
 """Tokens per complex128 RoPE chunk (``models.transformer.apply_rope``)."""
 AUTO_HEADROOM_GIB = 6.0
-"""GPU memory the "auto" K/V placement leaves free (``models.kv_cache.AUTO_HEADROOM_BYTES``)."""
+"""GPU memory the dry run's K/V estimate leaves free for the replaying forward (the run itself places K/V with
+``longvideo.memory.plan_kv``)."""
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from posegen_cli.longvideo.memory import KVPlan
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.segments import ProgressCallback
 from posegen_cli.models import KVShareCache
+from posegen_cli.models.kv_store import TieredStore
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, release_generator
 
 
@@ -21,8 +25,9 @@ class PipelineRenderer:
     """Runs segments on one pipeline with the job's prompt and reference encoded once.
 
     Base segments (anchor included) run on the "base" variant and transitions on the "transition" variant, swapped
-    in place; the anchor's K/V cache lives here from the anchor's run until :meth:`release_kv`. ``kv=None`` shares
-    nothing: the anchor records no cache and base segments run on their own.
+    in place; the anchor's K/V cache lives here from the anchor's run until :meth:`release_kv`, stored as
+    :meth:`place_kv` says (all on the device until it is called). ``kv=None`` shares nothing: the anchor records no
+    cache and base segments run on their own.
     """
 
     def __init__(
@@ -47,6 +52,8 @@ class PipelineRenderer:
         self.subject_positions = list(subject_positions)
         self.prompt_embeds, self.negative_embeds = pipe.encode_prompt(prompt)
         self.image_embeds, self.reference_latents = pipe.encode_reference(reference, height, width)
+        self.kv_plan: KVPlan | None = None
+        self.kv_dir: Path | None = None
         self.cache: KVShareCache | None = None
         self._variant: str | None = None
 
@@ -106,7 +113,7 @@ class PipelineRenderer:
         self._use("base")
         self.release_kv()
         if record and self.kv is not None:
-            self.cache = KVShareCache(self.kv.step_list, self.kv.block_list, self.subject_positions, max_map_block=self.kv.max_map_block)
+            self.cache = self._new_cache()
         frames = None
         try:
             stop_after = None if frames_needed else self.anchor_steps()
@@ -116,6 +123,20 @@ class PipelineRenderer:
         if self.cache is not None:
             self.cache.start_replay()
         return frames
+
+    def place_kv(self, plan: KVPlan | None, folder: Path | None) -> None:
+        """Store the anchor's K/V as ``plan`` says (``memory.plan_kv``; None: on the device), disk entries in ``folder``."""
+        self.kv_plan, self.kv_dir = plan, folder
+
+    def _new_cache(self) -> KVShareCache:
+        """An empty recording cache placed as the job's K/V plan says."""
+        ranges = (self.kv.step_list, self.kv.block_list, self.subject_positions)
+        plan = self.kv_plan
+        if plan is None:
+            return KVShareCache(*ranges, max_map_block=self.kv.max_map_block)
+        if plan.placement == "recompute":
+            return KVShareCache(*ranges, max_map_block=self.kv.max_map_block, recompute_model=self.pipe.transformer)
+        return KVShareCache(*ranges, max_map_block=self.kv.max_map_block, store=plan_store(plan, self.kv_dir), kv_format=plan.fmt)
 
     def render_base(
         self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback, *, negative_pose: np.ndarray | None = None
@@ -144,3 +165,19 @@ class PipelineRenderer:
             self.cache = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def plan_store(plan: KVPlan, disk_dir: Path | None) -> TieredStore:
+    """A store with the plan's byte budget per tier; the last tier it uses takes any rounding excess.
+
+    Leftovers of an earlier, killed run in ``disk_dir`` are removed first.
+    """
+    used = [tier for tier in ("gpu", "host", "disk") if plan.tiers[tier]] or ["gpu"]
+    caps: dict[str, int | None] = {tier: plan.tiers[tier] for tier in ("gpu", "host")}
+    if used[-1] in caps:
+        caps[used[-1]] = None
+    if "disk" in used:
+        if disk_dir is None:
+            raise ValueError("this K/V plan writes to disk: give the renderer a kv_dir")
+        shutil.rmtree(disk_dir, ignore_errors=True)
+    return TieredStore(gpu_bytes=caps["gpu"], host_bytes=caps["host"], disk_dir=disk_dir if "disk" in used else None)

@@ -11,6 +11,9 @@ reloads a second model. Two forms:
 - ``mode="adapter"``: both LoRAs stay loaded as peft adapters and a switch is ``set_adapters`` plus a copy of
   the own tensors: nothing extra in host memory and near-instant switches, but W·x + B·(A·x) rounds differently
   from (W + B·A)·x in bf16 (the tests state the bound).
+- ``mode="converted"`` (:meth:`PoseGenVariants.from_converted`): both folders converted once into merged
+  safetensors (``checkpoint_cache``); the tensors whose digests differ are copied from the other variant's
+  memory-mapped files on each switch. No CPU merge, no host copy, bit-identical to "exact".
 
 Under diffusers' group offloading (``offload="group"``) a switch stays correct: the hooks offload every group when
 they are applied, so the parameters ``activate`` writes into are the host copies each group is onloaded from (the
@@ -51,7 +54,7 @@ from posegen_cli.models.transformer import PoseGenTransformer3DModel
 from posegen_cli.report import Reporter
 
 VariantName = Literal["base", "transition"]
-Mode = Literal["exact", "adapter"]
+Mode = Literal["exact", "adapter", "converted"]
 _SWITCHABLE_CONFIG = ("shift_ref_pos", "use_hand_proj")
 
 
@@ -63,6 +66,8 @@ class _Variant:
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
     raw_targets: dict[str, torch.Tensor]
     merge_dtype: torch.dtype
+    files: dict[str, Path] = field(default_factory=dict)
+    """Converted mode: the safetensors file holding each switched tensor of this variant."""
 
 
 @dataclass
@@ -133,6 +138,50 @@ def _swap_hand(model: PoseGenTransformer3DModel, hand: nn.Module) -> None:
     _apply_group_offloading(model, top.config)
 
 
+def _check_pair(configs: dict[str, dict], base_keys: set[str], cond_keys: set[str], base_dir: Path, cond_dir: Path, config_name: str) -> bool:
+    """Raise an InputError unless the folders are two variants of one model; returns whether their hand modules match.
+
+    Variants may differ only in the switchable flags (RoPE shift, hand projection) and, with different hand
+    modules, in the hand embedding's tensors.
+    """
+    fixed = {name: {k: v for k, v in c.items() if k not in _SWITCHABLE_CONFIG} for name, c in configs.items()}
+    if fixed["base"] != fixed["transition"]:
+        differ = sorted(k for k in fixed["base"] if fixed["base"][k] != fixed["transition"].get(k))
+        raise InputError(f"{cond_dir}: {config_name} differs from {base_dir} in {', '.join(differ)}; not two variants of one model")
+    same_hand = configs["base"]["use_hand_proj"] == configs["transition"]["use_hand_proj"]
+    extra = {k for k in base_keys ^ cond_keys if same_hand or not k.startswith("hand_patch_embedding.")}
+    if extra:
+        raise InputError(f"{cond_dir}: tensors {', '.join(sorted(extra)[:3])} are not in both folders; not two variants of one model")
+    return same_hand
+
+
+def _safetensors_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> file of a ``save_pretrained`` folder (one file, or shards with an index)."""
+    import json
+
+    from safetensors import safe_open
+
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        weight_map = json.loads(index[0].read_text())["weight_map"]
+        return {key: folder / name for key, name in weight_map.items()}
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            out.update(dict.fromkeys(f.keys(), path))
+    return out
+
+
+def _read_tensors(files: dict[str, Path]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for key, path in files.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            out[key] = f.get_tensor(key)
+    return out
+
+
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -184,17 +233,11 @@ class PoseGenVariants:
         start = time.perf_counter()
         device = torch.device(device)
         ckpts = {"base": read_release_checkpoint(base_dir, reporter), "transition": read_release_checkpoint(cond_dir, reporter)}
-        fixed_a = {k: v for k, v in ckpts["base"].config.items() if k not in _SWITCHABLE_CONFIG}
-        fixed_b = {k: v for k, v in ckpts["transition"].config.items() if k not in _SWITCHABLE_CONFIG}
-        if fixed_a != fixed_b:
-            differ = sorted(k for k in fixed_a if fixed_a[k] != fixed_b.get(k))
-            raise InputError(f"{cond_dir}: model_config.json differs from {base_dir} in {', '.join(differ)}; not two variants of one model")
         sds = {name: to_diffusers_names(ck.base, ck) for name, ck in ckpts.items()}
         base_sd, cond_sd = sds["base"], sds["transition"]
-        same_hand = ckpts["base"].config["use_hand_proj"] == ckpts["transition"].config["use_hand_proj"]
-        extra = {k for k in set(base_sd) ^ set(cond_sd) if same_hand or not k.startswith("hand_patch_embedding.")}
-        if extra:
-            raise InputError(f"{cond_dir}: tensors {', '.join(sorted(extra)[:3])} are not in both folders; not two variants of one model")
+        same_hand = _check_pair(
+            {name: ck.config for name, ck in ckpts.items()}, set(base_sd), set(cond_sd), Path(base_dir), Path(cond_dir), "model_config.json"
+        )
 
         def differs(key: str) -> bool:
             if key.startswith("hand_patch_embedding.") and not same_hand:
@@ -239,6 +282,65 @@ class PoseGenVariants:
         out.activate("base")
         return out
 
+    @classmethod
+    def from_converted(
+        cls,
+        base_dir: str | Path,
+        cond_dir: str | Path,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        reporter: Reporter | None = None,
+    ) -> PoseGenVariants:
+        """Both variants from their converted folders (``checkpoint_cache.converted_checkpoint``), base active.
+
+        The base folder is loaded with ``from_pretrained`` straight onto ``device`` (safetensors memory map); which
+        tensors differ between the variants is read from the folders' digests, not by comparing tensors.
+        """
+        from posegen_cli.models.checkpoint_cache import read_digests
+
+        start = time.perf_counter()
+        device = torch.device(device)
+        dirs = {"base": Path(base_dir), "transition": Path(cond_dir)}
+        configs = {name: PoseGenTransformer3DModel.load_config(str(d)) for name, d in dirs.items()}
+        configs = {name: {k: v for k, v in c.items() if not k.startswith("_")} for name, c in configs.items()}
+        digests = {name: read_digests(d) for name, d in dirs.items()}
+        same_hand = _check_pair(configs, set(digests["base"]), set(digests["transition"]), dirs["base"], dirs["transition"], "config.json")
+        structural = "" if same_hand else "hand_patch_embedding."
+        switched = {k for k, d in digests["base"].items() if not (structural and k.startswith(structural)) and digests["transition"][k] != d}
+        model = PoseGenTransformer3DModel.from_pretrained(
+            str(dirs["base"]), torch_dtype=dtype, low_cpu_mem_usage=True, device_map={"": device}
+        ).eval()
+        if device.type == "cpu":
+            # Memory-mapped tensors sit at unaligned file offsets, where CPU GEMM kernels may block (and so round)
+            # differently from freshly allocated weights; aligned copies compute as the release's loaded weights do.
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.data = param.data.clone()
+        variants: dict[str, _Variant] = {}
+        for name, folder in dirs.items():
+            files = _safetensors_files(folder)
+            hand = None
+            if not same_hand:
+                hand_sd = _read_tensors({k: f for k, f in files.items() if k.startswith("hand_patch_embedding.")})
+                hand = _hand_module(configs[name], hand_sd, dtype, device)
+            flags = {k: bool(configs[name][k]) for k in _SWITCHABLE_CONFIG}
+            variants[name] = _Variant(flags, {}, hand, {}, {}, dtype, {k: files[k] for k in switched})
+        params = list(model.named_parameters())
+        memory = VariantMemory(
+            model_bytes=sum(p.nbytes for _, p in params),
+            merged_model_bytes=sum(p.nbytes for _, p in params),
+            host_bytes=0,
+            variant_bytes=dict.fromkeys(variants, 0),
+            load_seconds=time.perf_counter() - start,
+        )
+        out = cls(model, variants, {}, "converted", memory)
+        out.active = "base"
+        model.register_to_config(**variants["base"].config)
+        if reporter is not None:
+            reporter.info(f"loaded the DiT in {memory.load_seconds:.1f} s; {len(switched)} tensors differ between base and transition")
+        return out
+
     def quantize(self, config: object) -> None:
         """Quantise the block linears with the torchao ``config``, now and after every switch.
 
@@ -249,7 +351,7 @@ class PoseGenVariants:
         swapped layers (about a second per GB of weights, estimate).
         """
         if self.mode == "adapter":
-            raise ValueError("quantised weights need mode='exact': peft adapters cannot wrap torchao's quantised layers")
+            raise ValueError("quantised weights need mode='exact' or 'converted': peft adapters cannot wrap torchao's quantised layers")
         quantize_linears(self.model, config)
         self.quantization = config
 
@@ -273,6 +375,16 @@ class PoseGenVariants:
         params = dict(model.named_parameters())
         if self.mode == "adapter":
             model.set_adapters([name])
+        elif self.mode == "converted":
+            from safetensors import safe_open
+
+            by_file: dict[Path, list[str]] = {}
+            for key, path in variant.files.items():
+                by_file.setdefault(path, []).append(key)
+            for path, keys in by_file.items():
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for key in keys:
+                        self._write(params, key, f.get_tensor(key))
         else:
             for key in {*self.pristine, *variant.raw_targets}:
                 weight = variant.raw_targets.get(key, self.pristine.get(key))

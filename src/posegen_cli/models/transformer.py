@@ -162,11 +162,27 @@ class PoseGenAttnProcessor:
     def __init__(self) -> None:
         self.share: BlockShare | None = None
 
-    def _qkv(self, attn: WanAttention, a: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = _head_split(rms_norm(attn.to_q(a), attn.norm_q.weight, attn.norm_q.eps), attn.heads)
+    @staticmethod
+    def _q(attn: WanAttention, a: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        return apply_rope(_head_split(rms_norm(attn.to_q(a), attn.norm_q.weight, attn.norm_q.eps), attn.heads), freqs)
+
+    @staticmethod
+    def _kv(attn: WanAttention, a: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = _head_split(rms_norm(attn.to_k(a), attn.norm_k.weight, attn.norm_k.eps), attn.heads)
-        v = _head_split(attn.to_v(a), attn.heads)
-        return apply_rope(q, freqs), apply_rope(k, freqs), v
+        return apply_rope(k, freqs), _head_split(attn.to_v(a), attn.heads)
+
+    @classmethod
+    def joint_kv(
+        cls, attn: WanAttention, a: torch.Tensor, a_ref: torch.Tensor, freqs: torch.Tensor, ref_freqs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K_all, V_all [B, Nv + Nr, H, D/H] of modulated inputs, video and reference projected apart as the release does.
+
+        The same ops and GEMM shapes as the block's own K/V, so K/V re-projected from a stored anchor input are the
+        anchor's K/V bit for bit (the "inputs" storage format of the K/V cache).
+        """
+        kv, vv = cls._kv(attn, a, freqs)
+        kr, vr = cls._kv(attn, a_ref, ref_freqs)
+        return torch.cat([kv, kr], dim=1), torch.cat([vv, vr], dim=1)
 
     @staticmethod
     def _project_out(attn: WanAttention, out: torch.Tensor, n_video: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,18 +207,16 @@ class PoseGenAttnProcessor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if encoder_hidden_states is not None or attention_mask is not None or rotary_emb is None:
             raise ValueError("PoseGen self-attention takes video and reference states with their RoPE tables, and no mask")
-        qv, kv, vv = self._qkv(attn, hidden_states, rotary_emb)
-        qr, kr, vr = self._qkv(attn, reference_states, reference_rotary_emb)
-        q_all = torch.cat([qv, qr], dim=1)
-        k_all = torch.cat([kv, kr], dim=1)
-        v_all = torch.cat([vv, vr], dim=1)
-        del qv, kv, vv, qr, kr, vr
+        q_all = torch.cat([self._q(attn, hidden_states, rotary_emb), self._q(attn, reference_states, reference_rotary_emb)], dim=1)
+        k_all, v_all = self.joint_kv(attn, hidden_states, reference_states, rotary_emb, reference_rotary_emb)
         share = self.share
         if share is not None:
-            share.keep(k_all, v_all)
+            share.keep((k_all, v_all), (hidden_states, reference_states))
         n_video = hidden_states.shape[1]
         out, out_ref = self._project_out(attn, attention(q_all, k_all, v_all, self._attention_backend), n_video)
-        source = share.source_kv(q_all.device) if share is not None else None
+        del k_all, v_all
+        project = functools.partial(self.joint_kv, attn, freqs=rotary_emb, ref_freqs=reference_rotary_emb)
+        source = share.source_kv(project) if share is not None else None
         if source is not None:
             out_src, out_ref = self._project_out(attn, attention(q_all, source[0], source[1], self._attention_backend), n_video)
             out = share.fuse(out, out_src)

@@ -29,10 +29,12 @@ from posegen_cli.pipelines.scheduling import euler_step, guided_velocity, model_
 from posegen_cli.pipelines.text import DEFAULT_NEGATIVE, encode_text
 from posegen_cli.pipelines.vae import (
     LATENT_CHANNELS,
+    RELEASE_TILES,
     SPATIAL,
-    decode_latents,
+    Tiles,
+    decode,
+    encode,
     encode_untiled,
-    encode_video,
     frames_to_tensor,
     tensor_to_frames,
 )
@@ -103,8 +105,38 @@ class PoseGenPipeline(DiffusionPipeline):
             scheduler=scheduler,
         )
         self.variants: PoseGenVariants | None = None
+        self.vae_tiles: Tiles | None = RELEASE_TILES
+        """VAE tiling of conditions and output: the release's (default), other (size, stride), or None (untiled)."""
+        self._black_latents: dict[tuple, torch.Tensor] = {}
         self.attention: AttentionChoice | None = None
         """The attention kernel ``load_pipeline`` set (None: diffusers' active backend)."""
+
+    def enable_group_offload_all(self, device: torch.device, use_stream: bool = True) -> None:
+        """Offloading "group": every component rests in (pinned) host memory and is streamed to ``device`` on use.
+
+        The DiT block by block (one 0.8 GB block at a time, prefetched on a side stream), the encoders and the VAE
+        leaf by leaf (they have no block list diffusers could group).
+        """
+        self.enable_group_offload(onload_device=device, offload_type="leaf_level", use_stream=use_stream, exclude_modules=["transformer"])
+        self.transformer.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream)
+
+    def release_encoders(self) -> None:
+        """Drop umT5, CLIP and the tokenizer once the job's embeddings exist: off the GPU and out of host memory.
+
+        Calls that need them afterwards raise MissingModelError (pass precomputed embeddings). Under model CPU offload
+        the hooks are re-applied to the remaining components.
+        """
+        hooked = bool(getattr(self, "_all_hooks", None))
+        if hooked:
+            self.remove_all_hooks()
+        self.register_modules(tokenizer=None, text_encoder=None, image_encoder=None)
+        if hooked:
+            self.enable_model_cpu_offload(device=self._offload_device)
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def use_variant(self, name: Variant) -> None:
         """Switch the DiT to the "base" or "transition" checkpoint in place (no reload of the shared weights)."""
@@ -178,11 +210,25 @@ class PoseGenPipeline(DiffusionPipeline):
         if head + tail > num_frames:
             raise InputError(f"{head} head + {tail} tail frames do not fit in a {num_frames}-frame segment")
         dt = self.model_dtype
-        pose_latents = encode_video(self.vae, frames_to_tensor(paste_head_tail(pose, head_frames, tail_frames)).to(dt))
-        hand_latents = encode_video(self.vae, frames_to_tensor(paste_head_tail(hand, head_frames, tail_frames)).to(dt))
+        pose_latents = encode(self.vae, frames_to_tensor(paste_head_tail(pose, head_frames, tail_frames)).to(dt), self.vae_tiles)
+        hand_latents = self._encode_hand(paste_head_tail(hand, head_frames, tail_frames))
         mask = condition_mask(num_frames, head, tail, height // SPATIAL, width // SPATIAL, dt)[None]
         device = self._execution_device
         return torch.cat([mask, pose_latents], dim=1).to(device), hand_latents.to(device)
+
+    def _encode_hand(self, frames: np.ndarray) -> torch.Tensor:
+        """Hand latents; an all-black hand video (no hands found, or the release's hand dropout) is encoded once.
+
+        The latent of black frames depends only on their shape, the dtype, the tiling and the VAE, so it is kept
+        for the pipeline's life under that key (≈10 MB at 720p) instead of re-running the encoder every segment.
+        """
+        dt = self.model_dtype
+        if frames.any():
+            return encode(self.vae, frames_to_tensor(frames).to(dt), self.vae_tiles)
+        key = (frames.shape, dt, self.vae_tiles)
+        if key not in self._black_latents:
+            self._black_latents[key] = encode(self.vae, frames_to_tensor(frames).to(dt), self.vae_tiles)
+        return self._black_latents[key]
 
     def check_inputs(
         self,
@@ -306,7 +352,7 @@ class PoseGenPipeline(DiffusionPipeline):
                 callback_on_step_end,
                 negative_conditions,
             )
-            frames = latents if output_type == "latent" else tensor_to_frames(decode_latents(self.vae, latents))
+            frames = latents if output_type == "latent" else tensor_to_frames(decode(self.vae, latents, self.vae_tiles))
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)

@@ -3,7 +3,12 @@
 diffusers' ``enable_tiling`` is a different algorithm (256-px tiles, linear ``blend_v``/``blend_h``, then crop) and its
 ``_decode`` clamps every tile, so it cannot reproduce the release. This module tiles on top of the per-tile encoder and
 decoder instead: every tile covers all frames, tiles overlap by ``size - stride`` and are blended with linear ramps,
-accumulated in the tensor dtype on the CPU, divided by the summed weights and (decode only) clamped once at the end.
+accumulated in the tensor dtype, divided by the summed weights and (decode only) clamped once at the end.
+
+The release accumulates on the CPU; here the sums stay on the VAE's device (no host round trip per tile). Each step
+is one elementwise multiply, add or divide of two values in the tensor dtype, which CPU and CUDA both round
+correctly, so the device changes no bit. ``tiles=None`` encodes or decodes the whole frame at once: more memory,
+no seams, numbers that differ from the release's (``benchmarks/vae_tiling.py`` reports by how much).
 """
 
 from __future__ import annotations
@@ -67,10 +72,15 @@ def tile_starts(length: int, size: int, stride: int) -> list[int]:
     return [s for s in range(0, length, stride) if not (s - stride >= 0 and s - stride + size >= length)]
 
 
-def ramp(length: int, ramp_start: bool, ramp_end: bool, border: int) -> torch.Tensor:
+Tiles = tuple[tuple[int, int], tuple[int, int]]
+"""(tile size, tile stride), both (height, width) in latent units."""
+RELEASE_TILES: Tiles = (ENCODE_TILE, ENCODE_STRIDE)
+
+
+def ramp(length: int, ramp_start: bool, ramp_end: bool, border: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """1-D blend weights: 1, except linear ramps (k+1)/border over ``border`` samples on the requested sides."""
-    w = torch.ones(length)
-    up = (torch.arange(border) + 1) / border if border > 0 else torch.ones(0)
+    w = torch.ones(length, device=device)
+    up = (torch.arange(border, device=device) + 1) / border if border > 0 else torch.ones(0, device=device)
     if ramp_start and border > 0:
         w[:border] = up
     if ramp_end and border > 0:
@@ -78,11 +88,13 @@ def ramp(length: int, ramp_start: bool, ramp_end: bool, border: int) -> torch.Te
     return w
 
 
-def tile_weight(height: int, width: int, at_edge: tuple[bool, bool, bool, bool], border: tuple[int, int]) -> torch.Tensor:
+def tile_weight(
+    height: int, width: int, at_edge: tuple[bool, bool, bool, bool], border: tuple[int, int], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """[height, width] weights of one tile: min of the row and column ramps; sides at the image edge do not ramp."""
     top, bottom, left, right = at_edge
-    rows = ramp(height, not top, not bottom, border[0])
-    cols = ramp(width, not left, not right, border[1])
+    rows = ramp(height, not top, not bottom, border[0], device)
+    cols = ramp(width, not left, not right, border[1], device)
     return torch.minimum(rows[:, None].expand(height, width), cols[None, :].expand(height, width))
 
 
@@ -130,7 +142,7 @@ def encode_video(
     tile_size: tuple[int, int] = ENCODE_TILE,
     tile_stride: tuple[int, int] = ENCODE_STRIDE,
 ) -> torch.Tensor:
-    """Tiled encode of [1, 3, F, H, W] (F = 4k+1) into normalised latents [1, 16, k+1, H/8, W/8] on the CPU.
+    """Tiled encode of [1, 3, F, H, W] (F = 4k+1) into normalised latents [1, 16, k+1, H/8, W/8] on the VAE's device.
 
     ``tile_size``/``tile_stride`` are in latent units, as in the release's call; the tiles themselves are cut in pixels.
     """
@@ -149,7 +161,7 @@ def decode_latents(
     tile_size: tuple[int, int] = ENCODE_TILE,
     tile_stride: tuple[int, int] = ENCODE_STRIDE,
 ) -> torch.Tensor:
-    """Tiled decode of normalised latents [1, 16, T, h, w] into pixels [1, 3, 4T-3, 8h, 8w] in [-1, 1] on the CPU."""
+    """Tiled decode of normalised latents [1, 16, T, h, w] into pixels [1, 3, 4T-3, 8h, 8w] in [-1, 1] on the VAE's device."""
     _, _, frames, height, width = latents.shape
     border = ((tile_size[0] - tile_stride[0]) * SPATIAL, (tile_size[1] - tile_stride[1]) * SPATIAL)
     out_shape = (1, 3, frames * TEMPORAL - 3, height * SPATIAL, width * SPATIAL)
@@ -166,23 +178,40 @@ def blend_tiles(
     border: tuple[int, int],
     scale: float,
 ) -> torch.Tensor:
-    """Run ``run`` on every spatial tile of ``source`` and blend the results into a CPU tensor of ``out_shape``.
+    """Run ``run`` on every spatial tile of ``source`` and blend the results into a tensor of ``out_shape``.
 
-    ``scale`` maps source offsets to output offsets (1/8 encoding, 8 decoding); ``border`` is in output units.
+    The sums live on the device ``run`` returns its results on. ``scale`` maps source offsets to output offsets
+    (1/8 encoding, 8 decoding); ``border`` is in output units.
     """
     _, _, _, height, width = source.shape
     dtype = source.dtype
-    values = torch.zeros(out_shape, dtype=dtype)
-    weight = torch.zeros((1, 1, *out_shape[2:]), dtype=dtype)
+    values: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
     for top, bottom, left, right in plan_tiles(height, width, size, stride):
-        result = run(source[:, :, :, top:bottom, left:right]).to(device="cpu", dtype=dtype)
+        result = run(source[:, :, :, top:bottom, left:right]).to(dtype=dtype)
+        if values is None or weight is None:
+            values = torch.zeros(out_shape, dtype=dtype, device=result.device)
+            weight = torch.zeros((1, 1, *out_shape[2:]), dtype=dtype, device=result.device)
         rows, cols = result.shape[3], result.shape[4]
         at_edge = (top == 0, bottom >= height, left == 0, right >= width)
-        w = tile_weight(rows, cols, at_edge, border).to(dtype)
+        w = tile_weight(rows, cols, at_edge, border, result.device).to(dtype)
         y, x = int(top * scale), int(left * scale)
         values[:, :, :, y : y + rows, x : x + cols] += result * w
         weight[:, :, :, y : y + rows, x : x + cols] += w
+    assert values is not None and weight is not None
     return values / weight
+
+
+@torch.no_grad()
+def encode(vae: AutoencoderKLWan, video: torch.Tensor, tiles: Tiles | None = RELEASE_TILES) -> torch.Tensor:
+    """:func:`encode_video` with ``tiles`` (size, stride), or the whole frame at once when None."""
+    return encode_untiled(vae, video) if tiles is None else encode_video(vae, video, *tiles)
+
+
+@torch.no_grad()
+def decode(vae: AutoencoderKLWan, latents: torch.Tensor, tiles: Tiles | None = RELEASE_TILES) -> torch.Tensor:
+    """:func:`decode_latents` with ``tiles`` (size, stride), or the whole frame at once (clamped) when None."""
+    return decode_untiled(vae, latents).clamp_(-1, 1) if tiles is None else decode_latents(vae, latents, *tiles)
 
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
