@@ -221,7 +221,7 @@ def _write_video(
         reporter.info(f"{info.path.name} has no audio track; the output is silent")
     with reporter.progress() as progress:
         task = progress.add_task("merging and encoding", total=length, unit="frames")
-        with VideoWriter(output, info.fps, crf=options.crf, audio_from=info.path if audio else None) as writer:
+        with VideoWriter(output, info.fps, crf=options.crf, audio_from=info.path if audio else None, audio_start=info.start_time) as writer:
             for frame in iter_merged(clips, length):
                 writer.write(np.ascontiguousarray(frame))
                 progress.advance(task)
@@ -298,6 +298,8 @@ def _animate(
         root = Path(options.work_dir) if options.work_dir is not None else None
         work = WorkDir.for_job([reference, driving], work_settings(options, job, device, dtype, model_dirs), root)
         check_disk_space(work, plan, size, output)
+    if (note := info.timing_note()) is not None:
+        reporter.info(note)
     reporter.info(
         f"{info.frame_count} driving frames at {fps_text(info.fps)} fps -> {len(plan)} segments of {options.segment_frames} "
         f"frames at {job.width}x{job.height}, {job.steps} steps (work folder {work.path})"

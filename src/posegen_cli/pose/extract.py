@@ -43,6 +43,7 @@ from posegen_cli.pose.render import BODY_THRESHOLD, HAND_THRESHOLD, overlay_pose
 from posegen_cli.pose.types import NUM_KEYPOINTS, NormalBackend, PersonPose, PoseBackend
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, VideoWriter, iter_frames, load_image, probe_video
+from posegen_cli.video.decode import constant_rate_command
 
 BACKENDS = ("auto", "sapiens", "mediapipe")
 HAND_NORMAL_SOURCES = ("auto", "sapiens", "none")
@@ -287,13 +288,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _render_outputs(
-    video: Path,
+    info: VideoInfo,
     out: Path,
     *,
-    fps: Fraction,
-    width: int,
-    height: int,
-    total: int,
     settings: ExtractSettings,
     device: str,
     from_keypoints: Path | None,
@@ -301,7 +298,8 @@ def _render_outputs(
     batch_size: int,
     reporter: Reporter,
 ) -> KeypointTrack:
-    """Stream the video once, writing pose/hand/overlay videos into ``out``; returns the keypoint track."""
+    """Stream the video once (on its constant-rate timeline), writing pose/hand/overlay videos into ``out``; returns the keypoint track."""
+    video, fps, width, height, total = info.path, info.fps, info.width, info.height, info.frame_count
     given = None
     if from_keypoints is not None:
         given = load_keypoints(from_keypoints, fps=fps, width=width, height=height, track=settings.track)
@@ -343,10 +341,10 @@ def _render_outputs(
         task = progress.add_task("extracting pose", total=total, unit="frames")
         sink = _FrameSink(writers, settings, width, height)
         stack.callback(sink.close)
-        batches = stack.enter_context(_prefetched(_batches(iter_frames(video), batch_size)))
+        batches = stack.enter_context(_prefetched(_batches(iter_frames(info), batch_size)))
         for batch in batches:
             if count + len(batch) > total:
-                raise InputError(f"{video} decodes to more frames than the {total} it reported (re-encode it with ffmpeg to fix its index)")
+                raise InputError(f"{video} decodes to more frames than the {total} it reported (rewrite it at a constant rate: {constant_rate_command(info)})")
             span = slice(count, count + len(batch))
             if detector is not None:
                 for i, people in enumerate(detector.detect(batch)):
@@ -361,7 +359,7 @@ def _render_outputs(
             progress.advance(task, len(batch))
         sink.drain()
         if count != total:
-            raise InputError(f"{video} decoded to {count} frames but reported {total} (re-encode it with ffmpeg to fix its index)")
+            raise InputError(f"{video} decoded to {count} frames but reported {total} (rewrite it at a constant rate: {constant_rate_command(info)})")
         backend_name = given.backend if given is not None else settings.backend
         track = KeypointTrack(keypoints, scores, fps, width, height, backend_name)
         if given is None and track.frames_without_person() == total:
@@ -485,6 +483,8 @@ def extract_pose(
             raise InputError(f"--align {align!r} is not known (use {', '.join(ALIGN_MODES)})")
     if info is None:
         info = probe_video(video)
+        if (note := info.timing_note()) is not None:
+            reporter.info(note)
     if from_keypoints is not None:
         from_keypoints = Path(from_keypoints)
         if not from_keypoints.exists():
@@ -509,7 +509,7 @@ def extract_pose(
 
     def produce(target: Path) -> dict[str, Any]:
         result = _render_outputs(
-            video, target, fps=info.fps, width=info.width, height=info.height, total=info.frame_count, settings=settings,
+            info, target, settings=settings,
             device=device, from_keypoints=from_keypoints, models_dir=models_dir, batch_size=batch_size, reporter=reporter,
         )  # fmt: skip
         return {"frame_count": result.frame_count, "backend": result.backend, "frames_without_person": result.frames_without_person()}
