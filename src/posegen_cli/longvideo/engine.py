@@ -37,10 +37,12 @@ from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
-from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
+from posegen_cli.pose.framing import MODEL_SIZE, warn_if_cropped
+from posegen_cli.pose.keypoints import parse_person
+from posegen_cli.pose.reference import PERSON, UNCHECKED, ReferenceFraming
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
-from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
+from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, parse_color, probe_video, read_image
 
 ENGINE_VERSION = 2
 """Part of every work folder's key: bump when a change makes old finished segments wrong."""
@@ -100,6 +102,8 @@ class AnimateResult:
     phase_memory: dict[str, dict[str, float]]
     peak_gpu_memory_bytes: int | None
     work_dir: Path | None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """How the inputs were read: reference framing and background, people seen, alignment anchors."""
 
     def summary(self) -> dict[str, Any]:
         """Plain values for ``Reporter.summary`` (and ``--json``)."""
@@ -125,6 +129,7 @@ class AnimateResult:
             "memory_gb": self.phase_memory,
             "peak_gpu_memory_gb": None if self.peak_gpu_memory_bytes is None else round(self.peak_gpu_memory_bytes / 1024**3, 2),
             "work_dir": None if self.work_dir is None else str(self.work_dir),
+            **self.inputs,
         }
 
 
@@ -141,26 +146,49 @@ def check_output_path(output: Path, inputs: list[Path]) -> Path:
     return output
 
 
-def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter: Reporter) -> tuple[str, PersonPose | None]:
+def pick_shot(options: AnimateOptions, person: PersonPose | None, reporter: Reporter) -> str:
     """``--shot auto`` reads the reference person's visible keypoints and height; an explicit shot is kept.
 
-    The person is detected on the reference framed at the model's full 720x1280, whatever the job's size, so a
-    preview picks the same preset as the real run. That is also the frame pose alignment detects on, so the
-    person is returned too (None with an explicit shot) for ``extract_pose`` to reuse instead of loading the
-    detector again.
+    ``person`` is the reference person on the reference framed at the model's full 720x1280 (whatever the job's
+    size, so a preview picks the same preset as the real run), as ``reference_framing`` found it.
     """
     if options.shot != "auto":
-        return options.shot, None
-    from posegen_cli.pose.extract import extract_reference_pose
-
-    framed_reference = frame_to_model(image)
-    person = extract_reference_pose(framed_reference, options.pose_backend, device=device, models_dir=options.models_dir)
+        return options.shot
     if person is None:
         reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set --shot to choose)")
-        return DEFAULT_SHOT, None
-    shot = classify_shot(person.keypoints, person.scores, person.box, framed_reference.shape[0])
+        return DEFAULT_SHOT
+    shot = classify_shot(person.keypoints, person.scores, person.box, MODEL_SIZE[0])
     reporter.info(f"reference framing: {shot} (override with --shot)")
-    return shot, person
+    return shot
+
+
+def prepare_reference(
+    reference: Path, options: AnimateOptions, size: tuple[int, int], reporter: Reporter
+) -> tuple[np.ndarray, ReferenceFraming, dict[str, Any]]:
+    """The reference photo (composited onto ``--background`` when transparent), its 9:16 framing around the person,
+    and what the summary says about both."""
+    from posegen_cli.pose.extract import reference_framing
+
+    background = parse_color(options.background)
+    loaded = read_image(reference, background)
+    notes: dict[str, Any] = {}
+    if loaded.transparent:
+        reporter.info(f"{reference.name} is transparent: composited onto {options.background} (set --background to change)")
+        notes["reference_background"] = options.background
+    image = loaded.pixels
+    height, width = image.shape[:2]
+    framing = reference_framing(
+        image, options.pose_backend, name=str(reference), person_check=options.person_check, fill=background,
+        device=options.device, models_dir=options.models_dir,
+    )  # fmt: skip
+    if framing.rule == UNCHECKED:
+        reporter.warn(f"no person found in {reference.name}; going on because of --no-person-check (centre crop, no alignment)")
+    elif framing.rule == PERSON:
+        reporter.info(framing.describe(width, height, reference.name))
+    else:
+        warn_if_cropped(reporter, width, height, f"reference image {reference.name}", size)
+    notes["reference_framing"] = {"rule": framing.rule, "box": list(framing.box)}
+    return image, framing, notes
 
 
 def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], output: Path) -> None:
@@ -193,6 +221,8 @@ def work_settings(
         "subject": options.subject,
         "align": options.align,
         "pose_backend": options.pose_backend,
+        "background": options.background,
+        "person": options.person,
         "anchor": options.anchor,
         "pad": options.pad,
         "compat_mp4": options.compat_mp4,
@@ -277,6 +307,7 @@ def _animate(
     after_segment: Callable[[Segment], None] | None,
 ) -> AnimateResult:
     job = resolve_settings(options)
+    parse_person(options.person)
     reference = require_file(reference, "reference image")
     driving = require_file(driving, "driving video")
     output = check_output_path(output, [reference, driving])
@@ -288,9 +319,8 @@ def _animate(
     with timer("inputs"):
         from posegen_cli.hub import model_path
 
-        image = load_image(reference)
-        warn_if_cropped(reporter, image.shape[1], image.shape[0], f"reference image {reference.name}", size)
-        framed = frame_to_model(image, size)
+        image, framing, reference_notes = prepare_reference(reference, options, size, reporter)
+        framed = framing.frame(image, size)
         info = probe_video(driving)
         model_dirs = [model_path(name, options.models_dir) for name in ("wan-i2v-720p", "posegen")]
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
@@ -310,10 +340,11 @@ def _animate(
     with timer("pose"):
         from posegen_cli.pose.extract import extract_pose
 
-        shot, reference_pose = pick_shot(options, image, options.device, reporter)
+        shot = pick_shot(options, framing.person, reporter)
         poses = extract_pose(
             driving, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,
-            device=options.device, models_dir=options.models_dir, reporter=reporter, info=info, reference_pose=reference_pose,
+            device=options.device, models_dir=options.models_dir, reporter=reporter, info=info, reference=framing,
+            background=framing.fill, person=options.person,
         )  # fmt: skip
         if poses.frame_count != info.frame_count:
             raise InputError(f"pose extraction of {driving} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
@@ -369,4 +400,5 @@ def _animate(
         segment_seconds=stats.seconds, shot=shot, kv=kv,
         prompt=prompt.prompt, subject=prompt.subject, phases=timer.seconds, phase_memory=timer.memory,
         peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept,
+        inputs={**reference_notes, **poses.input_notes()},
     )  # fmt: skip

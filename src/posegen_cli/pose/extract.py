@@ -30,19 +30,24 @@ from posegen_cli.cache import cache_dir, cache_key
 from posegen_cli.device import resolve_device
 from posegen_cli.errors import InputError, require_file
 from posegen_cli.fsutil import atomic_dir, atomic_path
-from posegen_cli.pose.framing import frame_to_model, map_points_to_model, warn_if_cropped
+from posegen_cli.pose.framing import crop_box_9x16, frame_to_model, map_points_to_model, warn_if_cropped
 from posegen_cli.pose.keypoints import (
     KeypointTrack,
+    PersonChoice,
     PersonFollower,
+    frame_ranges,
+    identity_switches,
     load_keypoints,
     load_npz,
+    parse_person,
     save_npz,
     write_openpose_json,
 )
+from posegen_cli.pose.reference import CENTRE, ReferenceFraming, frame_reference
 from posegen_cli.pose.render import BODY_THRESHOLD, HAND_THRESHOLD, overlay_pose, render_hand_normals, render_pose
 from posegen_cli.pose.types import NUM_KEYPOINTS, NormalBackend, PersonPose, PoseBackend
 from posegen_cli.report import Reporter
-from posegen_cli.video import VideoInfo, VideoWriter, iter_frames, load_image, probe_video
+from posegen_cli.video import VideoInfo, VideoWriter, iter_frames, load_image, probe_video, read_image
 from posegen_cli.video.decode import constant_rate_command
 
 BACKENDS = ("auto", "sapiens", "mediapipe")
@@ -81,6 +86,19 @@ class ExtractResult:
     aligned_keypoints: Path | None = None
     alignment_png: Path | None = None
     alignment: dict[str, Any] | None = None
+    people_seen: int = 1
+    identity_switches: tuple[int, ...] = ()
+    reference_framing: dict[str, Any] | None = None
+    frames_outside_canvas: tuple[int, ...] = ()
+
+    def input_notes(self) -> dict[str, Any]:
+        """What ``animate``'s summary reports about the driving people and the alignment."""
+        notes: dict[str, Any] = {"people_seen": self.people_seen, "identity_switches": list(self.identity_switches)}
+        if self.alignment is not None:
+            notes["align_anchors"] = self.alignment.get("align_anchors")
+        if self.frames_outside_canvas:
+            notes["frames_outside_canvas"] = len(self.frames_outside_canvas)
+        return notes
 
     def summary(self) -> dict[str, Any]:
         """Plain values for ``Reporter.summary``."""
@@ -96,6 +114,7 @@ class ExtractSettings:
     backend: str
     hand_normals: str
     track: bool
+    person: str | None
     lossless: bool
     openpose_json: bool
     body_threshold: float
@@ -171,16 +190,45 @@ def _closing(stack: contextlib.ExitStack, backend: object) -> None:
         stack.callback(close)
 
 
-def extract_reference_pose(
-    image: np.ndarray, backend: str = "auto", *, device: str = "auto", model_size: str = "2b", models_dir: Path | None = None
-) -> PersonPose | None:
-    """The highest-scoring person in one RGB image (for aligning a reference photo), or None."""
+@contextlib.contextmanager
+def reference_detector(
+    backend: str = "auto", *, device: str = "auto", model_size: str = "2b", models_dir: Path | None = None
+) -> Iterator[Callable[[np.ndarray], PersonPose | None]]:
+    """A function finding the highest-scoring person in one RGB image, or None; the model loads once for the block."""
     name, _ = resolve_backend(backend, device)
     with contextlib.ExitStack() as stack:
         detector = make_pose_backend(name, device=device, static=True, model_size=model_size, models_dir=models_dir)
         _closing(stack, detector)
-        people = detector.detect([np.ascontiguousarray(image)])[0]
-    return max(people, key=lambda p: p.box_score) if people else None
+
+        def detect(image: np.ndarray) -> PersonPose | None:
+            people = detector.detect([np.ascontiguousarray(image)])[0]
+            return max(people, key=lambda p: p.box_score) if people else None
+
+        yield detect
+
+
+def extract_reference_pose(
+    image: np.ndarray, backend: str = "auto", *, device: str = "auto", model_size: str = "2b", models_dir: Path | None = None
+) -> PersonPose | None:
+    """The highest-scoring person in one RGB image (for aligning a reference photo), or None."""
+    with reference_detector(backend, device=device, model_size=model_size, models_dir=models_dir) as detect:
+        return detect(image)
+
+
+def reference_framing(
+    image: np.ndarray,
+    backend: str = "auto",
+    *,
+    name: str = "the reference image",
+    person_check: bool = True,
+    fill: tuple[int, int, int] = (255, 255, 255),
+    device: str = "auto",
+    model_size: str = "2b",
+    models_dir: Path | None = None,
+) -> ReferenceFraming:
+    """``reference.frame_reference`` with this backend's detector (loaded once): the 9:16 framing and its person."""
+    with reference_detector(backend, device=device, model_size=model_size, models_dir=models_dir) as detect:
+        return frame_reference(image, detect, name=name, person_check=person_check, fill=fill)
 
 
 def _batches(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
@@ -297,12 +345,13 @@ def _render_outputs(
     models_dir: Path | None,
     batch_size: int,
     reporter: Reporter,
-) -> KeypointTrack:
-    """Stream the video once (on its constant-rate timeline), writing pose/hand/overlay videos into ``out``; returns the keypoint track."""
+) -> tuple[KeypointTrack, int]:
+    """Stream the video once (on its constant-rate timeline), writing pose/hand/overlay videos into ``out``; returns the keypoint track and the most people one frame showed."""
     video, fps, width, height, total = info.path, info.fps, info.width, info.height, info.frame_count
+    choice = parse_person(settings.person)
     given = None
     if from_keypoints is not None:
-        given = load_keypoints(from_keypoints, fps=fps, width=width, height=height, track=settings.track)
+        given = load_keypoints(from_keypoints, fps=fps, width=width, height=height, track=settings.track, choice=choice)
         if (given.width, given.height) != (width, height):
             raise InputError(
                 f"{from_keypoints} holds keypoints for {given.width}x{given.height} frames but {video} is {width}x{height} "
@@ -315,7 +364,7 @@ def _render_outputs(
 
     keypoints = np.zeros((total, NUM_KEYPOINTS, 2))
     scores = np.zeros((total, NUM_KEYPOINTS))
-    follower = PersonFollower(settings.track)
+    follower = PersonFollower(settings.track, choice)
     count = 0
     with contextlib.ExitStack() as stack:
         writers = (
@@ -369,7 +418,20 @@ def _render_outputs(
         save_npz(track, out / KEYPOINTS_FILE)
         if settings.openpose_json:
             write_openpose_json(track, out / OPENPOSE_DIR)
-    return track
+    if detector is not None:
+        _report_people(follower, choice, reporter)
+    return track, follower.people_seen
+
+
+def _report_people(follower: PersonFollower, choice: PersonChoice, reporter: Reporter) -> None:
+    """Say who is followed when the first frame with anyone in it shows several people."""
+    people = sorted(follower.first_people, key=lambda p: float(p.box[0] + p.box[2]))
+    if len(people) > 1 and follower.track:
+        where = ", ".join(f"{i} at x={(p.box[0] + p.box[2]) / 2:.0f}" for i, p in enumerate(people, 1))
+        reporter.info(
+            f"{len(people)} people in frame {follower.first_frame} (left to right: {where}); following {choice.describe()} "
+            "(choose another with --person N or --person X,Y)"
+        )
 
 
 def _write_aligned(
@@ -377,7 +439,7 @@ def _write_aligned(
     target: Path,
     *,
     reference: Path,
-    reference_pose: PersonPose | None,
+    framing: ReferenceFraming,
     mode: str,
     settings: ExtractSettings,
     lossless: bool,
@@ -390,21 +452,21 @@ def _write_aligned(
     With ``mode="none"`` the skeleton is drawn at the source size and then framed, as the release does, so
     line widths match its conditioning videos for any source resolution.
 
-    ``reference_pose`` is the person already detected on the framed reference, or None to detect it here.
+    ``framing`` says how the reference is framed and holds its person on that canvas (None: nobody found).
 
     The hand video follows the skeleton: each extracted hand frame is framed like the reference and moved
     by the fitted transform (``align.align_hand_frame``); black stays black.
     """
-    from posegen_cli.pose.align import align_driving_poses, align_hand_frame
+    from posegen_cli.pose.align import align_driving_poses, align_hand_frame, frames_outside_canvas
 
     track = load_npz(source / KEYPOINTS_FILE)
-    framed_reference = frame_to_model(load_image(reference))
+    framed_reference = framing.frame(load_image(reference, framing.fill))
     height, width = framed_reference.shape[:2]
     detector = settings.backend if settings.backend in BACKENDS else "auto"
     aligned = align_driving_poses(
         framed_reference, track.keypoints, track.scores, (track.width, track.height), mode=mode, reporter=reporter,
-        reference_pose=reference_pose, backend=detector, device=device, models_dir=models_dir, png_path=target / ALIGNMENT_PNG,
-        reference_name=reference.name,
+        reference_pose=framing.person, backend=detector, device=device, models_dir=models_dir, png_path=target / ALIGNMENT_PNG,
+        reference_name=reference.name, reference_label="reference" if framing.rule == CENTRE else "reference, framed on the person",
     )  # fmt: skip
     before = map_points_to_model(track.keypoints, track.width, track.height, (height, width))
     save_npz(KeypointTrack(aligned.keypoints, aligned.scores, track.fps, width, height, track.backend), target / ALIGNED_KEYPOINTS_FILE)
@@ -428,7 +490,8 @@ def _write_aligned(
             else:
                 hand_writer.write(align_hand_frame(frame_to_model(hand), aligned.alignment, before[i], aligned.keypoints[i]))
             progress.advance(task)
-    return {"width": width, "height": height, "alignment": aligned.alignment.summary()}
+    outside = frames_outside_canvas(aligned.keypoints, aligned.scores, width, height, settings.body_threshold) if mode != "none" else []
+    return {"width": width, "height": height, "alignment": aligned.alignment.summary(), "frames_outside_canvas": outside}
 
 
 def extract_pose(
@@ -437,7 +500,8 @@ def extract_pose(
     *,
     backend: str = "auto",
     hand_normals: str = "auto",
-    track: bool = False,
+    track: bool = True,
+    person: str | None = None,
     lossless: bool = False,
     output_format: str = "npz",
     from_keypoints: Path | None = None,
@@ -455,6 +519,9 @@ def extract_pose(
     batch_size: int = 8,
     info: VideoInfo | None = None,
     reference_pose: PersonPose | None = None,
+    reference: ReferenceFraming | None = None,
+    background: tuple[int, int, int] = (255, 255, 255),
+    person_check: bool = True,
 ) -> ExtractResult:
     """Make ``pose.mp4``, ``hand.mp4``, ``keypoints.npz`` and ``overlay.mp4`` for ``video`` in ``out_dir``.
 
@@ -465,9 +532,12 @@ def extract_pose(
     ``hand.mp4`` on the model's 720x1280 canvas, with ``keypoints_aligned.npz`` and ``alignment.png``;
     ``keypoints.npz`` and ``overlay.mp4`` stay in the source frame.
 
+    The reference is framed around its person (``reference.frame_reference``); a transparent one is composited
+    onto ``background``; with no person in it the job stops (InputError) unless ``person_check`` is False.
+
     Callers that already hold them pass ``info`` (``probe_video(video)``, which decodes the whole video) and
-    ``reference_pose`` (the highest-scoring person on ``frame_to_model(align_to)``, as ``extract_reference_pose``
-    finds it), so neither is computed twice.
+    ``reference`` (``reference_framing(load_image(align_to, background))``), so neither is computed twice;
+    ``reference_pose`` alone (the person on ``frame_to_model(align_to)``) stands for the release's centre crop.
     """
     reporter = reporter or Reporter()
     video = Path(video)
@@ -475,6 +545,7 @@ def extract_pose(
         raise InputError(f"--format {output_format!r} is not known (use {', '.join(OUTPUT_FORMATS)})")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    parse_person(person)
     if align_to is not None:
         from posegen_cli.pose.align import ALIGN_MODES
 
@@ -501,22 +572,41 @@ def extract_pose(
         warn_if_cropped(reporter, info.width, info.height, f"driving video {video.name}")
 
     settings = ExtractSettings(
-        backend=name, hand_normals=hands, track=track, lossless=lossless, openpose_json=output_format == "openpose-json",
+        backend=name, hand_normals=hands, track=track, person=person if track else None, lossless=lossless, openpose_json=output_format == "openpose-json",
         body_threshold=float(body_threshold), hand_threshold=float(hand_threshold),
         model_size=model_size, seg_size=seg_size, normal_size=normal_size,
     )  # fmt: skip
     out_dir = Path(out_dir) if out_dir is not None else video.with_name(f"{video.stem}_pose")
 
     def produce(target: Path) -> dict[str, Any]:
-        result = _render_outputs(
+        result, people_seen = _render_outputs(
             info, target, settings=settings,
             device=device, from_keypoints=from_keypoints, models_dir=models_dir, batch_size=batch_size, reporter=reporter,
         )  # fmt: skip
-        return {"frame_count": result.frame_count, "backend": result.backend, "frames_without_person": result.frames_without_person()}
+        switches = identity_switches(result.keypoints, result.scores, settings.body_threshold)
+        seen = max(people_seen, len(switches) + 1) if result.frames_without_person() < result.frame_count else 0
+        return {
+            "frame_count": result.frame_count, "backend": result.backend, "frames_without_person": result.frames_without_person(),
+            "people_seen": seen, "identity_switches": switches,
+        }  # fmt: skip
+
+    framing = reference
+    if align_to is not None and framing is None:
+        if reference_pose is not None:
+            image = load_image(align_to, background)
+            framing = ReferenceFraming(crop_box_9x16(image.shape[1], image.shape[0]), reference_pose, CENTRE, background)
+        else:
+            loaded = read_image(align_to, background)
+            if loaded.transparent:
+                reporter.info(f"{align_to.name} is transparent: composited onto RGB {background} (set --background to change)")
+            framing = reference_framing(
+                loaded.pixels, name if name in BACKENDS else "auto", name=str(align_to), person_check=person_check, fill=background, device=device,
+                models_dir=models_dir,
+            )  # fmt: skip
 
     def produce_aligned(source: Path, target: Path) -> dict[str, Any]:
         return _write_aligned(
-            source, target, reference=align_to, reference_pose=reference_pose, mode=align, settings=settings, lossless=lossless,
+            source, target, reference=align_to, framing=framing, mode=align, settings=settings, lossless=lossless,
             device=device, models_dir=models_dir, reporter=reporter,
         )  # fmt: skip
 
@@ -534,9 +624,10 @@ def extract_pose(
         if settings.openpose_json:
             files[OPENPOSE_DIR] = source / OPENPOSE_DIR
         size = (info.width, info.height)
-        alignment = None
+        alignment, outside = None, []
         if align_to is not None:
-            align_key = cache_key([align_to], {"version": _CACHE_VERSION, "extraction": key, "align": align})
+            framing_key = {"box": list(framing.box), "fill": list(framing.fill), "rule": framing.rule}
+            align_key = cache_key([align_to], {"version": _CACHE_VERSION, "extraction": key, "align": align, "framing": framing_key})
             aligned_dir = cache_dir("pose-aligned", align_key) if use_cache else source / "aligned"
             aligned, aligned_cached = _cached_or_made(
                 aligned_dir, use_cache, lambda target: produce_aligned(source, target), reporter, "aligned pose"
@@ -544,6 +635,7 @@ def extract_pose(
             cached = cached and aligned_cached
             files.update({name: aligned_dir / name for name in (POSE_FILE, HAND_FILE, ALIGNED_KEYPOINTS_FILE, ALIGNMENT_PNG)})
             size, alignment = (aligned["width"], aligned["height"]), aligned["alignment"]
+            outside = aligned.get("frames_outside_canvas", [])
         for name, path in files.items():
             _link_or_copy(path, out_dir / name)
 
@@ -554,7 +646,21 @@ def extract_pose(
         cached=cached, hand_normals=hands, openpose_dir=out_dir / OPENPOSE_DIR if settings.openpose_json else None,
         aligned_keypoints=out_dir / ALIGNED_KEYPOINTS_FILE if align_to is not None else None,
         alignment_png=out_dir / ALIGNMENT_PNG if align_to is not None else None, alignment=alignment,
+        people_seen=record.get("people_seen", 1), identity_switches=tuple(record.get("identity_switches", ())),
+        reference_framing=None if framing is None else {"rule": framing.rule, "box": list(framing.box)},
+        frames_outside_canvas=tuple(outside),
     )  # fmt: skip
+    if result.frames_outside_canvas:
+        reporter.warn(
+            f"the aligned pose is mostly outside the {size[0]}x{size[1]} canvas in frame(s) {frame_ranges(outside)} "
+            f"({len(outside)} of {result.frame_count}; those pose frames are nearly empty: check alignment.png, try --align none or --person)"
+        )
+    if result.identity_switches:
+        hint = "; MediaPipe follows one person at a time, --backend sapiens tells people apart" if result.backend == "mediapipe" else ""
+        reporter.warn(
+            f"the followed person seems to change at frame(s) {frame_ranges(result.identity_switches)} of {video.name} "
+            f"(the pose jumps to another place: someone else was picked up; choose with --person N or X,Y{hint})"
+        )
     if result.frames_without_person:
         reporter.warn(f"nobody was found in {result.frames_without_person} of {result.frame_count} frames (their pose frames are black)")
     return result
