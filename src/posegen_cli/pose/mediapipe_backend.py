@@ -130,24 +130,25 @@ class MediaPipePoseBackend:
         min_tracking_confidence: float = 0.5,
     ) -> None:
         mp = import_mediapipe()
-        self._pose = mp.solutions.pose.Pose(
-            static_image_mode=static_image_mode,
-            model_complexity=model_complexity,
-            min_detection_confidence=min_detection_confidence,
-            min_tracking_confidence=min_tracking_confidence,
-        )
-        self._hands = mp.solutions.hands.Hands(
-            static_image_mode=static_image_mode,
-            model_complexity=1,
-            max_num_hands=2,
-            min_detection_confidence=min_detection_confidence,
-            min_tracking_confidence=min_tracking_confidence,
-        )
         # MediaPipe releases the GIL while it runs, so hands and body can share the two cores.
         self._hand_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mediapipe-hands")
-        # The graphs log on start-up and again when they first lock onto someone; hide both.
+        # The graphs log from their own threads while they start (TFLite's delegate line), on the first frame and
+        # again when they first lock onto someone: building them and the warm-up run silenced, then the first person.
         self._first_person_pending = True
         with _native_stderr_silenced():
+            self._pose = mp.solutions.pose.Pose(
+                static_image_mode=static_image_mode,
+                model_complexity=model_complexity,
+                min_detection_confidence=min_detection_confidence,
+                min_tracking_confidence=min_tracking_confidence,
+            )
+            self._hands = mp.solutions.hands.Hands(
+                static_image_mode=static_image_mode,
+                model_complexity=1,
+                max_num_hands=2,
+                min_detection_confidence=min_detection_confidence,
+                min_tracking_confidence=min_tracking_confidence,
+            )
             self._pose.process(_WARM_UP_FRAME)
             self._hand_thread.submit(self._hands.process, _WARM_UP_FRAME).result()
 
