@@ -20,9 +20,13 @@ def ffmpeg(*args: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def sliding_photo(reference: Path, out: Path, *, fps: int = 30, seconds: float = 2.0, extra_filters: str = "", codec: tuple[str, ...] = ()) -> Path:
-    """The photo scaled down and shifted one pixel per frame (every frame differs), as H.264."""
-    chain = f"scale={CLIP_W + 64}:-2,crop={CLIP_W}:{CLIP_H}:x='min(n,63)':y=0"
+def sliding_photo(
+    reference: Path, out: Path, *, fps: int = 30, seconds: float = 2.0, extra_filters: str = "", codec: tuple[str, ...] = (),
+    size: tuple[int, int] = (CLIP_W, CLIP_H),
+) -> Path:
+    """The photo scaled to ``size`` (W, H) plus 64 px and shifted one pixel per frame (every frame differs), as H.264."""
+    width, height = size
+    chain = f"scale={width + 64}:-2,crop={width}:{height}:x='min(n,63)':y=0"
     if extra_filters:
         chain += "," + extra_filters
     ffmpeg(
@@ -32,10 +36,15 @@ def sliding_photo(reference: Path, out: Path, *, fps: int = 30, seconds: float =
     return out
 
 
-def variable_rate_clip(reference: Path, out: Path, dropped: tuple[int, int] = (10, 19)) -> Path:
-    """A 30 fps phone-style clip of 2 s whose frames ``dropped[0]..dropped[1]`` are missing (real timestamps kept)."""
+def variable_rate_clip(
+    reference: Path, out: Path, dropped: tuple[int, int] = (10, 19), *, fps: int = 30, size: tuple[int, int] = (CLIP_W, CLIP_H)
+) -> Path:
+    """A ``fps`` phone-style clip of 2 s whose frames ``dropped[0]..dropped[1]`` are missing (real timestamps kept)."""
     a, b = dropped
-    return sliding_photo(reference, out, extra_filters=f"select='not(between(n,{a},{b}))'", codec=("-fps_mode", "vfr", "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p"))
+    return sliding_photo(
+        reference, out, fps=fps, size=size, extra_filters=f"select='not(between(n,{a},{b}))'",
+        codec=("-fps_mode", "vfr", "-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p"),
+    )  # fmt: skip
 
 
 def tone_after_silence(out: Path, *, onset: float, seconds: float) -> Path:

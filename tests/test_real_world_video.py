@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 from fractions import Fraction
@@ -138,3 +139,67 @@ def test_rotated_phone_clip_decodes_upright_without_library_noise(
     assert (info.width, info.height) == (CLIP_H, CLIP_W)
     assert frames[0].shape == (CLIP_W, CLIP_H, 3) and frames_by_path[0].shape == frames[0].shape
     assert captured.err == "" and captured.out == ""
+
+
+def test_animate_keeps_the_duration_and_sync_of_a_late_variable_rate_phone_clip(
+    tmp_path: Path, reference_image_path: Path, tiny_models: Path
+) -> None:
+    """12 fps nominal, frames 8-11 dropped, the picture 0.25 s after the sound, a tone from 1.0 s into the file."""
+    from animate_inputs import TEST_OPTIONS
+
+    from posegen_cli.longvideo import AnimateOptions, animate
+    from posegen_cli.report import Reporter
+
+    picture = variable_rate_clip(reference_image_path, tmp_path / "phone-picture.mp4", (8, 11), fps=12, size=(180, 320))
+    tone = tone_after_silence(tmp_path / "tone.wav", onset=1.0, seconds=3.0)
+    driving = mux_with_offset(picture, tone, tmp_path / "phone.mp4", video_delay=0.25)
+    info = probe_video(driving)
+    assert (info.fps, info.frame_count, info.source_frames, info.start_time) == (Fraction(12), 24, 20, pytest.approx(0.25, abs=0.002))
+    output = tmp_path / "out.mp4"
+    result = animate(reference_image_path, driving, output, options=AnimateOptions(**TEST_OPTIONS, models_dir=tiny_models), reporter=Reporter(quiet=True))
+    made = probe_video(output)
+    assert (result.frames, made.frame_count, made.fps) == (24, 24, Fraction(12))
+    assert made.duration == pytest.approx(2.0) and made.start_time == 0.0
+    # the tone starts 0.75 s after the driving video's first frame, so 0.75 s into the output
+    assert audio_onset(output) == pytest.approx(0.75, abs=0.01)
+    assert result.summary()["people_seen"] == 1
+
+
+def _posegen(*args: str) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh process, so native libraries' own writes to fd 2 are seen."""
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from posegen_cli.cli import run; run()", *args], capture_output=True, text=True)
+
+
+def test_cli_on_a_rotated_phone_clip_prints_only_posegen_lines(tmp_path: Path, reference_image_path: Path) -> None:
+    upright = sliding_photo(reference_image_path, tmp_path / "upright.mp4", fps=12, seconds=0.5, size=(180, 320))
+    rotated = tmp_path / "rotated.mp4"
+    ffmpeg("-display_rotation", "-90", "-i", str(upright), "-c", "copy", str(rotated))
+    result = _posegen("extract-pose", str(rotated), "--backend", "mediapipe", "--no-cache", "-o", str(tmp_path / "pose"), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["width"], summary["height"], summary["frame_count"]) == (320, 180, 6)
+    ours = ("pose backend:", "hand-normal video:", "warning: driving video rotated.mp4 is 320x180", "extracting pose")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith(ours)]
+    # every line is one of posegen's messages or the wrapped continuation of the one before it
+    strays = [line for i, line in enumerate(lines) if i not in starts and not (line[:1].islower() or line[:1].isdigit())]
+    assert len(starts) == 4 and strays == [], result.stderr
+    assert not any(word in result.stderr for word in ("INFO:", "imageio", "frame size for reading", "XNNPACK", "Traceback"))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--person", "first", "--person 'first' is neither a number"), ("--background", "teal", "--background 'teal' is not a colour")],
+)
+def test_cli_rejects_bad_person_and_background(tmp_path: Path, picture: Path, reference_image_path: Path, flag: str, value: str, message: str) -> None:
+    from typer.testing import CliRunner
+
+    from posegen_cli.cli import app
+
+    args = ["extract-pose", str(picture), "--backend", "mediapipe", "--align-to", str(reference_image_path), flag, value, "-o", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "o").exists()
