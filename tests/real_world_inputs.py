@@ -16,7 +16,7 @@ CLIP_W, CLIP_H = 64, 112
 
 def ffmpeg(*args: str) -> None:
     """Run ffmpeg quietly; a failure shows its log."""
-    result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args], capture_output=True, text=True)
+    result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
 
 

@@ -210,7 +210,7 @@ def test_cli_refuses_a_reference_without_a_person(tmp_path: Path, two_dancers: P
     cv2.imwrite(str(empty), np.full((640, 1138, 3), 90, np.uint8))
     clip = write_video(tmp_path / "c.mp4", [np.full((64, 36, 3), 90, np.uint8)] * 2, 12)
     run = [sys.executable, "-c", "from posegen_cli.cli import run; run()", "extract-pose", str(clip), "--backend", "mediapipe", "--no-cache"]
-    refused = subprocess.run([*run, "-o", str(tmp_path / "a"), "--align-to", str(empty)], capture_output=True, text=True)
+    refused = subprocess.run([*run, "-o", str(tmp_path / "a"), "--align-to", str(empty)], capture_output=True, text=True, check=False)
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 2 and lines[-1].startswith("error: no person found in") and "--no-person-check" in lines[-1]
     assert not (tmp_path / "a").exists()
