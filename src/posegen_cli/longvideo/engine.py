@@ -44,7 +44,7 @@ from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, parse_color, probe_video, read_image
 
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3
 """Part of every work folder's key: bump when a change makes old finished segments wrong."""
 
 

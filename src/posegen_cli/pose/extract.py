@@ -63,7 +63,7 @@ OVERLAY_CRF, OVERLAY_PRESET = 23, "ultrafast"
 """The overlay is only for people to look at, so it is encoded as cheaply as possible."""
 OVERLAY_HALVE_ABOVE = 960
 """Sources whose longer side exceeds this get a half-size overlay: a quarter of the encoding work."""
-_CACHE_VERSION = 3  # bump when the rendering or the file layout changes
+_CACHE_VERSION = 4  # bump when the rendering or the file layout changes
 
 
 @dataclass(frozen=True)
@@ -346,7 +346,10 @@ def _render_outputs(
     batch_size: int,
     reporter: Reporter,
 ) -> tuple[KeypointTrack, int]:
-    """Stream the video once (on its constant-rate timeline), writing pose/hand/overlay videos into ``out``; returns the keypoint track and the most people one frame showed."""
+    """Stream the video once (on its constant-rate timeline), writing pose/hand/overlay videos into ``out``.
+
+    Returns the keypoint track and the most people one frame showed.
+    """
     video, fps, width, height, total = info.path, info.fps, info.width, info.height, info.frame_count
     choice = parse_person(settings.person)
     given = None
