@@ -245,6 +245,21 @@ def test_mediapipe_drops_points_it_does_not_see(photo: np.ndarray, tmp_path: Pat
         assert ((pts[:, 1] >= 160) & (pts[:, 1] < 480)).all()
 
 
+def test_drop_unseen_zeroes_off_frame_and_guessed_points() -> None:
+    from posegen_cli.pose.mediapipe_backend import drop_unseen
+
+    kp = np.full((133, 2), 50.0, np.float32)
+    sc = np.full(133, 0.9, np.float32)
+    kp[15], kp[16] = (50, 130), (-1, 50)  # ankles below and left of a 100x120 frame
+    sc[13] = 0.49  # a knee MediaPipe barely sees (guessed)
+    kp[100] = (100, 10)  # one finger tip past the right edge (x = width is outside)
+    out = drop_unseen(kp, sc, 100, 120)
+    assert out[[13, 15, 16, 100]].tolist() == [0, 0, 0, 0]
+    assert (np.delete(out, [13, 15, 16, 100]) == np.float32(0.9)).all()
+    sc[110] = 0.3  # hand points keep their handedness score, however low: only the frame limits them
+    assert drop_unseen(kp, sc, 100, 120)[110] == np.float32(0.3)
+
+
 def _standing(hip_score: float, shift: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
     kp = np.zeros((133, 2))
     sc = np.zeros(133)
