@@ -43,7 +43,7 @@ from posegen_cli.pose.keypoints import (
     save_npz,
     write_openpose_json,
 )
-from posegen_cli.pose.reference import CENTRE, ReferenceFraming, frame_reference
+from posegen_cli.pose.reference import CENTRE, PERSON, UNCHECKED, ReferenceFraming, frame_reference
 from posegen_cli.pose.render import BODY_THRESHOLD, HAND_THRESHOLD, overlay_pose, render_hand_normals, render_pose
 from posegen_cli.pose.types import NUM_KEYPOINTS, NormalBackend, PersonPose, PoseBackend
 from posegen_cli.report import Reporter
@@ -593,19 +593,25 @@ def extract_pose(
             "people_seen": seen, "identity_switches": switches,
         }  # fmt: skip
 
-    framing = reference
-    if align_to is not None and framing is None:
-        if reference_pose is not None:
-            image = load_image(align_to, background)
-            framing = ReferenceFraming(crop_box_9x16(image.shape[1], image.shape[0]), reference_pose, CENTRE, background)
-        else:
-            loaded = read_image(align_to, background)
-            if loaded.transparent:
-                reporter.info(f"{align_to.name} is transparent: composited onto RGB {background} (set --background to change)")
+    framing, framing_notes = reference, dict[str, Any]()
+    if align_to is not None:
+        loaded = read_image(align_to, background)
+        if loaded.transparent and reference is None:  # ``animate`` has said so already
+            reporter.info(f"{align_to.name} is transparent: composited onto RGB {background} (set --background to change)")
+            framing_notes["background"] = list(background)
+        height, width = loaded.pixels.shape[:2]
+        if framing is None and reference_pose is not None:
+            framing = ReferenceFraming(crop_box_9x16(width, height), reference_pose, CENTRE, background)
+        elif framing is None:
             framing = reference_framing(
-                loaded.pixels, name if name in BACKENDS else "auto", name=str(align_to), person_check=person_check, fill=background, device=device,
-                models_dir=models_dir,
+                loaded.pixels, name if name in BACKENDS else "auto", name=str(align_to), person_check=person_check, fill=background,
+                device=device, models_dir=models_dir,
             )  # fmt: skip
+            if framing.rule == PERSON:
+                reporter.info(framing.describe(width, height, align_to.name))
+            elif framing.rule == UNCHECKED:
+                reporter.warn(f"no person found in {align_to.name}; going on because of --no-person-check (centre crop, no alignment)")
+        framing_notes.update(rule=framing.rule, box=list(framing.box))
 
     def produce_aligned(source: Path, target: Path) -> dict[str, Any]:
         return _write_aligned(
@@ -650,7 +656,7 @@ def extract_pose(
         aligned_keypoints=out_dir / ALIGNED_KEYPOINTS_FILE if align_to is not None else None,
         alignment_png=out_dir / ALIGNMENT_PNG if align_to is not None else None, alignment=alignment,
         people_seen=record.get("people_seen", 1), identity_switches=tuple(record.get("identity_switches", ())),
-        reference_framing=None if framing is None else {"rule": framing.rule, "box": list(framing.box)},
+        reference_framing=framing_notes or None,
         frames_outside_canvas=tuple(outside),
     )  # fmt: skip
     if result.frames_outside_canvas:
