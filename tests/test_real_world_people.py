@@ -205,15 +205,23 @@ def test_reference_without_a_person_is_refused(tmp_path: Path) -> None:
     assert reference_framing(empty, "mediapipe", person_check=False).rule == UNCHECKED
 
 
-def test_cli_refuses_a_reference_without_a_person(tmp_path: Path, two_dancers: Path) -> None:
+def test_cli_refuses_a_reference_without_a_person_and_the_advice_works(tmp_path: Path, photo: np.ndarray) -> None:
     empty = tmp_path / "empty.png"
     cv2.imwrite(str(empty), np.full((640, 1138, 3), 90, np.uint8))
-    clip = write_video(tmp_path / "c.mp4", [np.full((64, 36, 3), 90, np.uint8)] * 2, 12)
+    clip = write_video(tmp_path / "c.mp4", [cv2.resize(photo, HALF, interpolation=cv2.INTER_AREA)] * 2, 12)
     run = [sys.executable, "-c", "from posegen_cli.cli import run; run()", "extract-pose", str(clip), "--backend", "mediapipe", "--no-cache"]
     refused = subprocess.run([*run, "-o", str(tmp_path / "a"), "--align-to", str(empty)], capture_output=True, text=True, check=False)
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 2 and lines[-1].startswith("error: no person found in") and "--no-person-check" in lines[-1]
     assert not (tmp_path / "a").exists()
+    forced = subprocess.run([*run, "-o", str(tmp_path / "b"), "--align-to", str(empty), "--no-person-check"], capture_output=True, text=True, check=False)
+    assert forced.returncode == 0, forced.stderr
+    assert "going on because of --no-person-check" in " ".join(forced.stderr.split()) and (tmp_path / "b" / "pose.mp4").is_file()
+
+
+def test_person_needs_tracking(two_dancers: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="--no-track follows nobody"):
+        extract_pose(two_dancers, tmp_path / "o", backend="mediapipe", track=False, person="2", reporter=capture()[0])
 
 
 # --- partial bodies with MediaPipe ---------------------------------------------------------------

@@ -549,6 +549,8 @@ def extract_pose(
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     parse_person(person)
+    if person is not None and not track:
+        raise InputError(f"--person {person} chooses whom to follow, but --no-track follows nobody (drop one of them)")
     if align_to is not None:
         from posegen_cli.pose.align import ALIGN_MODES
 
@@ -575,7 +577,7 @@ def extract_pose(
         warn_if_cropped(reporter, info.width, info.height, f"driving video {video.name}")
 
     settings = ExtractSettings(
-        backend=name, hand_normals=hands, track=track, person=person if track else None, lossless=lossless, openpose_json=output_format == "openpose-json",
+        backend=name, hand_normals=hands, track=track, person=person, lossless=lossless, openpose_json=output_format == "openpose-json",
         body_threshold=float(body_threshold), hand_threshold=float(hand_threshold),
         model_size=model_size, seg_size=seg_size, normal_size=normal_size,
     )  # fmt: skip
