@@ -38,6 +38,10 @@ def test_timeline_rule() -> None:
     assert timeline_rate(even, 10 / 25, Fraction(25)) == (Fraction(25), CONSTANT)
     ntsc = np.arange(10) * 1001 / 30000
     assert timeline_rate(ntsc, 10 * 1001 / 30000, Fraction(30000, 1001)) == (Fraction(30000, 1001), CONSTANT)
+    millis = np.cumsum([0, 33, 33, 34, 33, 33, 34, 33, 33]) / 1000  # 30 fps in a millisecond time base (MKV)
+    assert timeline_rate(millis, millis[-1] + 0.034, Fraction(30)) == (Fraction(30), CONSTANT)
+    gappy = np.cumsum([0, 33, 34, 33, 100, 33, 34, 33]) / 1000
+    assert timeline_rate(gappy, gappy[-1] + 0.033) == (Fraction(30), NOMINAL)
     dropped = np.array([0, 1, 2, 3, 6, 7, 8, 9]) / 30  # low light: three frames missing
     assert timeline_rate(dropped, 10 / 30) == (Fraction(30), NOMINAL)
     jittery = np.cumsum([0, 0.03, 0.05, 0.02, 0.07, 0.04, 0.06, 0.035, 0.045])  # no common interval

@@ -7,9 +7,9 @@ which duplicates or drops frames by timestamp; every decode of that video then g
 filter, so the count ``probe_video`` reports is the count ``iter_frames`` yields.
 
 The timeline rate (:func:`timeline_rate`): a stream whose intervals are all within 10 % of their median
-keeps its own rate; otherwise the nominal rate, 1 / the median interval (the rate the camera recorded at:
-frames dropped in low light only lengthen some intervals), when at least half the intervals are within
-10 % of the median; else the average rate, frames over duration. Nominal and average rates snap to the
+keeps its own rate; otherwise the nominal rate, 1 / the mean of the intervals within 10 % of the median
+(the rate the camera recorded at: frames dropped in low light only lengthen some intervals), when at least
+half the intervals are such; else the average rate, frames over duration. Nominal and average rates snap to the
 standard rate (24, 25, 29.97, 30, 50, 60, ...) within 1 %.
 """
 
@@ -111,12 +111,14 @@ def timeline_rate(times: np.ndarray, end: float, header_fps: Fraction | None = N
         return (header_fps or Fraction(25)), CONSTANT
     median = float(np.median(intervals))
     nominal = np.abs(intervals - median) <= REGULAR_TOLERANCE * median
+    # The mean of the nominal intervals, not their median: millisecond time bases store 30 fps as 33, 33, 34 ms.
+    interval = float(intervals[nominal].mean())
     if nominal.all():
-        if header_fps is not None and abs(float(header_fps) * median - 1) <= SNAP_TOLERANCE:
+        if header_fps is not None and abs(float(header_fps) * interval - 1) <= SNAP_TOLERANCE:
             return header_fps, CONSTANT
-        return snap_rate(1 / median), CONSTANT
+        return snap_rate(1 / interval), CONSTANT
     if nominal.mean() >= NOMINAL_SHARE:
-        return snap_rate(1 / median), NOMINAL
+        return snap_rate(1 / interval), NOMINAL
     return snap_rate(len(times) / (end - times[0])), AVERAGE
 
 
