@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -16,17 +17,26 @@ from rich.console import Console
 
 from posegen_cli.errors import InputError
 from posegen_cli.pose import extract as extract_module
+from posegen_cli.pose import stream as stream_module
 from posegen_cli.pose.align import fit_alignment, frames_outside_canvas
-from posegen_cli.pose.extract import extract_pose, reference_framing
-from posegen_cli.pose.framing import crop_box_9x16, frame_to_model, frame_with_box, person_crop_box
+from posegen_cli.pose.extract import ExtractResult, reference_framing
 from posegen_cli.pose.keypoints import PersonChoice, PersonFollower, identity_switches, load_npz, parse_person
 from posegen_cli.pose.mediapipe_backend import MediaPipePoseBackend
 from posegen_cli.pose.reference import CENTRE, PERSON, UNCHECKED
+from posegen_cli.pose.settings import PoseOptions
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
 from posegen_cli.video import load_image, parse_color, read_image, write_video
+from posegen_cli.video.framing import crop_box_9x16, frame_to_model, frame_with_box, person_crop_box
 
 HALF = (180, 320)  # W, H of one person in the two-person clip
+
+
+def extract_pose(video: Path, out_dir: Path | None = None, **kwargs) -> ExtractResult:
+    """``extract_module.extract_pose`` with the :class:`PoseOptions` fields given as keywords beside its own."""
+    fields = {f.name for f in dataclasses.fields(PoseOptions)}
+    options = PoseOptions(**{k: v for k, v in kwargs.items() if k in fields})
+    return extract_module.extract_pose(video, out_dir, options, **{k: v for k, v in kwargs.items() if k not in fields})
 
 
 def capture() -> tuple[Reporter, io.StringIO]:
@@ -118,7 +128,7 @@ def two_dancers(tmp_path_factory: pytest.TempPathFactory, photo: np.ndarray) -> 
 
 @pytest.mark.parametrize(("person", "side"), [(None, "left"), ("2", "right"), ("270,200", "right")])
 def test_one_person_is_followed_for_the_whole_clip(two_dancers, tmp_path, monkeypatch, person, side) -> None:
-    monkeypatch.setattr(extract_module, "make_pose_backend", lambda *args, **kwargs: SideBySide())
+    monkeypatch.setattr(stream_module, "make_pose_backend", lambda *args, **kwargs: SideBySide())
     reporter, text = capture()
     result = extract_pose(two_dancers, tmp_path / "o", backend="mediapipe", person=person, use_cache=False, reporter=reporter)
     noses = load_npz(result.keypoints).keypoints[:, 0, 0]
@@ -134,9 +144,11 @@ def driving_only(stand_in: SideBySide):
 
 
 def test_identity_switch_and_off_canvas_frames_are_reported(two_dancers, tmp_path, monkeypatch, reference_image_path) -> None:
-    monkeypatch.setattr(extract_module, "make_pose_backend", driving_only(SideBySide(switch_at=8)))
+    monkeypatch.setattr(stream_module, "make_pose_backend", driving_only(SideBySide(switch_at=8)))
     reporter, text = capture()
-    result = extract_pose(two_dancers, tmp_path / "o", backend="mediapipe", align_to=reference_image_path, use_cache=False, reporter=reporter)
+    result = extract_pose(
+        two_dancers, tmp_path / "o", backend="mediapipe", align_to=reference_image_path, use_cache=False, reporter=reporter
+    )
     messages = " ".join(text.getvalue().split())
     assert result.identity_switches == (8,) and result.people_seen == 2
     assert "the followed person seems to change at frame(s) 8 of dancers.mp4" in messages
@@ -209,12 +221,23 @@ def test_cli_refuses_a_reference_without_a_person_and_the_advice_works(tmp_path:
     empty = tmp_path / "empty.png"
     cv2.imwrite(str(empty), np.full((640, 1138, 3), 90, np.uint8))
     clip = write_video(tmp_path / "c.mp4", [cv2.resize(photo, HALF, interpolation=cv2.INTER_AREA)] * 2, 12)
-    run = [sys.executable, "-c", "from posegen_cli.cli import run; run()", "extract-pose", str(clip), "--backend", "mediapipe", "--no-cache"]
+    run = [
+        sys.executable,
+        "-c",
+        "from posegen_cli.cli import run; run()",
+        "extract-pose",
+        str(clip),
+        "--backend",
+        "mediapipe",
+        "--no-cache",
+    ]
     refused = subprocess.run([*run, "-o", str(tmp_path / "a"), "--align-to", str(empty)], capture_output=True, text=True, check=False)
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 2 and lines[-1].startswith("error: no person found in") and "--no-person-check" in lines[-1]
     assert not (tmp_path / "a").exists()
-    forced = subprocess.run([*run, "-o", str(tmp_path / "b"), "--align-to", str(empty), "--no-person-check"], capture_output=True, text=True, check=False)
+    forced = subprocess.run(
+        [*run, "-o", str(tmp_path / "b"), "--align-to", str(empty), "--no-person-check"], capture_output=True, text=True, check=False
+    )
     assert forced.returncode == 0, forced.stderr
     assert "going on because of --no-person-check" in " ".join(forced.stderr.split()) and (tmp_path / "b" / "pose.mp4").is_file()
 
@@ -336,6 +359,7 @@ def test_parse_color() -> None:
 def test_animate_summary_says_the_reference_was_composited(tmp_path: Path, photo: np.ndarray) -> None:
     from posegen_cli.longvideo.engine import prepare_reference
     from posegen_cli.longvideo.options import AnimateOptions
+    from posegen_cli.video.image import ReferenceImage
 
     rgba = np.dstack([cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), np.full(photo.shape[:2], 255, np.uint8)])
     rgba[:, :100, 3] = 0
@@ -343,14 +367,15 @@ def test_animate_summary_says_the_reference_was_composited(tmp_path: Path, photo
     cv2.imwrite(str(path), rgba)
     reporter, text = capture()
     options = AnimateOptions(pose_backend="mediapipe", background="black", device="cpu")
-    image, framing, notes = prepare_reference(path, options, (1280, 720), reporter)
-    assert image[0, 0].tolist() == [0, 0, 0] and framing.fill == (0, 0, 0)
+    image = ReferenceImage.load(path, background=parse_color(options.background))
+    framing, notes = prepare_reference(image, options, (1280, 720), reporter)
+    assert image.pixels[0, 0].tolist() == [0, 0, 0] and framing.fill == (0, 0, 0)
     assert notes["reference_background"] == "black" and notes["reference_framing"]["rule"] == CENTRE
     assert "cutout.png is transparent: composited onto black" in text.getvalue()
 
 
 def test_summary_is_json_serialisable(two_dancers, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(extract_module, "make_pose_backend", lambda *args, **kwargs: SideBySide(switch_at=8))
+    monkeypatch.setattr(stream_module, "make_pose_backend", lambda *args, **kwargs: SideBySide(switch_at=8))
     result = extract_pose(two_dancers, tmp_path / "o", backend="mediapipe", use_cache=False, reporter=capture()[0])
     data = json.loads(json.dumps(result.summary()))
     assert data["identity_switches"] == [8] and data["people_seen"] == 2 and Fraction(data["fps"]) == 12

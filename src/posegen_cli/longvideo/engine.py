@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, ResourceError, require_file
+from posegen_cli.errors import InputError, ResourceError, option, require_file
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
@@ -37,12 +36,13 @@ from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
-from posegen_cli.pose.framing import MODEL_SIZE, warn_if_cropped
 from posegen_cli.pose.keypoints import parse_person
 from posegen_cli.pose.reference import PERSON, UNCHECKED, ReferenceFraming
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
-from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, parse_color, probe_video, read_image
+from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, parse_color, probe_video
+from posegen_cli.video.framing import MODEL_SIZE, warn_if_cropped
+from posegen_cli.video.image import ReferenceImage
 
 ENGINE_VERSION = 3
 """Part of every work folder's key: bump when a change makes old finished segments wrong."""
@@ -106,7 +106,7 @@ class AnimateResult:
     """How the inputs were read: reference framing and background, people seen, alignment anchors."""
 
     def summary(self) -> dict[str, Any]:
-        """Plain values for ``Reporter.summary`` (and ``--json``)."""
+        """Plain values for ``Reporter.summary`` (and the JSON output)."""
         return {
             "output": str(self.output),
             "frames": self.frames,
@@ -147,7 +147,7 @@ def check_output_path(output: Path, inputs: list[Path]) -> Path:
 
 
 def pick_shot(options: AnimateOptions, person: PersonPose | None, reporter: Reporter) -> str:
-    """``--shot auto`` reads the reference person's visible keypoints and height; an explicit shot is kept.
+    """The ``auto`` shot reads the reference person's visible keypoints and height; an explicit shot is kept.
 
     ``person`` is the reference person on the reference framed at the model's full 720x1280 (whatever the job's
     size, so a preview picks the same preset as the real run), as ``reference_framing`` found it.
@@ -155,40 +155,38 @@ def pick_shot(options: AnimateOptions, person: PersonPose | None, reporter: Repo
     if options.shot != "auto":
         return options.shot
     if person is None:
-        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set --shot to choose)")
+        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set {option('shot')} to choose)")
         return DEFAULT_SHOT
     shot = classify_shot(person.keypoints, person.scores, person.box, MODEL_SIZE[0])
-    reporter.info(f"reference framing: {shot} (override with --shot)")
+    reporter.info(f"reference framing: {shot} (override with {option('shot')})")
     return shot
 
 
 def prepare_reference(
-    reference: Path, options: AnimateOptions, size: tuple[int, int], reporter: Reporter
-) -> tuple[np.ndarray, ReferenceFraming, dict[str, Any]]:
-    """The reference photo (composited onto ``--background`` when transparent), its 9:16 framing around the person,
-    and what the summary says about both."""
-    from posegen_cli.pose.extract import reference_framing
+    reference: ReferenceImage, options: AnimateOptions, size: tuple[int, int], reporter: Reporter
+) -> tuple[ReferenceFraming, dict[str, Any]]:
+    """The 9:16 framing of the reference photo (already composited onto its background when transparent) around its
+    person, found with one detector for the whole job, and what the summary says about both."""
+    from posegen_cli.pose.backends import reference_framing
 
-    background = parse_color(options.background)
-    loaded = read_image(reference, background)
+    name = reference.path.name
     notes: dict[str, Any] = {}
-    if loaded.transparent:
-        reporter.info(f"{reference.name} is transparent: composited onto {options.background} (set --background to change)")
+    if reference.transparent:
+        reporter.info(f"{name} is transparent: composited onto {options.background} (set {option('background')} to change)")
         notes["reference_background"] = options.background
-    image = loaded.pixels
-    height, width = image.shape[:2]
+    height, width = reference.pixels.shape[:2]
     framing = reference_framing(
-        image, options.pose_backend, name=str(reference), person_check=options.person_check, fill=background,
-        device=options.device, models_dir=options.models_dir,
+        reference.pixels, options.pose_backend, name=str(reference.path), person_check=options.person_check,
+        fill=reference.background, device=options.device, models_dir=options.models_dir,
     )  # fmt: skip
     if framing.rule == UNCHECKED:
-        reporter.warn(f"no person found in {reference.name}; going on because of --no-person-check (centre crop, no alignment)")
+        reporter.warn(f"no person found in {name}; going on because of {option('no_person_check')} (centre crop, no alignment)")
     elif framing.rule == PERSON:
-        reporter.info(framing.describe(width, height, reference.name))
+        reporter.info(framing.describe(width, height, name))
     else:
-        warn_if_cropped(reporter, width, height, f"reference image {reference.name}", size)
+        warn_if_cropped(reporter, width, height, f"reference image {name}", size)
     notes["reference_framing"] = {"rule": framing.rule, "box": list(framing.box)}
-    return image, framing, notes
+    return framing, notes
 
 
 def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], output: Path) -> None:
@@ -200,14 +198,12 @@ def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], 
     if needed > free:
         raise ResourceError(
             f"the segments need {needed / 1024**3:.1f} GB in {work.path} but only {free / 1024**3:.1f} GB are free "
-            f"(free some space, or pass --work-dir on a larger disk; the video {output.name} itself is small)"
+            f"(free some space, or pass {option('work_dir')} on a larger disk; the video {output.name} itself is small)"
         )
 
 
-def work_settings(
-    options: AnimateOptions, job: JobSettings, device: torch.device, dtype: torch.dtype, model_dirs: list[Path]
-) -> dict[str, Any]:
-    """Every setting that changes a segment's pixels, for the work folder's key (not --offload, --crf, audio).
+def work_settings(options: AnimateOptions, job: JobSettings, reference: ReferenceImage, model_dirs: list[Path]) -> dict[str, Any]:
+    """Every setting that changes a segment's pixels, for the work folder's key (not offloading, crf, audio).
 
     Model folders count by their resolved path: a Hugging Face snapshot path names the commit.
     """
@@ -221,15 +217,16 @@ def work_settings(
         "subject": options.subject,
         "align": options.align,
         "pose_backend": options.pose_backend,
-        "background": options.background,
+        "background": list(reference.background),
         "person": options.person,
         "anchor": options.anchor,
         "pad": options.pad,
         "compat_mp4": options.compat_mp4,
         "segment": [options.segment_frames, options.head, options.tail],
         "models": [str(path.resolve()) for path in model_dirs],
-        "device": device.type,
-        "dtype": str(dtype),
+        "device": job.device.type,
+        "dtype": str(job.dtype),
+        "reference": reference.digest,
     }
 
 
@@ -308,25 +305,26 @@ def _animate(
 ) -> AnimateResult:
     job = resolve_settings(options)
     parse_person(options.person)
+    background = parse_color(options.background)
     reference = require_file(reference, "reference image")
     driving = require_file(driving, "driving video")
     output = check_output_path(output, [reference, driving])
-    device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, device)
+    device = job.device
     timer = PhaseTimer(device)
     size = (job.height, job.width)
 
     with timer("inputs"):
         from posegen_cli.hub import model_path
 
-        image, framing, reference_notes = prepare_reference(reference, options, size, reporter)
-        framed = framing.frame(image, size)
+        ref = ReferenceImage.load(reference, background=background)  # decoded and hashed once for the whole job
+        framing, reference_notes = prepare_reference(ref, options, size, reporter)
+        framed = framing.frame(ref.pixels, size)
         info = probe_video(driving)
         model_dirs = [model_path(name, options.models_dir) for name in ("wan-i2v-720p", "posegen")]
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
         length = output_frames(plan, info.frame_count)
         root = Path(options.work_dir) if options.work_dir is not None else None
-        work = WorkDir.for_job([reference, driving], work_settings(options, job, device, dtype, model_dirs), root)
+        work = WorkDir.for_job([driving], work_settings(options, job, ref, model_dirs), root)
         check_disk_space(work, plan, size, output)
     if (note := info.timing_note()) is not None:
         reporter.info(note)
@@ -339,29 +337,31 @@ def _animate(
 
     with timer("pose"):
         from posegen_cli.pose.extract import extract_pose
+        from posegen_cli.pose.settings import PoseOptions
 
         shot = pick_shot(options, framing.person, reporter)
-        poses = extract_pose(
-            driving, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,
-            device=options.device, models_dir=options.models_dir, reporter=reporter, info=info, reference=framing,
-            background=framing.fill, person=options.person,
+        pose_options = PoseOptions(
+            backend=options.pose_backend, align=options.align, device=device, models_dir=options.models_dir, person=options.person,
+            background=ref.background, person_check=options.person_check,
         )  # fmt: skip
+        poses = extract_pose(driving, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, framing=framing)
         if poses.frame_count != info.frame_count:
             raise InputError(f"pose extraction of {driving} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
 
     with timer("prompt"):
-        from posegen_cli.prompting import run_prompt
+        from posegen_cli.prompting import PromptOptions, run_prompt
 
-        prompt = run_prompt(
-            reference, work.stage_dir("prompt"), prompt=options.prompt, subject=options.subject, seed=options.seed,
-            device=options.device, models_dir=options.models_dir, reporter=reporter,
+        prompt_options = PromptOptions(
+            prompt=options.prompt, subject=options.subject, seed=options.seed, device=device, dtype=job.dtype,
+            models_dir=options.models_dir,
         )  # fmt: skip
+        prompt = run_prompt(ref, work.stage_dir("prompt"), prompt_options, reporter=reporter)
 
     with timer("load models"):
+        from posegen_cli.longvideo.loading import load_pipeline
         from posegen_cli.longvideo.renderer import PipelineRenderer
-        from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 
-        pipe = PoseGenPipeline.from_models(options.models_dir, device=device, dtype=dtype, offload=options.offload, reporter=reporter)
+        pipe = load_pipeline(options.models_dir, device=device, dtype=job.dtype, offload=options.offload, reporter=reporter)
         kv = kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, job.kv_steps, job.kv_blocks)
         renderer = PipelineRenderer(
             pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
@@ -373,8 +373,8 @@ def _animate(
     try:
         with timer("segments"):
             stats: SegmentStats = render_segments(
-                plan, renderer, pose_source, hand_source, work, total_frames=info.frame_count, frame_shape=size,
-                head=options.head, tail=options.tail, reporter=reporter, compat_mp4=options.compat_mp4,
+                plan, renderer, (pose_source, hand_source), work, total_frames=info.frame_count, frame_shape=size,
+                overlap=(options.head, options.tail), reporter=reporter, compat_mp4=options.compat_mp4,
                 after_segment=after_segment,
             )  # fmt: skip
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from posegen_cli.errors import InputError
+from posegen_cli.errors import InputError, OptionError, option
 from posegen_cli.fsutil import atomic_dir, atomic_path
 from posegen_cli.pose.types import FACE_SIZE, FACE_START, HAND_SIZE, LEFT_HAND_START, NUM_KEYPOINTS, RIGHT_HAND_START, PersonPose
 from posegen_cli.video._ffmpeg import fps_arg
@@ -107,7 +107,7 @@ class PersonChoice:
 
 
 def parse_person(text: str | None) -> PersonChoice:
-    """``None``/``""`` (the largest), ``"N"`` (1-based, left to right) or ``"X,Y"`` (source pixels)."""
+    """``None``/``""`` (the largest), ``"N"`` (1-based, left to right) or ``"X,Y"`` (source pixels); OptionError else."""
     if text is None or not text.strip():
         return PersonChoice()
     value = text.strip()
@@ -115,7 +115,10 @@ def parse_person(text: str | None) -> PersonChoice:
         return PersonChoice(index=int(value))
     if match := re.fullmatch(r"(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)", value):
         return PersonChoice(point=(float(match.group(1)), float(match.group(2))))
-    raise InputError(f"--person {text!r} is neither a number from 1 (left to right) nor a pixel position X,Y (e.g. --person 2 or --person 640,360)")
+    raise OptionError(
+        "person", text,
+        problem=f"{text!r} is neither a number from 1 (left to right) nor a pixel position X,Y (e.g. {option('person')} 2 or {option('person')} 640,360)",
+    )  # fmt: skip
 
 
 def _centre(box: np.ndarray) -> np.ndarray:
@@ -128,7 +131,7 @@ def choose_person(people: list[PersonPose], choice: PersonChoice, frame: int = 0
         by_x = sorted(people, key=lambda p: float(_centre(p.box)[0]))
         if choice.index > len(by_x):
             raise InputError(
-                f"--person {choice.index}: frame {frame}, the first with anyone in it, shows {len(by_x)} "
+                f"{option('person')} {choice.index}: frame {frame}, the first with anyone in it, shows {len(by_x)} "
                 f"{'person' if len(by_x) == 1 else 'people'} (choose 1 to {len(by_x)}, or a pixel position X,Y)"
             )
         return by_x[choice.index - 1]

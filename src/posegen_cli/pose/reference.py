@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from posegen_cli.errors import InputError
-from posegen_cli.pose.framing import MODEL_SIZE, crop_box_9x16, crosses_cut_edge, frame_with_box, map_points_with_box, person_crop_box
+from posegen_cli.errors import InputError, option
 from posegen_cli.pose.types import PersonPose
+from posegen_cli.video.framing import MODEL_SIZE, crop_box_9x16, crosses_cut_edge, frame_with_box, map_points_with_box, person_crop_box
 
 CENTRE, PERSON, UNCHECKED = "centre", "person", "unchecked"
 
@@ -42,7 +42,7 @@ class ReferenceFraming:
     """The person's x1, y1, x2, y2 in photo pixels, which ``rule="person"`` frames."""
 
     def box_for(self, width: int, height: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
-        """The crop for an output of another shape (``--resolution``), by the same rule."""
+        """The crop for an output of another shape (the job's ``resolution``), by the same rule."""
         if size[0] * MODEL_SIZE[1] == size[1] * MODEL_SIZE[0]:
             return self.box
         if self.rule == PERSON and self.person_box is not None:
@@ -80,11 +80,16 @@ def _from_canvas(box_on_canvas: np.ndarray, box: tuple[int, int, int, int], size
 
 
 def frame_reference(
-    image: np.ndarray, detect: Detect, *, name: str = "the reference image", person_check: bool = True, fill: tuple[int, int, int] = (255, 255, 255)
+    image: np.ndarray,
+    detect: Detect,
+    *,
+    name: str = "the reference image",
+    person_check: bool = True,
+    fill: tuple[int, int, int] = (255, 255, 255),
 ) -> ReferenceFraming:
     """Find the reference person and the 9:16 crop that frames them (module docstring for the rule).
 
-    ``detect`` runs on the centre crop at 720x1280 first (the frame alignment and ``--shot auto`` use), and on
+    ``detect`` runs on the centre crop at 720x1280 first (the frame alignment and the ``auto`` shot use), and on
     the whole photo only when that crop finds nobody or cuts the person. Raises InputError when nobody is
     found at all, unless ``person_check`` is False (then the centre crop, ``rule="unchecked"``).
     """
@@ -103,7 +108,5 @@ def frame_reference(
     if person is not None:  # cut by the centre crop, but the whole photo shows no more of them
         return ReferenceFraming(centre, person, CENTRE, fill)
     if person_check:
-        raise InputError(
-            f"no person found in {name} (it needs one clearly visible person; pass --no-person-check to run anyway)"
-        )
+        raise InputError(f"no person found in {name} (it needs one clearly visible person; pass {option('no_person_check')} to run anyway)")
     return ReferenceFraming(centre, None, UNCHECKED, fill)

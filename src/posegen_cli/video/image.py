@@ -14,7 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from posegen_cli.errors import InputError, require_file
+from posegen_cli.cache import file_digest
+from posegen_cli.errors import InputError, OptionError, require_file
 
 Color = tuple[int, int, int]
 WHITE: Color = (255, 255, 255)
@@ -30,7 +31,10 @@ COLOR_NAMES: dict[str, Color] = {
 
 
 def parse_color(text: str) -> Color:
-    """An RGB colour from a name (white, black, grey, red, green, blue), ``#RRGGBB``/``RRGGBB`` or ``R,G,B`` (0-255)."""
+    """An RGB colour from a name (white, black, grey, red, green, blue), ``#RRGGBB``/``RRGGBB`` or ``R,G,B`` (0-255).
+
+    Raises OptionError (setting ``background``) for anything else.
+    """
     value = text.strip().lower()
     if value in COLOR_NAMES:
         return COLOR_NAMES[value]
@@ -41,7 +45,9 @@ def parse_color(text: str) -> Color:
         rgb = tuple(int(v) for v in match.groups())
         if all(v <= 255 for v in rgb):
             return rgb  # type: ignore[return-value]
-    raise InputError(f"--background {text!r} is not a colour (use a name such as white or black, #RRGGBB, or R,G,B with 0-255)")
+    raise OptionError(
+        "background", text, problem=f"{text!r} is not a colour (use a name such as white or black, #RRGGBB, or R,G,B with 0-255)"
+    )
 
 
 @dataclass(frozen=True)
@@ -78,3 +84,25 @@ def read_image(path: str | Path, background: Color = WHITE) -> LoadedImage:
 def load_image(path: str | Path, background: Color = WHITE) -> np.ndarray:
     """RGB uint8 (H, W, 3) of :func:`read_image`."""
     return read_image(path, background).pixels
+
+
+@dataclass(frozen=True)
+class ReferenceImage:
+    """A reference photo decoded and hashed once per job: its path, RGB uint8 (H, W, 3) pixels (a transparent one
+    composited onto ``background``), its SHA-256 digest and whether it was transparent."""
+
+    path: Path
+    pixels: np.ndarray
+    digest: str
+    transparent: bool = False
+    background: Color = WHITE
+
+    @classmethod
+    def load(cls, source: str | Path | ReferenceImage, what: str = "reference image", background: Color = WHITE) -> ReferenceImage:
+        """Decode and hash ``source``, compositing a transparent one onto ``background`` (kept as it is when already
+        loaded); InputError names ``what`` when it is missing."""
+        if isinstance(source, ReferenceImage):
+            return source
+        path = require_file(source, what)
+        image = read_image(path, background)
+        return cls(path=path, pixels=image.pixels, digest=file_digest(path), transparent=image.transparent, background=image.background)
