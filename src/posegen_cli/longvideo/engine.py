@@ -32,10 +32,12 @@ from posegen_cli.longvideo.plan import (
     plan_segments,
     timeline_order,
 )
+from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, JobSpec, ModelShape, expected_kernel, find_gpu, plan_job
 from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot, kv_share_ranges
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
+from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION, quantization_config, resolve_attention
 from posegen_cli.pose.keypoints import parse_person
 from posegen_cli.pose.reference import PERSON, UNCHECKED, ReferenceFraming
 from posegen_cli.pose.types import PersonPose
@@ -227,6 +229,9 @@ def work_settings(options: AnimateOptions, job: JobSettings, reference: Referenc
         "device": job.device.type,
         "dtype": str(job.dtype),
         "reference": reference.digest,
+        # exact kernels and compilation change only rounding; quantised weights and approximate attention change more
+        "quantize": options.quantize,
+        "attention": "approximate" if options.attention in APPROXIMATE_ATTENTION else "exact",
     }
 
 
@@ -276,6 +281,65 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def model_shape(models_dir: Path | None) -> tuple[ModelShape, str]:
+    """The DiT's shape from the base checkpoint's ``model_config.json`` when it is on disk (read, not loaded), else
+    the release's 14B shape; and where it came from."""
+    import json
+
+    from posegen_cli.hub import find_local
+    from posegen_cli.longvideo.loading import BASE_FOLDER
+    from posegen_cli.models.convert import release_config_to_diffusers
+
+    root = find_local("posegen", models_dir)
+    config_file = None if root is None else Path(root) / BASE_FOLDER / "model_config.json"
+    if config_file is None or not config_file.is_file():
+        return WAN_I2V_14B, "Wan2.1-I2V-14B-720P + PoseGen (models not downloaded: the release's shape)"
+    config = release_config_to_diffusers(json.loads(config_file.read_text()), config_file)
+    return ModelShape.from_config(config), str(config_file)
+
+
+def plan_animate(driving: Path, *, options: AnimateOptions, reporter: Reporter) -> JobPlan:
+    """A dry run: the segment plan, transformer passes, FLOPs, memory and time of the job, loading no model.
+
+    The GPU is ``options.gpu`` (a name of ``planner.GPUS``) or the one present; the attention kernel is what the run
+    would take there (``auto`` resolved as on that GPU, assuming no FlashAttention-3 package when it is not this one).
+    """
+    job = resolve_settings(options)
+    driving = require_file(driving, "driving video")
+    info = probe_video(driving)
+    plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
+    shape, shape_source = model_shape(options.models_dir)
+    shot = options.shot if options.shot != "auto" else DEFAULT_SHOT
+    kv = kv_share_ranges(shot, job.steps, shape.layers, job.kv_steps, job.kv_blocks)
+    device = job.device
+    dtype = torch.bfloat16 if options.gpu is not None and options.dtype == "auto" else job.dtype
+    if options.gpu is not None:
+        try:
+            gpu = find_gpu(options.gpu)
+        except ValueError as exc:
+            raise InputError(f"{option('gpu')}: {exc}") from None
+        kernel = expected_kernel(options.attention, gpu.capability)
+    else:
+        gpu = find_gpu(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        kernel = resolve_attention(options.attention, device, dtype).choice if gpu is not None else expected_kernel(options.attention, None)
+    if options.quantize == "fp8" and (gpu is None or gpu.fp8_tflops is None):
+        raise InputError(
+            f"{option('quantize')} fp8 needs an FP8 GPU; {gpu.name if gpu else 'no GPU'} has none (use int8 or none, or {option('gpu')} H100)"
+        )
+    spec = JobSpec(
+        height=job.height, width=job.width, frames=options.segment_frames, steps=job.steps, guidance=job.guidance,
+        kv_steps=kv.steps, kv_blocks=kv.blocks, max_map_block=kv.max_map_block, attention=kernel, compiled=options.compile,
+        quantize=options.quantize, offload=options.offload, dtype_bytes=2 if dtype != torch.float32 else 4,
+    )  # fmt: skip
+    result = plan_job(plan, shape, spec, gpu)
+    result.settings.update(driving_frames=info.frame_count, fps=float(info.fps), shot=shot, model=shape_source)
+    if options.shot == "auto":
+        result.notes.append(f"shot auto: planned with the {DEFAULT_SHOT} preset; the run picks the preset from the reference person")
+    if gpu is None:
+        result.notes.append("no GPU named or present: no time estimate (name one: H100, H200, A100-80GB, L40S or 'RTX 4090')")
+    return result
+
+
 def animate(
     reference: Path,
     driving: Path,
@@ -310,6 +374,8 @@ def _animate(
     driving = require_file(driving, "driving video")
     output = check_output_path(output, [reference, driving])
     device = job.device
+    resolve_attention(options.attention, device, job.dtype)  # a kernel or quantisation that cannot run fails before any work
+    quantization_config(options.quantize, device)
     timer = PhaseTimer(device)
     size = (job.height, job.width)
 
@@ -361,7 +427,12 @@ def _animate(
         from posegen_cli.longvideo.loading import load_pipeline
         from posegen_cli.longvideo.renderer import PipelineRenderer
 
-        pipe = load_pipeline(options.models_dir, device=device, dtype=job.dtype, offload=options.offload, reporter=reporter)
+        pipe = load_pipeline(
+            options.models_dir, device=device, dtype=job.dtype, offload=options.offload, attention=options.attention,
+            compile=options.compile, quantize=options.quantize, reporter=reporter,
+        )  # fmt: skip
+        if pipe.attention is not None:
+            reporter.info(f"attention: {pipe.attention.describe()}")
         kv = kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, job.kv_steps, job.kv_blocks)
         renderer = PipelineRenderer(
             pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
