@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from animate_inputs import DRIVING_FRAMES, make_driving_clip
+from animate_inputs import DRIVING_FRAMES, PIPELINE_SIZE, make_driving_clip
 
 from posegen_cli.testing import make_tiny_models
 
@@ -45,3 +45,21 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def driving_clip(tmp_path_factory: pytest.TempPathFactory, reference_image_path: Path) -> Path:
     """The reference photo moving, with a tone: a driving video with a person and audio."""
     return make_driving_clip(reference_image_path, tmp_path_factory.mktemp("driving") / "driving.mp4", DRIVING_FRAMES)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models: Path):
+    """A ``PoseGenPipeline`` on the tiny models, float32 on the CPU."""
+    from posegen_cli.longvideo.loading import load_pipeline
+
+    return load_pipeline(tiny_models, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def embeds(pipe, shared_data: Path) -> dict:
+    """Prompt, negative prompt and reference embeddings for ``pipe`` at ``PIPELINE_SIZE``."""
+    from posegen_cli.video import load_image
+
+    prompt, negative = pipe.encode_prompt("a woman dancing in a red dress")
+    image, reference = pipe.encode_reference(load_image(shared_data / "reference_person.png"), *PIPELINE_SIZE)
+    return {"prompt_embeds": prompt, "negative_prompt_embeds": negative, "image_embeds": image, "reference_latents": reference}

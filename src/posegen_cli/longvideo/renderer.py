@@ -21,7 +21,8 @@ class PipelineRenderer:
     """Runs segments on one pipeline with the job's prompt and reference encoded once.
 
     Base segments (anchor included) run on the "base" variant and transitions on the "transition" variant, swapped
-    in place; the anchor's K/V cache lives here from the anchor's run until :meth:`release_kv`.
+    in place; the anchor's K/V cache lives here from the anchor's run until :meth:`release_kv`. ``kv=None`` shares
+    nothing: the anchor records no cache and base segments run on their own.
     """
 
     def __init__(
@@ -33,7 +34,7 @@ class PipelineRenderer:
         reference: np.ndarray,
         height: int,
         width: int,
-        kv: KVShareRanges,
+        kv: KVShareRanges | None,
         num_steps: int,
         guidance: float,
         seed: int,
@@ -64,6 +65,7 @@ class PipelineRenderer:
         tail: np.ndarray | None = None,
         kv_share: KVShareCache | None = None,
         stop_after: int | None = None,
+        negative_pose: np.ndarray | None = None,
     ) -> np.ndarray:
         def callback(pipe: PoseGenPipeline, step: int, timestep: torch.Tensor, tensors: dict) -> None:
             on_step(step + 1)
@@ -79,6 +81,8 @@ class PipelineRenderer:
             hand_frames=hand,
             head_frames=head,
             tail_frames=tail,
+            negative_pose_frames=negative_pose,
+            negative_hand_frames=None if negative_pose is None else np.zeros_like(hand),
             num_inference_steps=self.num_steps,
             guidance_scale=self.guidance,
             generator=release_generator(self.seed),  # fresh per segment: every segment starts from the same noise
@@ -87,35 +91,52 @@ class PipelineRenderer:
         ).frames
 
     def anchor_steps(self) -> int:
-        return self.kv.steps[1]
+        return 0 if self.kv is None else self.kv.steps[1]
 
     def render_anchor(
-        self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback, *, record: bool, frames_needed: bool = True
+        self,
+        pose: np.ndarray,
+        hand: np.ndarray,
+        on_step: ProgressCallback,
+        *,
+        record: bool,
+        frames_needed: bool = True,
+        negative_pose: np.ndarray | None = None,
     ) -> np.ndarray | None:
         self._use("base")
         self.release_kv()
-        if record:
+        if record and self.kv is not None:
             self.cache = KVShareCache(self.kv.step_list, self.kv.block_list, self.subject_positions, max_map_block=self.kv.max_map_block)
         frames = None
         try:
-            frames = self._run(pose, hand, on_step, kv_share=self.cache, stop_after=None if frames_needed else self.anchor_steps())
+            stop_after = None if frames_needed else self.anchor_steps()
+            frames = self._run(pose, hand, on_step, kv_share=self.cache, stop_after=stop_after, negative_pose=negative_pose)
         except _Recorded:
             self.pipe.maybe_free_model_hooks()
         if self.cache is not None:
             self.cache.start_replay()
         return frames
 
-    def render_base(self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback) -> np.ndarray:
-        if self.cache is None:
+    def render_base(
+        self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback, *, negative_pose: np.ndarray | None = None
+    ) -> np.ndarray:
+        if self.cache is None and self.kv is not None:
             raise RuntimeError("base segments need the anchor's K/V: render the anchor first")
         self._use("base")
-        return self._run(pose, hand, on_step, kv_share=self.cache)
+        return self._run(pose, hand, on_step, kv_share=self.cache, negative_pose=negative_pose)
 
     def render_transition(
-        self, pose: np.ndarray, hand: np.ndarray, head: np.ndarray, tail: np.ndarray, on_step: ProgressCallback
+        self,
+        pose: np.ndarray,
+        hand: np.ndarray,
+        head: np.ndarray,
+        tail: np.ndarray,
+        on_step: ProgressCallback,
+        *,
+        negative_pose: np.ndarray | None = None,
     ) -> np.ndarray:
         self._use("transition")
-        return self._run(pose, hand, on_step, head=head, tail=tail)
+        return self._run(pose, hand, on_step, head=head, tail=tail, negative_pose=negative_pose)
 
     def release_kv(self) -> None:
         if self.cache is not None:
