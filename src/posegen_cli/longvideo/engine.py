@@ -509,7 +509,9 @@ def _animate(
             )  # fmt: skip
             poses = extract_pose(motion, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, framing=framing)
             if poses.frame_count != info.frame_count:
-                raise InputError(f"pose extraction of {motion} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
+                raise InputError(
+                    f"pose extraction of {motion} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)"
+                )
             pose_source: FrameReader = FrameSource(poses.pose_video, size)
             hand_source: FrameReader = FrameSource(poses.hand_video, size)
             conditions = f"extracted from {motion.name} ({options.pose_backend} backend, alignment {options.align})"
