@@ -48,8 +48,9 @@ def test_animate_end_to_end(
 ) -> None:
     output = tmp_path / "result.mp4"
     options = AnimateOptions(**TEST_OPTIONS, models_dir=tiny_models, keep_intermediates=True, crf=1)
-    # --shot auto and pose alignment both need the reference person; the driving video is decoded to count its frames
-    detections = counted(monkeypatch, [backends_module, extract_module], "extract_reference_pose")
+    # --shot auto, the reference framing and pose alignment all need the reference person: one detector for all of
+    # them; the driving video is decoded to count its frames
+    detections = counted(monkeypatch, [backends_module], "reference_detector")
     probes = counted(monkeypatch, [engine, extract_module], "probe_video")
     passes = counted(monkeypatch, [PoseGenTransformer3DModel], "forward")
     result = animate(reference_image_path, driving_clip, output, options=options, reporter=Reporter(quiet=True))

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from posegen_cli.cli import app
 from posegen_cli.errors import InputError
 from posegen_cli.longvideo import AnimateOptions, animate
-from posegen_cli.longvideo.engine import check_hand_video
+from posegen_cli.longvideo.engine import check_hand_video, pick_audio
 from posegen_cli.longvideo.plan import plan_segments, segment_frame_indices
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.pose import backends as backends_module
@@ -170,6 +170,19 @@ def test_a_hand_video_must_match_its_pose_video(hand: VideoInfo) -> None:
     with pytest.raises(InputError, match=r"hand video h\.mp4 is .* but pose video p\.mp4 is 20 frames of 72x128 at 10 fps"):
         check_hand_video(hand, info("p.mp4"))
     check_hand_video(info("h.mp4"), info("p.mp4"))
+
+
+def test_the_sound_starts_where_its_file_says(tmp_path: Path) -> None:
+    """The motion video's own track starts with its first frame (driving or pose video alike); an --audio file from 0 s."""
+    late = VideoInfo(tmp_path / "late.mp4", 72, 128, Fraction(FPS), FRAMES, True, start_time=0.25)
+    reporter = Reporter(quiet=True)
+    assert pick_audio(AnimateOptions(), late, None, reporter) == (late.path, 0.25)
+    assert pick_audio(AnimateOptions(pose_video=late.path), late, None, reporter) == (late.path, 0.25)
+    song = tmp_path / "song.wav"
+    assert pick_audio(AnimateOptions(audio_file=song), late, song, reporter) == (song, 0.0)
+    assert pick_audio(AnimateOptions(audio=False), late, None, reporter) is None
+    silent = VideoInfo(tmp_path / "silent.mp4", 72, 128, Fraction(FPS), FRAMES, False)
+    assert pick_audio(AnimateOptions(), silent, None, reporter) is None
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,12 @@ Json = Annotated[bool, flag("--json", help="Print a machine-readable summary on 
 Debug = Annotated[bool, flag("--debug", help="Show Python tracebacks for errors.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16 or float32.")]
+Background = Annotated[str, typer.Option("--background", help="Colour under a transparent reference: a name (white, black, grey...), #RRGGBB or R,G,B.")]
+Person = Annotated[
+    str | None,
+    typer.Option("--person", help="Driving person to follow: N (1 = leftmost in the first frame with anyone) or a pixel position X,Y. Default: the largest."),
+]
+NoPersonCheck = Annotated[bool, flag("--no-person-check", help="Go on when no person is found in the reference (centre crop, no alignment).")]
 ModelsDir = Annotated[
     Path | None,
     typer.Option("--models-dir", envvar="POSEGEN_MODELS_DIR", help="Folder with local model copies (<dir>/<model name>/) instead of the Hugging Face cache."),
@@ -161,6 +167,9 @@ def animate(
     pose_backend: Annotated[Backend, typer.Option("--pose-backend", help="Pose extractor: sapiens (the paper's, GPU), mediapipe (CPU, offline), auto.")] = Backend.auto,
     vae_tiling: Annotated[VaeTiling, typer.Option("--vae-tiling", help="VAE tiles: the release's (exact parity) or untiled (whole frames: more GPU memory, no seams, slightly different pixels).")] = VaeTiling.release,
     kv_placement: Annotated[KVPlacement, typer.Option("--kv-placement", help="Where the anchor's background K/V live: auto picks from free GPU, host and disk; gpu, host, disk, or recompute (nothing stored, one extra forward per shared step).")] = KVPlacement.auto,
+    person: Person = None,
+    background: Background = "white",
+    no_person_check: NoPersonCheck = False,
     offload: Annotated[Offload, typer.Option("--offload", help="Keep models on the CPU until needed (model) or stream blocks (group) to fit smaller GPUs.")] = Offload.none,
     preview: Annotated[bool, flag("--preview", help="Low resolution and few steps, to check a job fast.")] = False,
     no_audio: Annotated[bool, flag("--no-audio", help="Do not copy the driving video's audio.")] = False,
@@ -209,6 +218,7 @@ def animate(
             audio=not no_audio, crf=crf, compat_mp4=compat_mp4, anchor=anchor,
             work_dir=work_dir, pose_video=pose_video, hand_video=hand_video, audio_file=audio_file,
             camera=None if camera is None else camera.value, camera_speed=camera_speed,
+            person=person, background=background, person_check=not no_person_check,
             attention=attention.value, compile=compile_blocks, quantize=quantize.value, gpu=gpu,
             keep_intermediates=keep_intermediates, models_dir=models_dir, device=device, dtype=dtype,
         )
@@ -260,7 +270,8 @@ def extract_pose(
     out_dir: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default: <video name>_pose next to the video).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", help="sapiens (the paper's extractor, GPU), mediapipe (CPU, offline), auto.")] = Backend.auto,
     hand_normals: Annotated[HandNormals, typer.Option("--hand-normals", help="Hand-normal video from Sapiens normals, or none: a black video (in distribution: the model saw 10% black hands). auto: sapiens with the sapiens backend.")] = HandNormals.auto,
-    track: Annotated[bool, flag("--track", help="Follow the same person across frames (box IoU) instead of the top-scoring one each frame.")] = False,
+    track: Annotated[bool, flag("--track/--no-track", help="Follow one person across frames (box overlap); --no-track takes the top-scoring person in each frame, as the release does.")] = True,
+    person: Person = None,
     lossless: Annotated[bool, flag("--lossless", help="Write pose.mp4/hand.mp4 losslessly (bit-exact colours).")] = False,
     fmt: Annotated[KeypointFormat, typer.Option("--format", help="Keypoints as keypoints.npz only, or also one OpenPose JSON per frame in openpose/.")] = KeypointFormat.npz,
     body_threshold: Annotated[float, typer.Option("--body-threshold", help="Body keypoint score needed to draw it (the release: 0.3, calibrated for Sapiens).")] = 0.3,
@@ -272,6 +283,8 @@ def extract_pose(
     from_keypoints: Annotated[Path | None, typer.Option("--from-keypoints", help="Render from a keypoints.npz or OpenPose JSON folder instead of detecting.")] = None,
     align_to: Annotated[Path | None, typer.Option("--align-to", help="Reference photo: retarget the skeleton onto this person and frame it at 720x1280.")] = None,
     align: Annotated[AlignMode, typer.Option("--align", help="With --align-to: scale+offset (auto), also limb lengths (limbs), or none.")] = AlignMode.auto,
+    background: Background = "white",
+    no_person_check: NoPersonCheck = False,
     no_cache: Annotated[bool, flag("--no-cache", help="Extract again even if this video was extracted with the same settings.")] = False,
     models_dir: ModelsDir = None,
     device: Device = "auto",
@@ -287,12 +300,13 @@ def extract_pose(
         check_extract_pose_files(video, out_dir, align_to)
         from posegen_cli.pose.extract import extract_pose as run_extract
         from posegen_cli.pose.settings import PoseOptions
+        from posegen_cli.video import parse_color
 
         options = PoseOptions(
-            backend=backend.value, hand_normals=hand_normals.value, track=track, lossless=lossless, output_format=fmt.value,
+            backend=backend.value, hand_normals=hand_normals.value, track=track, person=person, lossless=lossless, output_format=fmt.value,
             align=align.value, body_threshold=body_threshold, hand_threshold=hand_threshold, model_size=model_size,
             seg_size=seg_size, normal_size=normal_size, batch_size=batch_size, device=device, models_dir=models_dir,
-            use_cache=not no_cache,
+            use_cache=not no_cache, background=parse_color(background), person_check=not no_person_check,
         )
         result = run_extract(video, out_dir, options, from_keypoints=from_keypoints, align_to=align_to, reporter=reporter)
         reporter.summary(result.summary(), title="Pose extracted")

@@ -51,14 +51,16 @@ from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION, quantization_config, resolve_attention
 from posegen_cli.pose.backends import resolve_backend, resolve_hand_normals
 from posegen_cli.pose.camera import CameraMotion, zoom_factor
+from posegen_cli.pose.keypoints import parse_person
+from posegen_cli.pose.reference import PERSON, UNCHECKED, ReferenceFraming
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.preflight import VIDEO_MODELS, animate_models, check_animate_files, check_output_video, check_video, ensure_models
 from posegen_cli.report import Reporter, plural
-from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, check_audio_file, probe_video
-from posegen_cli.video.framing import frame_to_model, warn_if_cropped
+from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, check_audio_file, parse_color, probe_video
+from posegen_cli.video.framing import MODEL_SIZE, warn_if_cropped
 from posegen_cli.video.image import ReferenceImage
 
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3
 """Part of every work folder's key: bump when a change makes old finished segments wrong."""
 
 
@@ -125,6 +127,8 @@ class AnimateResult:
     alignment_png: Path | None = None
     pose_video: Path | None = None
     hand_video: Path | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """How the inputs were read: reference framing and background, people seen, alignment anchors."""
 
     def summary(self) -> dict[str, Any]:
         """Plain values for ``Reporter.summary`` (and the JSON output)."""
@@ -157,6 +161,7 @@ class AnimateResult:
             "alignment_png": None if self.alignment_png is None else str(self.alignment_png),
             "pose_video": None if self.pose_video is None else str(self.pose_video),
             "hand_video": None if self.hand_video is None else str(self.hand_video),
+            **self.inputs,
         }
 
 
@@ -210,38 +215,64 @@ def warn_on_long_zoom(motion: CameraMotion, length: int, reporter: Reporter) -> 
         )
 
 
-def pick_audio(options: AnimateOptions, info: VideoInfo, audio_file: Path | None, reporter: Reporter) -> Path | None:
-    """The file whose audio the output gets: ``audio_file``, else the motion video's own track, or None."""
+def pick_audio(options: AnimateOptions, info: VideoInfo, audio_file: Path | None, reporter: Reporter) -> tuple[Path, float] | None:
+    """The file whose audio the output gets and the second of that file the output's first frame plays with.
+
+    ``audio_file`` is a soundtrack and plays from its own start (0 s: none of its picture, if it has one, is in the
+    output). Else the motion video's own track (the driving video or the ``pose_video``, ``info``) plays from
+    ``info.start_time``, the second its first frame shows, which is the output's first frame. None: silent output.
+    """
     if not options.audio:
         return None
     if audio_file is not None:
-        return audio_file
+        return audio_file, 0.0
     if not info.has_audio:
         reporter.info(f"{info.path.name} has no audio track; the output is silent")
         return None
-    return info.path
+    return info.path, info.start_time
 
 
-def pick_shot(options: AnimateOptions, image: np.ndarray, device: torch.device, reporter: Reporter) -> tuple[str, PersonPose | None]:
+def pick_shot(options: AnimateOptions, person: PersonPose | None, reporter: Reporter) -> str:
     """The ``auto`` shot reads the reference person's visible keypoints and height; an explicit shot is kept.
 
-    The person is detected on the reference framed at the model's full 720x1280, whatever the job's size, so a
-    preview picks the same preset as the real run. That is also the frame pose alignment detects on, so the
-    person is returned too (None with an explicit shot) for ``extract_pose`` to reuse instead of loading the
-    detector again.
+    ``person`` is the reference person on the reference framed at the model's full 720x1280 (whatever the job's
+    size, so a preview picks the same preset as the real run), as ``reference_framing`` found it.
     """
     if options.shot != "auto":
-        return options.shot, None
-    from posegen_cli.pose.backends import extract_reference_pose
-
-    framed_reference = frame_to_model(image)
-    person = extract_reference_pose(framed_reference, options.pose_backend, device=device, models_dir=options.models_dir)
+        return options.shot
     if person is None:
         reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set {option('shot')} to choose)")
-        return DEFAULT_SHOT, None
-    shot = classify_shot(person.keypoints, person.scores, person.box, framed_reference.shape[0])
+        return DEFAULT_SHOT
+    shot = classify_shot(person.keypoints, person.scores, person.box, MODEL_SIZE[0])
     reporter.info(f"reference framing: {shot} (override with {option('shot')})")
-    return shot, person
+    return shot
+
+
+def prepare_reference(
+    reference: ReferenceImage, options: AnimateOptions, size: tuple[int, int], reporter: Reporter
+) -> tuple[ReferenceFraming, dict[str, Any]]:
+    """The 9:16 framing of the reference photo (already composited onto its background when transparent) around its
+    person, found with one detector for the whole job, and what the summary says about both."""
+    from posegen_cli.pose.backends import reference_framing
+
+    name = reference.path.name
+    notes: dict[str, Any] = {}
+    if reference.transparent:
+        reporter.info(f"{name} is transparent: composited onto {options.background} (set {option('background')} to change)")
+        notes["reference_background"] = options.background
+    height, width = reference.pixels.shape[:2]
+    framing = reference_framing(
+        reference.pixels, options.pose_backend, name=str(reference.path), person_check=options.person_check,
+        fill=reference.background, device=options.device, models_dir=options.models_dir,
+    )  # fmt: skip
+    if framing.rule == UNCHECKED:
+        reporter.warn(f"no person found in {name}; going on because of {option('no_person_check')} (centre crop, no alignment)")
+    elif framing.rule == PERSON:
+        reporter.info(framing.describe(width, height, name))
+    else:
+        warn_if_cropped(reporter, width, height, f"reference image {name}", size)
+    notes["reference_framing"] = {"rule": framing.rule, "box": list(framing.box)}
+    return framing, notes
 
 
 def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], output: Path) -> None:
@@ -347,6 +378,8 @@ def work_settings(options: AnimateOptions, job: JobSettings, reference: Referenc
         "subject": options.subject,
         "align": options.align,
         "pose_backend": options.pose_backend,
+        "background": list(reference.background),
+        "person": options.person,
         "anchor": options.anchor,
         "pad": options.pad,
         "compat_mp4": options.compat_mp4,
@@ -371,18 +404,20 @@ def _write_video(
     info: VideoInfo,
     options: AnimateOptions,
     reporter: Reporter,
-    audio_from: Path | None,
+    audio: tuple[Path, float] | None,
 ) -> bool:
-    """Cross-fade the stored segments into ``output`` at the driving fps with ``audio_from``'s sound; returns whether audio was muxed."""
+    """Cross-fade the stored segments into ``output`` at the driving fps with ``audio``'s sound (a file and the second of
+    it the first frame plays with, as ``pick_audio`` gives); returns whether audio was muxed."""
     line = timeline_order(plan)
     clips = ((work.load_segment(seg.index), overlap_before(seg, options.head, options.tail)) for seg in line)
     with reporter.progress() as progress:
         task = progress.add_task("merging and encoding", total=length, unit="frames")
-        with VideoWriter(output, info.fps, crf=options.crf, audio_from=audio_from) as writer:
+        audio_from, audio_start = audio if audio is not None else (None, 0.0)
+        with VideoWriter(output, info.fps, crf=options.crf, audio_from=audio_from, audio_start=audio_start) as writer:
             for frame in iter_merged(clips, length):
                 writer.write(np.ascontiguousarray(frame))
                 progress.advance(task)
-    return audio_from is not None
+    return audio is not None
 
 
 @contextlib.contextmanager
@@ -493,6 +528,8 @@ def _animate(
     after_segment: Callable[[Segment], None] | None,
 ) -> AnimateResult:
     job = resolve_settings(options)
+    parse_person(options.person)
+    background = parse_color(options.background)
     root = Path(options.work_dir) if options.work_dir is not None else None
     motion = motion_input(driving, options.pose_video)
     reference, motion, output = check_animate_files(
@@ -512,10 +549,7 @@ def _animate(
     with timer("inputs"):
         from posegen_cli.hub import model_path
 
-        ref = ReferenceImage.load(reference)  # decoded and hashed once for the whole job
-        image = ref.pixels
-        warn_if_cropped(reporter, image.shape[1], image.shape[0], f"reference image {reference.name}", size)
-        framed = frame_to_model(image, size)
+        ref = ReferenceImage.load(reference, background=background)  # decoded and hashed once for the whole job
         info = probe_video(motion)
         if options.pose_video is not None:
             warn_if_cropped(reporter, info.width, info.height, f"pose video {motion.name}", size)
@@ -526,10 +560,14 @@ def _animate(
         needed = animate_models(backend, resolve_hand_normals("auto", backend), captioned=options.prompt is None)
         ensure_models(needed, options.models_dir, reporter.info)
         model_dirs = [model_path(name, options.models_dir) for name in VIDEO_MODELS]
+        framing, reference_notes = prepare_reference(ref, options, size, reporter)  # runs the detector: models are present
+        framed = framing.frame(ref.pixels, size)
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
         length = output_frames(plan, info.frame_count)
         work = WorkDir.for_job(videos, work_settings(options, job, ref, model_dirs), root)
         check_disk_space(work, plan, size, output)
+    if (note := info.timing_note()) is not None:
+        reporter.info(note)
     reporter.info(
         f"{info.frame_count} {'pose' if options.pose_video else 'driving'} frames at {fps_text(info.fps)} fps -> {plural(len(plan), 'segment')} "
         f"of {options.segment_frames} frames at {job.width}x{job.height}, {job.steps} steps (work folder {work.path})"
@@ -537,9 +575,8 @@ def _animate(
     if length < info.frame_count:
         reporter.warn(f"without padding the output covers only the first {length} of {info.frame_count} frames")
 
-    share_kv = options.camera is None
+    shot = pick_shot(options, framing.person, reporter) if options.camera is None else None  # the camera turns K/V sharing off
     with timer("pose"):
-        shot, reference_pose = pick_shot(options, image, device, reporter) if share_kv else (None, None)
         kv, kv_plan = None, None
         if shot is not None:  # planned before any extraction: a K/V cache that cannot fit refuses the job here
             model_shape = read_model_shape(model_dirs[1])
@@ -554,24 +591,29 @@ def _animate(
             from posegen_cli.pose.extract import extract_pose
             from posegen_cli.pose.settings import PoseOptions
 
-            pose_options = PoseOptions(backend=options.pose_backend, align=options.align, device=device, models_dir=options.models_dir)
-            poses = extract_pose(
-                motion, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, reference_pose=reference_pose
-            )
+            pose_options = PoseOptions(
+                backend=options.pose_backend, align=options.align, device=device, models_dir=options.models_dir,
+                person=options.person, background=ref.background, person_check=options.person_check,
+            )  # fmt: skip
+            poses = extract_pose(motion, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, framing=framing)
             if poses.frame_count != info.frame_count:
-                raise InputError(f"pose extraction of {motion} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
+                raise InputError(
+                    f"pose extraction of {motion} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)"
+                )
             pose_source: FrameReader = FrameSource(poses.pose_video, size)
             hand_source: FrameReader = FrameSource(poses.hand_video, size)
             has_alignment = poses.alignment_png is not None and poses.alignment_png.is_file()
             if has_alignment:
                 reporter.info(f"pose alignment preview: {poses.alignment_png} (the driving skeleton drawn on the reference)")
             conditions = f"extracted from {motion.name} ({options.pose_backend} backend, alignment {options.align})"
+            pose_notes = poses.input_notes()
         else:
             poses, has_alignment = None, False
             pose_source = FrameSource(motion, size)
             hand_source = FrameSource(hand_video, size) if hand_video is not None else BlankFrames(size)
             hands = hand_video.name if hand_video is not None else "black hands"
             conditions = f"{motion.name} + {hands}, used as given: no extraction, no alignment"
+            pose_notes = {}
             reporter.info(f"conditions: {conditions}")
     camera = None if options.camera is None else CameraFrames(CameraMotion(options.camera, options.camera_speed, info.fps), size)
     if camera is not None:
@@ -626,8 +668,10 @@ def _animate(
         reporter.info(f"reused {plural(len(stats.reused), 'finished segment')} from {work.path}")
 
     with timer("merge + encode"):
-        audio_from = pick_audio(options, info, audio_file, reporter)
-        audio = _write_video(output, plan, work, length=length, info=info, options=options, reporter=reporter, audio_from=audio_from)
+        audio = _write_video(
+            output, plan, work, length=length, info=info, options=options, reporter=reporter,
+            audio=pick_audio(options, info, audio_file, reporter),
+        )  # fmt: skip
         if camera is not None and camera_video is not None:
             write_camera_video(camera_video, camera, length, info.fps, options.crf)
             reporter.info(f"camera pattern given to the negative branch -> {camera_video}")
@@ -649,5 +693,5 @@ def _animate(
         pose_video=poses.pose_video if kept and poses is not None else None,
         hand_video=poses.hand_video if kept and poses is not None else None,
         conditions=conditions, camera=None if options.camera is None else f"{options.camera} at {options.camera_speed:g}",
-        camera_video=camera_video,
+        camera_video=camera_video, inputs={**reference_notes, **pose_notes},
     )  # fmt: skip

@@ -52,6 +52,12 @@ class AnimateOptions:
     kv_blocks: str | None = None
     align: str = "auto"
     pose_backend: str = "auto"
+    background: str = "white"
+    """Colour a transparent reference is composited onto (a name, #RRGGBB or R,G,B)."""
+    person_check: bool = True
+    """Stop when the reference shows nobody; False frames it by the centre crop and goes on."""
+    person: str | None = None
+    """Which driving person to follow: None (the largest in the first frames), ``N`` (left to right) or ``X,Y``."""
     offload: str = "none"
     kv_placement: str = "auto"
     vae_tiling: str = "release"

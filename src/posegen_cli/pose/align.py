@@ -40,6 +40,18 @@ LIMB_PARTS = ("shoulders", "torso", "hips", "upper_arm", "forearm", "thigh", "sh
 X_ANCHORS = ("hip_centre", "neck", "nose")
 Y_ANCHORS = ("feet_line", "hip_centre", "neck", "nose")
 """Anchors in order of preference: the first one both bodies show decides the offset on that axis."""
+ANCHOR_PARTS = {"feet_line": "legs", "hip_centre": "torso", "neck": "shoulders", "nose": "head"}
+"""The scale measurement each anchor belongs to: an anchor is used only when its measurement set the scale."""
+ANCHOR_POINTS: dict[str, tuple[tuple[int, ...], str]] = {
+    "feet_line": ((L_ANKLE, R_ANKLE), "max"),
+    "hip_centre": ((L_HIP, R_HIP), "min"),
+    "neck": ((L_SHOULDER, R_SHOULDER), "min"),
+    "nose": ((NOSE,), "min"),
+}
+"""The points each anchor stands on and how their scores combine (the feet line needs one ankle)."""
+ANCHOR_CONFIDENCE = 0.5
+"""An anchor's points must score at least this (the median over the frames showing the person) in both images:
+a hip centre guessed at the frame's bottom edge (scores ~0.15) would otherwise shift the whole skeleton."""
 MIN_VISIBLE_FRACTION = 0.25
 """A driving measurement counts only if it is visible in at least this share of the frames."""
 LIMB_FACTOR_RANGE = (0.5, 2.0)
@@ -191,6 +203,8 @@ class Alignment:
     limb_offset: tuple[float, float] = (0.0, 0.0)
     driving_only: tuple[str, ...] = ()
     reference_only: tuple[str, ...] = ()
+    skipped_anchors: tuple[str, ...] = ()
+    """Preferred anchors not used: not confidently seen in both images, or their measurement did not set the scale."""
 
     @property
     def aligned(self) -> bool:
@@ -203,6 +217,8 @@ class Alignment:
         data["align_offset_px"] = [round(self.translation[0], 1), round(self.translation[1], 1)]
         data["align_matched"] = list(self.matched)
         data["align_anchors"] = {"x": self.anchors[0], "y": self.anchors[1]}
+        if self.skipped_anchors:
+            data["align_anchors_skipped"] = list(self.skipped_anchors)
         if self.limb_factors:
             data["align_limb_factors"] = {k: round(v, 3) for k, v in self.limb_factors.items()}
         if self.driving_only:
@@ -222,6 +238,8 @@ class Alignment:
             f"alignment ({self.mode}): scale x{self.scale:.3f} from {', '.join(self.matched)}; "
             f"moved {tx:+.0f},{ty:+.0f} px (x on the {self.anchors[0]}, y on the {self.anchors[1]})"
         )
+        if self.skipped_anchors:
+            text += f"; not anchored on {', '.join(self.skipped_anchors)} (not confidently seen in both, or not among the scale parts)"
         if self.limb_factors:
             text += "; limbs " + ", ".join(f"{k} x{v:.2f}" for k, v in self.limb_factors.items())
         if self.driving_only:
@@ -231,13 +249,42 @@ class Alignment:
         return text
 
 
+def anchor_confidence(scores: np.ndarray) -> dict[str, float]:
+    """Per anchor, the median over frames showing anyone (any body score > 0) of its points' combined score."""
+    sc = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0)
+    if sc.ndim == 1:
+        sc = sc[None]
+    present = sc[:, :23].max(axis=1) > 0
+    if not present.any():
+        return {name: 0.0 for name in ANCHOR_POINTS}
+    sc = sc[present]
+    out = {}
+    for name, (points, how) in ANCHOR_POINTS.items():
+        per_frame = sc[:, list(points)].max(axis=1) if how == "max" else sc[:, list(points)].min(axis=1)
+        out[name] = float(np.median(per_frame))
+    return out
+
+
 def _first_common(
-    order: tuple[str, ...], ref: dict[str, tuple[float, float]], drv: dict[str, tuple[float, float]], axis: int
+    order: tuple[str, ...],
+    ref: dict[str, tuple[float, float]],
+    drv: dict[str, tuple[float, float]],
+    axis: int,
+    allowed: set[str] | None = None,
 ) -> str | None:
     for name in order:
+        if allowed is not None and name not in allowed:
+            continue
         if name in ref and name in drv and np.isfinite(ref[name][axis]) and np.isfinite(drv[name][axis]):
             return name
     return None
+
+
+def _passed_over(order: tuple[str, ...], chosen: str | None, common: set[str], trusted: set[str]) -> list[str]:
+    """Anchors preferred to ``chosen`` that both bodies have but that were not trusted."""
+    if chosen not in order:
+        return []
+    return [a for a in order[: order.index(chosen)] if a in common and a not in trusted]
 
 
 def fit_alignment(
@@ -252,7 +299,8 @@ def fit_alignment(
 
     Scale is the ratio of the summed lengths both bodies show among shoulders, torso, legs and head;
     the offset puts the driving anchors (hip centre for x; feet line, else hip centre, neck, nose for y)
-    on the reference's. ``limbs`` also fits one factor per limb from the remaining ratios.
+    on the reference's, using only anchors whose measurement set the scale and whose points both images
+    show confidently (``ANCHOR_PARTS``, ``ANCHOR_CONFIDENCE``; the plain order when none qualifies). ``limbs`` also fits one factor per limb from the remaining ratios.
     """
     if mode not in ALIGN_MODES:
         raise ValueError(f"align mode {mode!r} is not one of {ALIGN_MODES}")
@@ -266,8 +314,17 @@ def fit_alignment(
     driving_only = tuple(p for p in named if p in drv.lengths and p not in ref.lengths)
     reference_only = tuple(p for p in named if p in ref.lengths and p not in drv.lengths)
     matched = tuple(p for p in SCALE_PARTS if p in ref.lengths and p in drv.lengths)
-    x_anchor = _first_common(X_ANCHORS, ref.anchors, drv.anchors, 0)
-    y_anchor = _first_common(Y_ANCHORS, ref.anchors, drv.anchors, 1)
+    ref_conf, drv_conf = anchor_confidence(ref_pose.scores), anchor_confidence(driving_scores)
+    trusted = {
+        name for name, part in ANCHOR_PARTS.items()
+        if part in matched and min(ref_conf[name], drv_conf[name]) >= ANCHOR_CONFIDENCE
+    }  # fmt: skip
+    x_anchor = _first_common(X_ANCHORS, ref.anchors, drv.anchors, 0, trusted) or _first_common(X_ANCHORS, ref.anchors, drv.anchors, 0)
+    y_anchor = _first_common(Y_ANCHORS, ref.anchors, drv.anchors, 1, trusted) or _first_common(Y_ANCHORS, ref.anchors, drv.anchors, 1)
+    common = set(ref.anchors) & set(drv.anchors)
+    skipped = tuple(
+        dict.fromkeys([*_passed_over(X_ANCHORS, x_anchor, common, trusted), *_passed_over(Y_ANCHORS, y_anchor, common, trusted)])
+    )
     if not matched or x_anchor is None or y_anchor is None:
         return Alignment(mode=mode, driving_only=driving_only, reference_only=reference_only)
     scale = sum(ref.lengths[p] for p in matched) / sum(drv.lengths[p] for p in matched)
@@ -279,6 +336,7 @@ def fit_alignment(
         translation=(float(tx), float(ty)),
         matched=matched,
         anchors=(x_anchor, y_anchor),
+        skipped_anchors=skipped,
         driving_only=driving_only,
         reference_only=reference_only,
     )
@@ -355,6 +413,23 @@ def align_hand_frame(hand_frame: np.ndarray, alignment: Alignment, before: np.nd
         moved = cv2.warpAffine(part, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         out = np.where((moved[..., 0] | moved[..., 1] | moved[..., 2])[..., None] > 0, moved, out)
     return out
+
+
+OUTSIDE_SHARE = 0.5
+"""A frame is reported when more than this share of its visible body points fall outside the canvas."""
+
+
+def frames_outside_canvas(
+    keypoints: np.ndarray, scores: np.ndarray, width: int, height: int, threshold: float = BODY_THRESHOLD, share: float = OUTSIDE_SHARE
+) -> list[int]:
+    """Frames (ascending) whose visible body points (COCO 0-22 scoring ``threshold`` or more, (F, 133, 2) pixels)
+    lie mostly outside the ``width`` x ``height`` canvas, so their pose frame would be nearly empty."""
+    pts = np.asarray(keypoints, dtype=np.float64)[:, :23]
+    seen = np.asarray(scores)[:, :23] >= threshold
+    inside = (pts[..., 0] >= 0) & (pts[..., 0] < width) & (pts[..., 1] >= 0) & (pts[..., 1] < height)
+    counted = seen.sum(axis=1)
+    out = (seen & ~inside).sum(axis=1)
+    return [int(f) for f in np.flatnonzero((counted > 0) & (out > share * counted))]
 
 
 def first_visible_frame(scores: np.ndarray, threshold: float = BODY_THRESHOLD) -> int:
@@ -457,5 +532,7 @@ def align_driving_poses(
     aligned = apply_alignment(alignment, framed, scores)
     reporter.info(alignment.describe())
     for part in alignment.clamped:
-        reporter.warn(f"{option('align')} limbs: the {part} ratio was out of range and was clamped (a foreshortened limb in one of the poses?)")
+        reporter.warn(
+            f"{option('align')} limbs: the {part} ratio was out of range and was clamped (a foreshortened limb in one of the poses?)"
+        )
     return AlignedPoses(keypoints=aligned, scores=scores, alignment=alignment, reference_pose=reference_pose, framed=framed)

@@ -1,4 +1,4 @@
-"""Which pose and normal backends a job runs, how they are built, and the one detection on the reference photo.
+"""Which pose and normal backends a job runs, how they are built, and the detector for the reference photo.
 
 The heavy imports (MediaPipe, the Sapiens TorchScript models) happen only for the backend asked for.
 """
@@ -6,6 +6,7 @@ The heavy imports (MediaPipe, the Sapiens TorchScript models) happen only for th
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from posegen_cli.choices import BACKENDS, HAND_NORMAL_SOURCES
 from posegen_cli.device import resolve_device
 from posegen_cli.errors import OptionError
+from posegen_cli.pose.reference import Detect, ReferenceFraming, frame_reference
 from posegen_cli.pose.types import NormalBackend, PersonPose, PoseBackend
 from posegen_cli.report import Reporter
 
@@ -84,6 +86,25 @@ def closing(stack: contextlib.ExitStack, backend: object) -> None:
         stack.callback(close)
 
 
+@contextlib.contextmanager
+def reference_detector(
+    backend: str = "auto", *, device: str | torch.device = "auto", model_size: str = "2b", models_dir: Path | None = None
+) -> Iterator[Detect]:
+    """A function finding the highest-scoring person in one RGB uint8 image (H, W, 3), or None (points in that image's
+    pixels); the model loads once for the block. ``backend`` may be ``auto`` (resolved as :func:`resolve_backend` does)."""
+    dev = resolve_device(device)
+    name, _ = resolve_backend(backend, dev)
+    with contextlib.ExitStack() as stack:
+        detector = make_pose_backend(name, device=dev, static=True, model_size=model_size, models_dir=models_dir)
+        closing(stack, detector)
+
+        def detect(image: np.ndarray) -> PersonPose | None:
+            people = detector.detect([np.ascontiguousarray(image)])[0]
+            return max(people, key=lambda p: p.box_score) if people else None
+
+        yield detect
+
+
 def extract_reference_pose(
     image: np.ndarray,
     backend: str = "auto",
@@ -94,14 +115,25 @@ def extract_reference_pose(
 ) -> PersonPose | None:
     """The highest-scoring person in one RGB uint8 image (H, W, 3), or None; points are in ``image``'s pixels.
 
-    Alignment and the ``auto`` shot call this on the reference framed to the model canvas (``frame_to_model``);
-    ``backend`` may be ``auto`` (resolved as :func:`resolve_backend` does).
+    Alignment calls this on the reference framed to the model canvas (``frame_to_model``) when the caller has not
+    detected it; ``backend`` may be ``auto`` (resolved as :func:`resolve_backend` does).
     """
-    dev = resolve_device(device)
-    name, _ = resolve_backend(backend, dev)
-    with contextlib.ExitStack() as stack:
-        detector = make_pose_backend(name, device=dev, static=True, model_size=model_size, models_dir=models_dir)
-        closing(stack, detector)
-        people = detector.detect([np.ascontiguousarray(image)])[0]
-    return max(people, key=lambda p: p.box_score) if people else None
+    with reference_detector(backend, device=device, model_size=model_size, models_dir=models_dir) as detect:
+        return detect(image)
 
+
+def reference_framing(
+    image: np.ndarray,
+    backend: str = "auto",
+    *,
+    name: str = "the reference image",
+    person_check: bool = True,
+    fill: tuple[int, int, int] = (255, 255, 255),
+    device: str | torch.device = "auto",
+    model_size: str = "2b",
+    models_dir: Path | None = None,
+) -> ReferenceFraming:
+    """:func:`~posegen_cli.pose.reference.frame_reference` with this backend's detector (loaded once): the 9:16
+    framing of the RGB uint8 ``image`` and its person. Raises InputError when nobody is found and ``person_check``."""
+    with reference_detector(backend, device=device, model_size=model_size, models_dir=models_dir) as detect:
+        return frame_reference(image, detect, name=name, person_check=person_check, fill=fill)

@@ -19,8 +19,10 @@ from typing import Any
 from posegen_cli.cache import CacheEntry, cache_dir, cache_key
 from posegen_cli.errors import InputError, option
 from posegen_cli.fsutil import copy_tree
-from posegen_cli.pose.backends import extract_reference_pose
-from posegen_cli.pose.settings import KEYPOINTS_BACKEND, PoseOptions
+from posegen_cli.pose.backends import extract_reference_pose, reference_framing
+from posegen_cli.pose.keypoints import frame_ranges, identity_switches
+from posegen_cli.pose.reference import CENTRE, PERSON, UNCHECKED, ReferenceFraming
+from posegen_cli.pose.settings import KEYPOINTS_BACKEND, PoseOptions, PoseSettings
 from posegen_cli.pose.stream import (
     ALIGNED_KEYPOINTS_FILE,
     ALIGNMENT_PNG,
@@ -36,10 +38,13 @@ from posegen_cli.pose.types import PersonPose
 from posegen_cli.preflight import check_extract_pose_files, ensure_models, pose_models
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, probe_video
-from posegen_cli.video.framing import frame_to_model, warn_if_cropped
+from posegen_cli.video.framing import crop_box_9x16, warn_if_cropped
 from posegen_cli.video.image import ReferenceImage
 
-_CACHE_VERSION = 4  # bump when the rendering or the file layout changes
+__all__ = ["ExtractResult", "extract_pose", "extract_reference_pose", "reference_framing"]
+"""The pose stage's entry points: the extraction and the two ways of finding the reference person."""
+
+_CACHE_VERSION = 5  # bump when the rendering or the file layout changes
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,19 @@ class ExtractResult:
     aligned_keypoints: Path | None = None
     alignment_png: Path | None = None
     alignment: dict[str, Any] | None = None
+    people_seen: int = 1
+    identity_switches: tuple[int, ...] = ()
+    reference_framing: dict[str, Any] | None = None
+    frames_outside_canvas: tuple[int, ...] = ()
+
+    def input_notes(self) -> dict[str, Any]:
+        """What ``animate``'s summary reports about the driving people and the alignment."""
+        notes: dict[str, Any] = {"people_seen": self.people_seen, "identity_switches": list(self.identity_switches)}
+        if self.alignment is not None:
+            notes["align_anchors"] = self.alignment.get("align_anchors")
+        if self.frames_outside_canvas:
+            notes["frames_outside_canvas"] = len(self.frames_outside_canvas)
+        return notes
 
     def summary(self) -> dict[str, Any]:
         """Plain values for ``Reporter.summary``."""
@@ -80,6 +98,7 @@ def extract_pose(
     reporter: Reporter | None = None,
     info: VideoInfo | None = None,
     reference_pose: PersonPose | None = None,
+    framing: ReferenceFraming | None = None,
 ) -> ExtractResult:
     """Make ``pose.mp4``, ``hand.mp4``, ``keypoints.npz`` and ``overlay.mp4`` for ``video`` in ``out_dir``.
 
@@ -94,15 +113,19 @@ def extract_pose(
             ``overlay.mp4`` stay in the source frame.
         reporter: where progress and warnings go.
         info: ``probe_video(video)`` when the caller already holds it (probing decodes the whole video).
-        reference_pose: the highest-scoring person on ``frame_to_model(align_to)``, as
-            :func:`~posegen_cli.pose.backends.extract_reference_pose` finds it, when the caller already detected it.
+        reference_pose: the highest-scoring person on ``frame_to_model(align_to)`` when the caller already detected
+            it: the release's centre crop, with no reframing.
+        framing: how ``align_to`` is framed and its person (``backends.reference_framing``), when the caller already
+            found it; otherwise it is found here: the reference is framed around its person (a transparent one
+            composited onto ``options.background``), and with nobody in it the job stops unless
+            ``options.person_check`` is False.
 
     Returns:
         ExtractResult: the output paths, frame count, fps, canvas size, backend and alignment summary.
 
     Raises:
-        InputError: a missing or unreadable input, keypoints that do not match the video, nobody in any frame, or an
-            option value that cannot be used (an OptionError).
+        InputError: a missing or unreadable input, keypoints that do not match the video, nobody in any frame or in the
+            reference, or an option value that cannot be used (an OptionError).
         MissingModelError: a Sapiens model is not downloaded.
     """
     reporter = reporter or Reporter()
@@ -111,9 +134,13 @@ def extract_pose(
     settings, why = options.resolve(keypoints_given=from_keypoints is not None)
     needed = pose_models(settings.backend, settings.hand_normals, settings.model_size, settings.seg_size, settings.normal_size)
     ensure_models(needed, settings.models_dir, reporter.info)
-    reference = ReferenceImage.load(align_to, f"reference image ({option('align_to')})") if align_to is not None else None
+    reference = None
+    if align_to is not None:
+        reference = ReferenceImage.load(align_to, f"reference image ({option('align_to')})", options.background)
     if info is None:
         info = probe_video(video)
+        if (note := info.timing_note()) is not None:
+            reporter.info(note)
     if from_keypoints is not None:
         from_keypoints = Path(from_keypoints)
         if not from_keypoints.exists():
@@ -128,16 +155,25 @@ def extract_pose(
         warn_if_cropped(reporter, info.width, info.height, f"driving video {video.name}")
 
     def produce(target: Path) -> dict[str, Any]:
-        track = render_outputs(info, target, settings, from_keypoints=from_keypoints, reporter=reporter)
-        return {"frame_count": track.frame_count, "backend": track.backend, "frames_without_person": track.frames_without_person()}
+        track, people_seen = render_outputs(info, target, settings, from_keypoints=from_keypoints, reporter=reporter)
+        switches = identity_switches(track.keypoints, track.scores, settings.body_threshold)
+        seen = max(people_seen, len(switches) + 1) if track.frames_without_person() < track.frame_count else 0
+        return {
+            "frame_count": track.frame_count, "backend": track.backend, "frames_without_person": track.frames_without_person(),
+            "people_seen": seen, "identity_switches": switches,
+        }  # fmt: skip
+
+    framing_notes: dict[str, Any] = {}
+    if reference is not None:
+        if framing is None:  # else the caller has framed it and said how
+            framing = _frame_reference(reference, settings, reference_pose, options.person_check, reporter)
+            if reference.transparent:
+                framing_notes["background"] = list(reference.background)
+        framing_notes.update(rule=framing.rule, box=list(framing.box))
 
     def produce_aligned(source: Path, target: Path) -> dict[str, Any]:
-        framed = frame_to_model(reference.pixels)
-        person = reference_pose
-        if person is None:
-            detector = settings.backend if settings.backend != KEYPOINTS_BACKEND else "auto"
-            person = extract_reference_pose(framed, detector, device=settings.device, models_dir=settings.models_dir)
-        return render_aligned(source, target, settings, reference=(reference.path.name, framed, person), reporter=reporter)
+        framed = framing.frame(reference.pixels)
+        return render_aligned(source, target, settings, reference=(reference.path.name, framed, framing.person), reporter=reporter)
 
     key = cache_key([video, *_keypoint_files(from_keypoints)], {"version": _CACHE_VERSION, **settings.key_fields()})
     use_cache = options.use_cache
@@ -154,9 +190,19 @@ def extract_pose(
         if settings.openpose_json:
             files[OPENPOSE_DIR] = source / OPENPOSE_DIR
         size = (info.width, info.height)
-        alignment = None
+        alignment, outside = None, []
         if reference is not None:
-            align_key = cache_key([], {"version": _CACHE_VERSION, "extraction": key, "align": settings.align, "reference": reference.digest})
+            framing_key = {"box": list(framing.box), "fill": list(framing.fill), "rule": framing.rule}
+            align_key = cache_key(
+                [],
+                {
+                    "version": _CACHE_VERSION,
+                    "extraction": key,
+                    "align": settings.align,
+                    "reference": reference.digest,
+                    "framing": framing_key,
+                },
+            )
             aligned_dir = cache_dir("pose-aligned", align_key) if use_cache else source / "aligned"
             aligned, aligned_cached = _cached_or_made(
                 aligned_dir, use_cache, lambda target: produce_aligned(source, target), reporter, "aligned pose"
@@ -164,6 +210,7 @@ def extract_pose(
             cached = cached and aligned_cached
             files.update({name: aligned_dir / name for name in (POSE_FILE, HAND_FILE, ALIGNED_KEYPOINTS_FILE, ALIGNMENT_PNG)})
             size, alignment = (aligned["width"], aligned["height"]), aligned["alignment"]
+            outside = aligned.get("frames_outside_canvas", [])
         for name, path in files.items():
             copy_tree(path, out_dir / name)
 
@@ -174,10 +221,57 @@ def extract_pose(
         cached=cached, hand_normals=settings.hand_normals, openpose_dir=out_dir / OPENPOSE_DIR if settings.openpose_json else None,
         aligned_keypoints=out_dir / ALIGNED_KEYPOINTS_FILE if reference is not None else None,
         alignment_png=out_dir / ALIGNMENT_PNG if reference is not None else None, alignment=alignment,
+        people_seen=record.get("people_seen", 1), identity_switches=tuple(record.get("identity_switches", ())),
+        reference_framing=framing_notes or None, frames_outside_canvas=tuple(outside),
     )  # fmt: skip
+    _warn_about_people(result, video.name, reporter)
+    return result
+
+
+def _frame_reference(
+    reference: ReferenceImage, settings: PoseSettings, reference_pose: PersonPose | None, person_check: bool, reporter: Reporter
+) -> ReferenceFraming:
+    """How the reference is framed when the caller has not said: the release's centre crop around ``reference_pose``
+    when one is given, else framed around its person (``backends.reference_framing``), with a line saying how."""
+    height, width = reference.pixels.shape[:2]
+    name = reference.path.name
+    if reference.transparent:
+        reporter.info(f"{name} is transparent: composited onto RGB {reference.background} (set {option('background')} to change)")
+    if reference_pose is not None:
+        return ReferenceFraming(crop_box_9x16(width, height), reference_pose, CENTRE, reference.background)
+    detector = settings.backend if settings.backend != KEYPOINTS_BACKEND else "auto"
+    framing = reference_framing(
+        reference.pixels, detector, name=str(reference.path), person_check=person_check, fill=reference.background,
+        device=settings.device, models_dir=settings.models_dir,
+    )  # fmt: skip
+    if framing.rule == PERSON:
+        reporter.info(framing.describe(width, height, name))
+    elif framing.rule == UNCHECKED:
+        reporter.warn(f"no person found in {name}; going on because of {option('no_person_check')} (centre crop, no alignment)")
+    return framing
+
+
+def _warn_about_people(result: ExtractResult, video_name: str, reporter: Reporter) -> None:
+    """Warn about aligned frames left mostly off the canvas, identity switches and frames without anyone."""
+    if result.frames_outside_canvas:
+        outside = result.frames_outside_canvas
+        reporter.warn(
+            f"the aligned pose is mostly outside the {result.width}x{result.height} canvas in frame(s) {frame_ranges(list(outside))} "
+            f"({len(outside)} of {result.frame_count}; those pose frames are nearly empty: check alignment.png, try "
+            f"{option('align')} none or {option('person')})"
+        )
+    if result.identity_switches:
+        hint = (
+            f"; MediaPipe follows one person at a time, {option('backend')} sapiens tells people apart"
+            if result.backend == "mediapipe"
+            else ""
+        )
+        reporter.warn(
+            f"the followed person seems to change at frame(s) {frame_ranges(list(result.identity_switches))} of {video_name} "
+            f"(the pose jumps to another place: someone else was picked up; choose with {option('person')} N or X,Y{hint})"
+        )
     if result.frames_without_person:
         reporter.warn(f"nobody was found in {result.frames_without_person} of {result.frame_count} frames (their pose frames are black)")
-    return result
 
 
 def _cached_or_made(

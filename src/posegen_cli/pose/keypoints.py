@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from posegen_cli.errors import InputError
+from posegen_cli.errors import InputError, OptionError, option
 from posegen_cli.fsutil import atomic_dir, atomic_path
 from posegen_cli.pose.types import FACE_SIZE, FACE_START, HAND_SIZE, LEFT_HAND_START, NUM_KEYPOINTS, RIGHT_HAND_START, PersonPose
 from posegen_cli.video._ffmpeg import fps_arg
@@ -83,18 +83,142 @@ def select_person(people: list[PersonPose], previous_box: np.ndarray | None = No
     return max(people, key=lambda p: p.box_score)
 
 
-class PersonFollower:
-    """Applies :func:`select_person` frame after frame, remembering the last chosen box."""
+SWITCH_MAX_IOU = 0.1
+"""Consecutive boxes of the followed person overlapping less than this (IoU) are not obviously the same person ..."""
+SWITCH_JUMP = 0.5
+"""... and if the box centre also moved more than this share of the larger box side, it is an identity switch."""
 
-    def __init__(self, track: bool = False) -> None:
+
+@dataclass(frozen=True)
+class PersonChoice:
+    """Whom to follow: ``index`` counts people left to right from 1 in the first frame anyone is seen;
+    ``point`` (x, y in source pixels) picks the person whose box holds it there (else the nearest box centre).
+    Neither: the largest box (ties: the higher box score), the person who fills the frame."""
+
+    index: int | None = None
+    point: tuple[float, float] | None = None
+
+    def describe(self) -> str:
+        if self.index is not None:
+            return f"person {self.index} from the left"
+        if self.point is not None:
+            return f"the person at ({self.point[0]:g}, {self.point[1]:g})"
+        return "the largest person"
+
+
+def parse_person(text: str | None) -> PersonChoice:
+    """``None``/``""`` (the largest), ``"N"`` (1-based, left to right) or ``"X,Y"`` (source pixels); OptionError else."""
+    if text is None or not text.strip():
+        return PersonChoice()
+    value = text.strip()
+    if re.fullmatch(r"\d+", value) and int(value) >= 1:
+        return PersonChoice(index=int(value))
+    if match := re.fullmatch(r"(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)", value):
+        return PersonChoice(point=(float(match.group(1)), float(match.group(2))))
+    raise OptionError(
+        "person", text,
+        problem=f"{text!r} is neither a number from 1 (left to right) nor a pixel position X,Y (e.g. {option('person')} 2 or {option('person')} 640,360)",
+    )  # fmt: skip
+
+
+def _centre(box: np.ndarray) -> np.ndarray:
+    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2], np.float64)
+
+
+def choose_person(people: list[PersonPose], choice: PersonChoice, frame: int = 0) -> PersonPose:
+    """The person ``choice`` names among ``people`` (not empty); InputError when there are fewer than ``index``."""
+    if choice.index is not None:
+        by_x = sorted(people, key=lambda p: float(_centre(p.box)[0]))
+        if choice.index > len(by_x):
+            raise InputError(
+                f"{option('person')} {choice.index}: frame {frame}, the first with anyone in it, shows {len(by_x)} "
+                f"{'person' if len(by_x) == 1 else 'people'} (choose 1 to {len(by_x)}, or a pixel position X,Y)"
+            )
+        return by_x[choice.index - 1]
+    if choice.point is not None:
+        x, y = choice.point
+        holding = [p for p in people if p.box[0] <= x <= p.box[2] and p.box[1] <= y <= p.box[3]]
+        if holding:
+            return min(holding, key=lambda p: float((p.box[2] - p.box[0]) * (p.box[3] - p.box[1])))
+        return min(people, key=lambda p: float(np.linalg.norm(_centre(p.box) - (x, y))))
+    return max(people, key=lambda p: (float((p.box[2] - p.box[0]) * (p.box[3] - p.box[1])), p.box_score))
+
+
+class PersonFollower:
+    """Chooses one person per frame.
+
+    With ``track`` (the default) the person ``choice`` names in the first frame anyone is seen is followed:
+    each frame takes the detection overlapping the last followed box most, else the one whose centre is
+    nearest. Without it, the release's choice: the highest ``box_score`` in every frame. ``people_seen`` is
+    the most people any one frame showed.
+    """
+
+    def __init__(self, track: bool = True, choice: PersonChoice | None = None) -> None:
         self.track = track
+        self.choice = choice or PersonChoice()
         self.previous_box: np.ndarray | None = None
+        self.people_seen = 0
+        self.frame = 0
+        self.first_frame: int | None = None
+        self.first_people: list[PersonPose] = []
 
     def pick(self, people: list[PersonPose]) -> PersonPose | None:
-        person = select_person(people, self.previous_box, track=self.track)
-        if person is not None:
-            self.previous_box = person.box
+        self.people_seen = max(self.people_seen, len(people))
+        frame, self.frame = self.frame, self.frame + 1
+        if not people:
+            return None
+        if not self.track:
+            person = select_person(people)
+        elif self.previous_box is None:
+            person = choose_person(people, self.choice, frame)
+            self.first_frame, self.first_people = frame, list(people)
+        else:
+            previous = self.previous_box
+            overlaps = [box_iou(p.box, previous) for p in people]
+            best = int(np.argmax(overlaps))
+            if overlaps[best] > 0:
+                person = people[best]
+            else:
+                person = min(people, key=lambda p: float(np.linalg.norm(_centre(p.box) - _centre(previous))))
+        self.previous_box = person.box
         return person
+
+
+def identity_switches(keypoints: np.ndarray, scores: np.ndarray, threshold: float = 0.3) -> list[int]:
+    """Frames where the followed person's body (points 0-22 scoring ``threshold`` or more) jumps to another place.
+
+    A frame switches when its body box overlaps the last seen one by less than ``SWITCH_MAX_IOU`` and its centre
+    moved more than ``SWITCH_JUMP`` of the larger box side: one person cannot do that from one frame to the next.
+    Frames with nobody are skipped. Returns frame indices, ascending.
+    """
+    switches: list[int] = []
+    previous: np.ndarray | None = None
+    for frame, (kp, sc) in enumerate(zip(keypoints, scores)):
+        seen = sc[:23] >= threshold
+        if seen.sum() < 2:
+            continue
+        box = box_from_points(kp[:23], np.where(seen, 1.0, 0.0))
+        if previous is not None:
+            side = max(previous[2] - previous[0], previous[3] - previous[1], box[2] - box[0], box[3] - box[1])
+            if box_iou(box, previous) < SWITCH_MAX_IOU and np.linalg.norm(_centre(box) - _centre(previous)) > SWITCH_JUMP * side:
+                switches.append(frame)
+        previous = box
+    return switches
+
+
+def frame_ranges(frames: list[int] | np.ndarray) -> str:
+    """``[3, 4, 5, 9]`` as ``"3-5, 9"`` (for messages naming frames)."""
+    frames = sorted(int(f) for f in frames)
+    parts: list[str] = []
+    start = prev = None
+    for f in [*frames, None]:
+        if start is not None and (f is None or f != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if f is not None and start is None:
+            start = f
+        prev = f
+    return ", ".join(parts)
 
 
 def box_from_points(keypoints: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -275,7 +399,9 @@ def read_openpose_frame(path: Path) -> list[PersonPose]:
     return sorted(people, key=lambda p: -p.box_score)
 
 
-def load_keypoints(source: str | Path, *, fps: Fraction, width: int, height: int, track: bool = False) -> KeypointTrack:
+def load_keypoints(
+    source: str | Path, *, fps: Fraction, width: int, height: int, track: bool = True, choice: PersonChoice | None = None
+) -> KeypointTrack:
     """A track from a ``.npz`` of ours, or from OpenPose JSON (one file or a folder, one file per frame).
 
     OpenPose files carry no frame size or rate, so they take ``fps``, ``width`` and ``height`` (the
@@ -286,7 +412,7 @@ def load_keypoints(source: str | Path, *, fps: Fraction, width: int, height: int
         if not source.is_file():
             raise InputError(f"keypoints not found: {source} (check the path)")
         return load_npz(source)
-    follower = PersonFollower(track)
+    follower = PersonFollower(track, choice)
     keypoints, scores = [], []
     for path in openpose_files(source):
         person = follower.pick(read_openpose_frame(path))

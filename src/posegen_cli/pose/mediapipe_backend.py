@@ -3,7 +3,9 @@ COCO-WholeBody 133 as spec pose.md §6 prescribes.
 
 MediaPipe finds one person. Its hand labels assume a mirrored selfie, so hands are given to the
 nearest body wrist instead, and every point of a hand takes that hand's handedness score (there are
-no per-point hand scores). Small toes and the face have no counterpart and keep score 0.
+no per-point hand scores). Small toes and the face have no counterpart and keep score 0. Points outside
+the frame, and body points seen with a visibility under 0.5, get score 0 (``drop_unseen``), as Sapiens
+reports no point it does not see.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ COCO_FROM_MP_POSE: tuple[tuple[int, int], ...] = (
     (17, 31), (19, 29), (20, 32), (22, 30),
 )  # fmt: skip
 _WARM_UP_FRAME = np.zeros((64, 64, 3), np.uint8)
+MIN_VISIBILITY = 0.5
+"""Body points MediaPipe sees less than this are dropped: the threshold its own ``drawing_utils`` draws at
+(``_VISIBILITY_THRESHOLD``). Below it are the guessed legs of upper-body clips, which would flicker."""
 
 
 @contextlib.contextmanager
@@ -93,6 +98,20 @@ def coco_from_mediapipe(body: np.ndarray, hands: list[np.ndarray], hand_scores: 
     return keypoints, scores
 
 
+def drop_unseen(keypoints: np.ndarray, scores: np.ndarray, width: int, height: int, min_visibility: float = MIN_VISIBILITY) -> np.ndarray:
+    """``scores`` (133,) with 0 for every point outside the ``width`` x ``height`` frame, and for body and feet points
+    (COCO 0-22) seen less than ``min_visibility``: the points Sapiens would not report either.
+
+    MediaPipe always returns all 33 body landmarks, guessing the ones it cannot see (off-frame or hidden legs);
+    hands come only when found, so their points are only checked against the frame.
+    """
+    pts = np.asarray(keypoints, dtype=np.float64)
+    inside = (pts[:, 0] >= 0) & (pts[:, 0] < width) & (pts[:, 1] >= 0) & (pts[:, 1] < height)
+    out = np.where(inside, scores, 0).astype(scores.dtype)
+    out[:23] = np.where(out[:23] >= min_visibility, out[:23], 0)
+    return out
+
+
 class MediaPipePoseBackend:
     """PoseBackend over MediaPipe's legacy Pose and Hands solutions (model complexity 1, CPU).
 
@@ -111,24 +130,25 @@ class MediaPipePoseBackend:
         min_tracking_confidence: float = 0.5,
     ) -> None:
         mp = import_mediapipe()
-        self._pose = mp.solutions.pose.Pose(
-            static_image_mode=static_image_mode,
-            model_complexity=model_complexity,
-            min_detection_confidence=min_detection_confidence,
-            min_tracking_confidence=min_tracking_confidence,
-        )
-        self._hands = mp.solutions.hands.Hands(
-            static_image_mode=static_image_mode,
-            model_complexity=1,
-            max_num_hands=2,
-            min_detection_confidence=min_detection_confidence,
-            min_tracking_confidence=min_tracking_confidence,
-        )
         # MediaPipe releases the GIL while it runs, so hands and body can share the two cores.
         self._hand_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mediapipe-hands")
-        # The graphs log on start-up and again when they first lock onto someone; hide both.
+        # The graphs log from their own threads while they start (TFLite's delegate line), on the first frame and
+        # again when they first lock onto someone: building them and the warm-up run silenced, then the first person.
         self._first_person_pending = True
         with _native_stderr_silenced():
+            self._pose = mp.solutions.pose.Pose(
+                static_image_mode=static_image_mode,
+                model_complexity=model_complexity,
+                min_detection_confidence=min_detection_confidence,
+                min_tracking_confidence=min_tracking_confidence,
+            )
+            self._hands = mp.solutions.hands.Hands(
+                static_image_mode=static_image_mode,
+                model_complexity=1,
+                max_num_hands=2,
+                min_detection_confidence=min_detection_confidence,
+                min_tracking_confidence=min_tracking_confidence,
+            )
             self._pose.process(_WARM_UP_FRAME)
             self._hand_thread.submit(self._hands.process, _WARM_UP_FRAME).result()
 
@@ -149,6 +169,9 @@ class MediaPipePoseBackend:
             hands.append(np.array([(lm.x * width, lm.y * height) for lm in landmarks.landmark], np.float32))
             hand_scores.append(float(handedness.classification[0].score))
         keypoints, scores = coco_from_mediapipe(body, hands, hand_scores)
+        scores = drop_unseen(keypoints, scores, width, height)
+        if not scores[:17].any():
+            return []
         return [
             PersonPose(
                 keypoints=keypoints,

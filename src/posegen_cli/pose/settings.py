@@ -14,12 +14,14 @@ import torch
 
 from posegen_cli.choices import ALIGN_MODES, OUTPUT_FORMATS
 from posegen_cli.device import resolve_device
-from posegen_cli.errors import OptionError
+from posegen_cli.errors import OptionError, option
 from posegen_cli.pose.backends import resolve_backend, resolve_hand_normals
+from posegen_cli.pose.keypoints import parse_person
 from posegen_cli.pose.render import BODY_THRESHOLD, HAND_THRESHOLD
+from posegen_cli.video.image import WHITE, Color
 
 _KEY_FIELDS = (
-    "backend", "hand_normals", "track", "lossless", "openpose_json", "body_threshold", "hand_threshold", "model_size", "seg_size",
+    "backend", "hand_normals", "track", "person", "lossless", "openpose_json", "body_threshold", "hand_threshold", "model_size", "seg_size",
     "normal_size",
 )  # fmt: skip
 KEYPOINTS_BACKEND = "keypoints"
@@ -32,11 +34,17 @@ class PoseOptions:
 
     ``output_format="openpose-json"`` also writes one OpenPose JSON per frame into ``openpose/``; ``align`` is used
     only with a reference (``align_to``); ``use_cache=False`` extracts again whatever the cache holds.
+
+    ``track`` follows one person across frames (False: the release's top-scoring person in each frame) and
+    ``person`` says whom (``keypoints.parse_person``: None for the largest, ``"N"`` left to right, ``"X,Y"``).
+    With a reference, a transparent one is composited onto ``background`` (RGB 0-255) and a reference showing
+    nobody stops the job unless ``person_check`` is False (then it is centre-cropped and nothing is aligned).
     """
 
     backend: str = "auto"
     hand_normals: str = "auto"
-    track: bool = False
+    track: bool = True
+    person: str | None = None
     lossless: bool = False
     output_format: str = "npz"
     align: str = "auto"
@@ -49,6 +57,8 @@ class PoseOptions:
     device: str | torch.device = "auto"
     models_dir: Path | None = None
     use_cache: bool = True
+    background: Color = WHITE
+    person_check: bool = True
 
     def resolve(self, keypoints_given: bool = False) -> tuple[PoseSettings, str]:
         """The checked, concrete settings and why that backend runs; OptionError for a value that cannot be used."""
@@ -58,13 +68,21 @@ class PoseOptions:
             raise OptionError("batch_size", self.batch_size, problem=f"must be at least 1, got {self.batch_size}")
         if self.align not in ALIGN_MODES:
             raise OptionError("align", self.align, ALIGN_MODES)
+        parse_person(self.person)
+        if self.person is not None and not self.track:
+            raise OptionError(
+                "person",
+                self.person,
+                problem=f"{self.person} chooses whom to follow, but {option('no_track')} follows nobody (drop one of them)",
+            )
         device = resolve_device(self.device)
         if keypoints_given:
             name, why = KEYPOINTS_BACKEND, "keypoints given, no detection"
         else:
             name, why = resolve_backend(self.backend, device)
         settings = PoseSettings(
-            backend=name, hand_normals=resolve_hand_normals(self.hand_normals, name), track=self.track, lossless=self.lossless,
+            backend=name, hand_normals=resolve_hand_normals(self.hand_normals, name), track=self.track, person=self.person,
+            lossless=self.lossless,
             openpose_json=self.output_format == "openpose-json", body_threshold=float(self.body_threshold),
             hand_threshold=float(self.hand_threshold), model_size=self.model_size, seg_size=self.seg_size,
             normal_size=self.normal_size, align=self.align, device=device, batch_size=self.batch_size, models_dir=self.models_dir,
@@ -79,6 +97,7 @@ class PoseSettings:
     backend: str
     hand_normals: str
     track: bool
+    person: str | None
     lossless: bool
     openpose_json: bool
     body_threshold: float

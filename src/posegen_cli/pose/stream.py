@@ -22,14 +22,24 @@ import numpy as np
 
 from posegen_cli.errors import InputError, option
 from posegen_cli.fsutil import atomic_path
-from posegen_cli.pose.align import AlignedPoses, Alignment, align_driving_poses, align_hand_frame, alignment_panels
+from posegen_cli.pose.align import AlignedPoses, Alignment, align_driving_poses, align_hand_frame, alignment_panels, frames_outside_canvas
 from posegen_cli.pose.backends import closing, make_normal_backend, make_pose_backend
-from posegen_cli.pose.keypoints import KeypointTrack, PersonFollower, load_keypoints, load_npz, save_npz, write_openpose_json
+from posegen_cli.pose.keypoints import (
+    KeypointTrack,
+    PersonChoice,
+    PersonFollower,
+    load_keypoints,
+    load_npz,
+    parse_person,
+    save_npz,
+    write_openpose_json,
+)
 from posegen_cli.pose.render import overlay_pose, render_hand_normals, render_pose
 from posegen_cli.pose.settings import PoseSettings
 from posegen_cli.pose.types import NUM_KEYPOINTS, PersonPose
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, VideoWriter, iter_frames
+from posegen_cli.video.decode import constant_rate_command
 from posegen_cli.video.framing import frame_to_model, map_points_to_model
 
 POSE_FILE, HAND_FILE, KEYPOINTS_FILE, OVERLAY_FILE, OPENPOSE_DIR = "pose.mp4", "hand.mp4", "keypoints.npz", "overlay.mp4", "openpose"
@@ -132,9 +142,10 @@ class FrameSink:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _given_keypoints(path: Path, video: VideoInfo, track: bool) -> KeypointTrack:
-    """Keypoints read from ``path``, checked against the video they are rendered onto."""
-    given = load_keypoints(path, fps=video.fps, width=video.width, height=video.height, track=track)
+def _given_keypoints(path: Path, video: VideoInfo, track: bool, choice: PersonChoice) -> KeypointTrack:
+    """Keypoints read from ``path`` (one person per frame, as ``track`` and ``choice`` pick), checked against the video
+    they are rendered onto."""
+    given = load_keypoints(path, fps=video.fps, width=video.width, height=video.height, track=track, choice=choice)
     if (given.width, given.height) != (video.width, video.height):
         raise InputError(
             f"{path} holds keypoints for {given.width}x{given.height} frames but {video.path} is {video.width}x{video.height} "
@@ -149,17 +160,20 @@ def _given_keypoints(path: Path, video: VideoInfo, track: bool) -> KeypointTrack
 
 def render_outputs(
     info: VideoInfo, out: Path, settings: PoseSettings, *, from_keypoints: Path | None, reporter: Reporter
-) -> KeypointTrack:
-    """Stream ``info.path`` once, writing pose/hand/overlay videos and keypoints into ``out``; returns the keypoint track.
+) -> tuple[KeypointTrack, int]:
+    """Stream ``info.path`` once on its constant-rate timeline, writing pose/hand/overlay videos and keypoints into
+    ``out``; returns the keypoint track of the person followed (``settings.track``, ``settings.person``) and the most
+    people one frame showed. When the first frame with anyone shows several people, a line says who is followed.
 
     Raises InputError when the video decodes to another frame count than it reports, when the given keypoints do
     not match it, or when nobody is detected in any frame.
     """
     video, total, width, height = info.path, info.frame_count, info.width, info.height
-    given = _given_keypoints(from_keypoints, info, settings.track) if from_keypoints is not None else None
+    choice = parse_person(settings.person)
+    given = _given_keypoints(from_keypoints, info, settings.track, choice) if from_keypoints is not None else None
     keypoints = np.zeros((total, NUM_KEYPOINTS, 2))
     scores = np.zeros((total, NUM_KEYPOINTS))
-    follower = PersonFollower(settings.track)
+    follower = PersonFollower(settings.track, choice)
     count = 0
     backend_args = {"device": settings.device, "models_dir": settings.models_dir, "batch_size": settings.batch_size, "reporter": reporter}
     with contextlib.ExitStack() as stack:
@@ -180,9 +194,11 @@ def render_outputs(
         task = progress.add_task("extracting pose", total=total, unit="frames")
         sink = FrameSink(writers, settings, width, height)
         stack.callback(sink.close)
-        for batch in stack.enter_context(prefetched(batches(iter_frames(video), settings.batch_size))):
+        for batch in stack.enter_context(prefetched(batches(iter_frames(info), settings.batch_size))):
             if count + len(batch) > total:
-                raise InputError(f"{video} decodes to more frames than the {total} it reported (re-encode it with ffmpeg to fix its index)")
+                raise InputError(
+                    f"{video} decodes to more frames than the {total} it reported (rewrite it at a constant rate: {constant_rate_command(info)})"
+                )
             span = slice(count, count + len(batch))
             if detector is not None:
                 for i, people in enumerate(detector.detect(batch)):
@@ -197,7 +213,9 @@ def render_outputs(
             progress.advance(task, len(batch))
         sink.drain()
         if count != total:
-            raise InputError(f"{video} decoded to {count} frames but reported {total} (re-encode it with ffmpeg to fix its index)")
+            raise InputError(
+                f"{video} decoded to {count} frames but reported {total} (rewrite it at a constant rate: {constant_rate_command(info)})"
+            )
         backend_name = given.backend if given is not None else settings.backend
         track = KeypointTrack(keypoints, scores, info.fps, width, height, backend_name)
         if given is None and track.frames_without_person() == total:
@@ -207,7 +225,20 @@ def render_outputs(
         save_npz(track, out / KEYPOINTS_FILE)
         if settings.openpose_json:
             write_openpose_json(track, out / OPENPOSE_DIR)
-    return track
+    if detector is not None:
+        _report_people(follower, choice, reporter)
+    return track, follower.people_seen
+
+
+def _report_people(follower: PersonFollower, choice: PersonChoice, reporter: Reporter) -> None:
+    """Say who is followed when the first frame with anyone in it shows several people."""
+    people = sorted(follower.first_people, key=lambda p: float(p.box[0] + p.box[2]))
+    if len(people) > 1 and follower.track:
+        where = ", ".join(f"{i} at x={(p.box[0] + p.box[2]) / 2:.0f}" for i, p in enumerate(people, 1))
+        reporter.info(
+            f"{len(people)} people in frame {follower.first_frame} (left to right: {where}); following {choice.describe()} "
+            f"(choose another with {option('person')} N or {option('person')} X,Y)"
+        )
 
 
 def write_alignment_png(
@@ -248,7 +279,8 @@ def render_aligned(
 
     ``reference`` is the reference image's name, its frame on the model canvas (``frame_to_model``) and the person
     detected on that frame (None when nobody was found). Writes pose.mp4, hand.mp4, keypoints_aligned.npz and
-    alignment.png into ``target``; returns the canvas size and the alignment summary.
+    alignment.png into ``target``; returns the canvas size, the alignment summary and the frames whose aligned body
+    lies mostly outside the canvas (``align.frames_outside_canvas``; none with ``align == "none"``).
 
     With ``settings.align == "none"`` the skeleton is drawn at the source size and then framed, as the release does,
     so line widths match its conditioning videos for any source resolution. The hand video follows the skeleton: each
@@ -287,4 +319,5 @@ def render_aligned(
             else:
                 hand_writer.write(align_hand_frame(frame_to_model(hand), aligned.alignment, before[i], aligned.keypoints[i]))
             progress.advance(task)
-    return {"width": width, "height": height, "alignment": aligned.alignment.summary()}
+    outside = frames_outside_canvas(aligned.keypoints, aligned.scores, width, height, settings.body_threshold) if mode != "none" else []
+    return {"width": width, "height": height, "alignment": aligned.alignment.summary(), "frames_outside_canvas": outside}

@@ -9,12 +9,16 @@ from posegen_cli.video._ffmpeg import has_audio_stream, run_ffmpeg, stream_heade
 from posegen_cli.video.decode import probe_video
 
 
-def mux_audio(video: str | Path, audio_source: str | Path, out: str | Path, *, duration: float | None = None) -> Path:
+def mux_audio(
+    video: str | Path, audio_source: str | Path, out: str | Path, *, duration: float | None = None, audio_start: float = 0.0
+) -> Path:
     """Write ``out`` = ``video``'s picture (copied, not re-encoded) + ``audio_source``'s first audio stream as AAC.
 
     The audio is cut at the video's end (``duration`` seconds when the caller knows it, which saves decoding
     the video to count its frames), and a shorter audio track never shortens the picture.
-    A source without audio gives the video unchanged.
+    ``audio_start`` (seconds, ``VideoInfo.start_time`` of the source) skips the sound that plays before the
+    source's first frame, so the output's first frame gets the sound a player pairs it with; sound that
+    starts after the picture keeps its delay. A source without audio gives the video unchanged.
     """
     video, audio_source, out = Path(video), Path(audio_source), Path(out)
     has_audio = has_audio_stream(stream_header(audio_source))
@@ -22,8 +26,10 @@ def mux_audio(video: str | Path, audio_source: str | Path, out: str | Path, *, d
         duration = probe_video(video).duration
     # -t, not -shortest: with a copied video stream -shortest cuts the picture when the audio ends first.
     maps = ["-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "192k", "-t", f"{duration:.6f}"] if has_audio else ["-map", "0:v:0"]
+    # -ss before an input seeks it exactly (decoding from the previous key point), counted from the file's start.
+    seek = ["-ss", f"{audio_start:.6f}"] if has_audio and audio_start > 0 else []
     result = run_ffmpeg(
-        ["-loglevel", "error", "-y", "-i", str(video), "-i", str(audio_source), *maps, "-c:v", "copy",
+        ["-loglevel", "error", "-y", "-i", str(video), *seek, "-i", str(audio_source), *maps, "-c:v", "copy",
          "-movflags", "+faststart", "-f", "mp4", str(out)]
     )
     if result.returncode != 0:

@@ -25,7 +25,8 @@ class VideoWriter:
 
     Lossy mode is libx264 yuv420p (odd sizes are padded by one edge-replicated row/column, since
     4:2:0 needs even sizes). Lossless mode is libx264rgb at QP 0: bit-exact RGB, for debugging and tests.
-    ``audio_from`` muxes that file's first audio stream, trimmed to the video's length.
+    ``audio_from`` muxes that file's first audio stream, trimmed to the video's length, from ``audio_start``
+    seconds on (see :func:`~posegen_cli.video.audio.mux_audio`).
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class VideoWriter:
         crf: int = 18,
         lossless: bool = False,
         audio_from: str | Path | None = None,
+        audio_start: float = 0.0,
         preset: str = "medium",
     ) -> None:
         if not 0 <= crf <= 51:
@@ -45,6 +47,7 @@ class VideoWriter:
         self.crf = crf
         self.lossless = lossless
         self.audio_from = Path(audio_from) if audio_from else None
+        self.audio_start = audio_start
         self.preset = preset
         self.frame_count = 0
         self._size: tuple[int, int] | None = None
@@ -116,7 +119,10 @@ class VideoWriter:
             if ok and self.frame_count == 0:
                 raise ValueError(f"no frames were written to {self.path}")
             if ok and self.audio_from is not None:
-                mux_audio(self._video_target(), self.audio_from, self._tmp, duration=float(self.frame_count / Fraction(self.fps)))
+                mux_audio(
+                    self._video_target(), self.audio_from, self._tmp, duration=float(self.frame_count / Fraction(self.fps)),
+                    audio_start=self.audio_start,
+                )
         finally:
             if self.audio_from is not None:
                 self._video_target().unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -73,14 +74,80 @@ def frame_to_model(frame: np.ndarray, size: tuple[int, int] = MODEL_SIZE) -> np.
         return np.stack([frame_to_model(f, size) for f in frame]) if len(frame) else np.zeros((0, *size, 3), np.uint8)
     height, width = frame.shape[:2]
     x0, y0, w, h = crop_box_9x16(width, height, size)
-    crop = frame[y0 : y0 + h, x0 : x0 + w]
-    if (h, w) == tuple(size):
+    return _resize_like_release(frame[y0 : y0 + h, x0 : x0 + w], size)
+
+
+def _resize_like_release(crop: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """torchvision v1's uint8 resize: float32, antialiased bilinear, rounded half-to-even (module docstring)."""
+    if crop.shape[:2] == tuple(size):
         return np.ascontiguousarray(crop)
     # Contiguous NCHW float32, the layout the release's rearrange(...).contiguous() hands torchvision; the
     # copy also frees decoder frames from their read-only buffers.
     tensor = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32)).unsqueeze(0)
     resized = F.interpolate(tensor, size=list(size), mode="bilinear", align_corners=False, antialias=True)
     return torch.round(resized).to(torch.uint8)[0].permute(1, 2, 0).contiguous().numpy()
+
+
+PERSON_MARGIN = 0.08
+"""Share of the person's box height kept free around the person when the framing has to move."""
+EDGE_SLACK = 0.02
+"""A person box within this share of a cut edge of the centre crop is taken as cut by it."""
+
+
+def crosses_cut_edge(box: np.ndarray, width: int, height: int, size: tuple[int, int] = MODEL_SIZE) -> bool:
+    """Whether a person box (x1, y1, x2, y2, source pixels) reaches an edge where the centre crop cuts the photo."""
+    x0, y0, w, h = crop_box_9x16(width, height, size)
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    slack_x, slack_y = EDGE_SLACK * w, EDGE_SLACK * h
+    return bool(
+        (x0 > 0 and x1 <= x0 + slack_x) or (x0 + w < width and x2 >= x0 + w - slack_x)
+        or (y0 > 0 and y1 <= y0 + slack_y) or (y0 + h < height and y2 >= y0 + h - slack_y)
+    )  # fmt: skip
+
+
+def person_crop_box(width: int, height: int, box: np.ndarray, size: tuple[int, int] = MODEL_SIZE) -> tuple[int, int, int, int]:
+    """The 9:16 crop ``(x0, y0, w, h)`` that frames the person in ``box`` (x1, y1, x2, y2, source pixels).
+
+    The rule: the release's centre crop size, moved to centre the person (their box plus ``PERSON_MARGIN``
+    of its height on every side, limited to the photo) and kept inside the photo; if the person does not
+    fit, the crop grows, still 9:16, until they do, and any part beyond the photo is padding. The crop may
+    therefore start at negative coordinates or end past the photo.
+    """
+    _, _, w, h = crop_box_9x16(width, height, size)
+    out_h, out_w = size
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    margin = PERSON_MARGIN * (y2 - y1)
+    x1, y1, x2, y2 = max(0.0, x1 - margin), max(0.0, y1 - margin), min(float(width), x2 + margin), min(float(height), y2 + margin)
+    if x2 - x1 > w or y2 - y1 > h:
+        h = math.ceil(max(y2 - y1, (x2 - x1) * out_h / out_w))
+        w = round(h * out_w / out_h)
+
+    def place(start: float, end: float, length: int, limit: int) -> int:
+        x = round((start + end) / 2 - length / 2)
+        low, high = sorted((0, limit - length))  # inside the photo, or covering it when longer than it
+        return int(min(max(x, low), high))
+
+    return place(x1, x2, w, width), place(y1, y2, h, height), int(w), int(h)
+
+
+def frame_with_box(frame: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int] = MODEL_SIZE, fill: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """Crop RGB uint8 ``frame`` (H, W, 3) to ``box`` (x0, y0, w, h; parts beyond the frame are ``fill``) and resize it
+    to ``size`` the way :func:`frame_to_model` does; the centre-crop box gives exactly :func:`frame_to_model`."""
+    height, width = frame.shape[:2]
+    x0, y0, w, h = box
+    pad = (max(0, -y0), max(0, y0 + h - height), max(0, -x0), max(0, x0 + w - width))
+    if any(pad):
+        frame = cv2.copyMakeBorder(np.ascontiguousarray(frame), *pad, cv2.BORDER_CONSTANT, value=tuple(int(c) for c in fill))
+        x0, y0 = x0 + pad[2], y0 + pad[0]
+    return _resize_like_release(frame[y0 : y0 + h, x0 : x0 + w], size)
+
+
+def map_points_with_box(keypoints: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int] = MODEL_SIZE) -> np.ndarray:
+    """Pixel coordinates (..., 2) of the source frame moved into the canvas of :func:`frame_with_box` (float64)."""
+    x0, y0, w, h = box
+    out_h, out_w = size
+    pts = np.asarray(keypoints, dtype=np.float64)
+    return np.stack([(pts[..., 0] - x0) * (out_w / w), (pts[..., 1] - y0) * (out_h / h)], axis=-1)
 
 
 def map_points_to_model(keypoints: np.ndarray, src_w: int, src_h: int, size: tuple[int, int] = MODEL_SIZE) -> np.ndarray:
