@@ -17,7 +17,9 @@ reloads a second model. Two forms:
 
 Under diffusers' group offloading (``offload="group"``) a switch stays correct: the hooks offload every group when
 they are applied, so the parameters ``activate`` writes into are the host copies each group is onloaded from (the
-pinned copies with ``use_stream=True``); a swapped-in hand embedding gets the hooks rebuilt around it.
+pinned copies with ``use_stream=True``). When the variants' hand embeddings differ in structure, the model holds
+both from construction (``hand_patch_embedding`` and ``standby_hand_embedding``, in the top-level offload group)
+and a switch exchanges them: no hook is rebuilt.
 """
 
 from __future__ import annotations
@@ -29,14 +31,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers.hooks import HookRegistry
-from diffusers.hooks.group_offloading import (
-    _GROUP_OFFLOADING,
-    _LAYER_EXECUTION_TRACKER,
-    _LAZY_PREFETCH_GROUP_OFFLOADING,
-    _apply_group_offloading,
-    _get_top_level_group_offload_hook,
-)
 from torch import nn
 
 from posegen_cli.errors import InputError
@@ -50,7 +44,7 @@ from posegen_cli.models.convert import (
     release_module_to_diffusers,
     to_diffusers_names,
 )
-from posegen_cli.models.transformer import PoseGenTransformer3DModel
+from posegen_cli.models.transformer import PoseGenTransformer3DModel, hand_embedding
 from posegen_cli.report import Reporter
 
 VariantName = Literal["base", "transition"]
@@ -92,11 +86,9 @@ class VariantMemory:
 
 
 def _hand_module(config: dict, sd: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A variant's hand embedding when the two variants disagree on its structure (``use_hand_proj``)."""
+    """The transition's hand embedding when the two variants disagree on its structure (``use_hand_proj``)."""
     inner = config["num_attention_heads"] * config["attention_head_dim"]
-    patch = tuple(config["patch_size"])
-    conv = nn.Conv3d(config["out_channels"], inner, kernel_size=patch, stride=patch)
-    module = nn.Sequential(conv, nn.Conv3d(inner, inner, 1)) if config["use_hand_proj"] else conv
+    module = hand_embedding(config["out_channels"], inner, tuple(config["patch_size"]), config["use_hand_proj"])
     prefix = "hand_patch_embedding."
     weights = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     module.load_state_dict(weights, strict=True)
@@ -116,26 +108,6 @@ def _peft_state_dict(ckpt: ReleaseCheckpoint, dtype: torch.dtype) -> dict[str, t
         out[f"{module}.lora_A.weight"] = down.to(dtype)
         out[f"{module}.lora_B.weight"] = up.to(dtype)
     return out
-
-
-def _swap_hand(model: PoseGenTransformer3DModel, hand: nn.Module) -> None:
-    """Install a variant's hand embedding, rebuilding group offloading (if on) so that it covers the new module.
-
-    diffusers binds each offload group to the modules present when offloading was applied (a plain Conv3d hand
-    embedding joins the model's top-level group, a Sequential one gets groups of its own), so a module swapped in
-    afterwards would never be onloaded. The hooks are removed while the outgoing module is still attached (none stay
-    behind on it for when it returns), then applied again with the same settings: re-pinning already pinned host
-    copies returns them as they are, and the first forward afterwards traces the prefetch order again.
-    """
-    top = _get_top_level_group_offload_hook(model)
-    if top is None:
-        model.hand_patch_embedding = hand
-        return
-    registry = HookRegistry.check_if_exists_or_initialize(model)
-    for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
-        registry.remove_hook(name, recurse=True)
-    model.hand_patch_embedding = hand
-    _apply_group_offloading(model, top.config)
 
 
 def _check_pair(configs: dict[str, dict], base_keys: set[str], cond_keys: set[str], base_dir: Path, cond_dir: Path, config_name: str) -> bool:
@@ -215,6 +187,9 @@ class PoseGenVariants:
         self.memory = memory
         self.active: str | None = None
         self.quantization: object | None = None
+        standby = variants["transition"].hand
+        if standby is not None:
+            model.hold_standby_hand_embedding(standby)
 
     @classmethod
     def from_release(
@@ -255,7 +230,7 @@ class PoseGenVariants:
         for name, ck in ckpts.items():
             own = {k: sds[name][k].to(device=device, dtype=dtype, copy=True) for k in own_keys - targets}
             raw = {k: sds[name][k] for k in own_keys & targets}
-            hand = None if same_hand else _hand_module(ck.config, sds[name], dtype, device)
+            hand = None if same_hand else model.hand_patch_embedding if name == "base" else _hand_module(ck.config, sds[name], dtype, device)
             flags = {k: bool(ck.config[k]) for k in _SWITCHABLE_CONFIG}
             variants[name] = _Variant(flags, own, hand, loras[name], raw, ck.merge_dtype)
             if mode == "adapter":
@@ -274,7 +249,8 @@ class PoseGenVariants:
             merged_model_bytes=sum(p.nbytes for n, p in params if "lora_" not in n),
             host_bytes=host,
             variant_bytes={
-                n: _nbytes(v.own) + (0 if v.hand is None else sum(p.nbytes for p in v.hand.parameters())) for n, v in variants.items()
+                n: _nbytes(v.own) + (sum(p.nbytes for p in v.hand.parameters()) if n == "transition" and v.hand is not None else 0)
+                for n, v in variants.items()
             },
             load_seconds=time.perf_counter() - start,
         )
@@ -320,8 +296,8 @@ class PoseGenVariants:
         variants: dict[str, _Variant] = {}
         for name, folder in dirs.items():
             files = _safetensors_files(folder)
-            hand = None
-            if not same_hand:
+            hand = None if same_hand else model.hand_patch_embedding
+            if not same_hand and name == "transition":
                 hand_sd = _read_tensors({k: f for k, f in files.items() if k.startswith("hand_patch_embedding.")})
                 hand = _hand_module(configs[name], hand_sd, dtype, device)
             flags = {k: bool(configs[name][k]) for k in _SWITCHABLE_CONFIG}
@@ -394,8 +370,8 @@ class PoseGenVariants:
                 self._write(params, key, weight)
         for key, tensor in variant.own.items():
             self._write(params, key, tensor)
-        if variant.hand is not None:
-            _swap_hand(model, variant.hand)
+        if variant.hand is not None and model.hand_patch_embedding is not variant.hand:
+            model.swap_hand_embedding()
         model.register_to_config(**variant.config)
         self.active = name
         self.memory.switch_seconds.append(time.perf_counter() - start)

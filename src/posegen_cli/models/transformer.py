@@ -314,6 +314,31 @@ class PoseGenTransformerBlock(WanTransformerBlock):
         return x, ref
 
 
+class HandProjection(nn.Module):
+    """The ``use_hand_proj`` hand embedding: patch convolution ``0``, then the 1x1 projection ``1``.
+
+    The children carry the release's ``nn.Sequential`` names (``hand_patch_embedding.0``/``.1``), but the module is
+    deliberately not a Sequential: diffusers' block-level group offloading gives a Sequential child groups of their
+    own, chained for prefetch in the order of the first forward, and a variant switch that swaps in the other hand
+    embedding would break that chain. A plain module stays in the model's top-level group, onloaded with it.
+    """
+
+    def __init__(self, patch: nn.Conv3d, projection: nn.Conv3d) -> None:
+        super().__init__()
+        self.add_module("0", patch)
+        self.add_module("1", projection)
+
+    def forward(self, hand_latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, F, H, W] latents -> [B, inner, F/p_t, H/p_h, W/p_w] embeddings."""
+        return self.get_submodule("1")(self.get_submodule("0")(hand_latents))
+
+
+def hand_embedding(in_channels: int, inner_dim: int, patch_size: tuple[int, int, int], use_hand_proj: bool) -> nn.Module:
+    """The hand-latent patch embedding: a strided Conv3d, followed by a 1x1 projection when ``use_hand_proj``."""
+    patch = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+    return HandProjection(patch, nn.Conv3d(inner_dim, inner_dim, 1)) if use_hand_proj else patch
+
+
 class PoseGenTransformer3DModel(WanTransformer3DModel):
     """PoseGen's DiT: Wan2.1-I2V-14B plus reference tokens, a hand-latent embedding and pose/mask channels.
 
@@ -384,8 +409,26 @@ class PoseGenTransformer3DModel(WanTransformer3DModel):
         )
         self.ref_patch_embedding = nn.Conv3d(out_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
         if use_hand:
-            hand = nn.Conv3d(out_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
-            self.hand_patch_embedding = nn.Sequential(hand, nn.Conv3d(inner_dim, inner_dim, 1)) if use_hand_proj else hand
+            self.hand_patch_embedding = hand_embedding(out_channels, inner_dim, tuple(patch_size), use_hand_proj)
+
+    def hold_standby_hand_embedding(self, module: nn.Module) -> None:
+        """Register ``module`` (another variant's hand embedding) as ``standby_hand_embedding``, unused by the forward.
+
+        Held as a child from the start, it is covered by whatever is applied to the model afterwards (device moves,
+        group offloading's top-level group), so :meth:`swap_hand_embedding` needs no hook to be rebuilt.
+        """
+        self.standby_hand_embedding = module
+
+    def swap_hand_embedding(self) -> None:
+        """Exchange ``hand_patch_embedding`` and ``standby_hand_embedding`` (two attribute assignments, no copy).
+
+        Raises:
+            RuntimeError: no standby hand embedding was registered (:meth:`hold_standby_hand_embedding`).
+        """
+        standby = getattr(self, "standby_hand_embedding", None)
+        if standby is None:
+            raise RuntimeError("no standby hand embedding to swap in: call hold_standby_hand_embedding first")
+        self.hand_patch_embedding, self.standby_hand_embedding = standby, self.hand_patch_embedding
 
     def token_grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
         """(f, h, w) token grid of latents [B, C, F, H, W] after the patch embedding."""
