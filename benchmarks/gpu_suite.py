@@ -38,7 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from posegen_cli.longvideo.planner import ModelShape, activation_bytes, forward_flops, weight_bytes
+from posegen_cli.longvideo.memory import JobShape, ModelShape, activation_bytes, weight_bytes
+from posegen_cli.longvideo.planner import forward_flops
 from posegen_cli.models import (
     KVShareCache,
     PoseGenTransformer3DModel,
@@ -192,9 +193,9 @@ class Suite:
         flops = forward_flops(
             self.shape, self.grid, self.ref_grid, map_blocks=maps, replay_blocks=len(self.setup["share_blocks"]) if replay else 0
         )
-        estimate = weight_bytes(self.shape, quantize, self.dtype.itemsize) + activation_bytes(
-            self.shape, self.grid, self.ref_grid, replay=False, dtype_bytes=self.dtype.itemsize
-        )
+        f, h, w = self.setup["latent"]
+        job = JobShape(h * 8, w * 8, (f - 1) * 4 + 1, self.dtype.itemsize)
+        estimate = weight_bytes(self.shape, quantize, self.dtype.itemsize) + activation_bytes(self.shape, job)
         if cache is not None:
             estimate += cache.nbytes
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else None

@@ -5,7 +5,7 @@ their K/V where ``plan_kv`` places them (``--placement``, default auto), then a 
 replay them. Measured: the peak device memory of the replaying forwards, seconds per plain and per replaying
 forward, and from those the seconds of a whole ``--steps`` segment (shared steps replay, the rest are plain; the DiT
 only, no VAE) and the share the K/V path adds. The planner's placement, its peak estimate
-(``segment_gpu_estimate``) and its K/V bytes are printed beside each.
+(DiT weights, a replaying forward and the K/V on the GPU) and its K/V bytes are printed beside each.
 
 With CUDA: the full 14B configuration at 720x1280x81 in bf16; ``--gpu-memory-limit GB`` caps the process to that
 much device memory (``torch.cuda.set_per_process_memory_fraction``) and ``--host-memory-limit GB`` the host tier, so
@@ -45,7 +45,7 @@ from posegen_cli.longvideo.memory import (
     format_bytes,
     kv_cache_bytes,
     plan_kv,
-    segment_gpu_estimate,
+    weight_bytes,
 )
 from posegen_cli.longvideo.presets import kv_share_ranges
 from posegen_cli.longvideo.renderer import plan_store
@@ -151,15 +151,16 @@ def run(
             free, _ = torch.cuda.mem_get_info(dev)
             if gpu_memory_limit_gb is not None:
                 free = min(free, int(gpu_memory_limit_gb * GIB) - torch.cuda.memory_reserved(dev))
-            budget_gpu, resident = free, activation_bytes(shape, job)
+            budget_gpu, resident = free, activation_bytes(shape, job, replay=True)
         else:
-            budget_gpu, resident = available_host_bytes(), activation_bytes(shape, job)
+            budget_gpu, resident = available_host_bytes(), activation_bytes(shape, job, replay=True)
         host = available_host_bytes()  # on the CPU the "GPU" tier and the host tier are the same memory
         if host_memory_limit_gb is not None:
             host = min(host, int(host_memory_limit_gb * GIB))
         budget = MemoryBudget(budget_gpu, resident, host, available_bytes(work))
         plan = plan_kv(shape, job, n_steps, n_blocks, budget, placement)
-        estimate = segment_gpu_estimate(shape, job, plan)
+        # the DiT alone (this script runs no VAE): weights, a replaying forward, the K/V on the GPU or in flight
+        estimate = weight_bytes(shape, "none", job.dtype_bytes) + resident + plan.tiers["gpu"] + plan.transient_gpu
         cache_kwargs: dict[str, Any] = {"max_map_block": kv.max_map_block}
         if plan.placement == "recompute":
             cache_kwargs["recompute_model"] = model

@@ -67,7 +67,6 @@ def test_kv_sizes_at_720p_are_the_specs_numbers() -> None:
     assert round(kv_cache_bytes(MODEL, JOB, *preset_counts("full-body")) / 1e9, 1) == 103.8
     assert round(kv_cache_bytes(MODEL, JOB, *preset_counts("distant")) / 1e9, 1) == 129.8
     assert kv_item_bytes(MODEL, JobShape(720, 1280, guidance=False), "kv") == kv_item_bytes(MODEL, JOB, "kv")
-    assert activation_bytes(MODEL, JOB) == (8 * 79_200 * 5_120 + 2 * 79_200 * 13_824) * 2
 
 
 def h100_budget(host_gib: float = 64, disk_gib: float = 500) -> MemoryBudget:
@@ -126,12 +125,21 @@ def test_refusal_names_the_options_that_fit() -> None:
         plan_kv(MODEL, JOB, steps, blocks, budget)
     options = {o.kind: o.detail for o in refused.value.options}
     assert options["fewer_blocks"] == "3"
-    assert "disk" in options and options["gpu"] == f"{5 * 811_008_000 / GIB:.1f} GiB"
+    assert "disk" not in options, "reading back from disk holds a forward's 8 entries plus 2 read ahead: more than recompute"
+    assert options["gpu"] == f"{5 * 811_008_000 / GIB:.1f} GiB"
     # each option, applied, fits
     assert plan_kv(MODEL, JOB, steps, 3, budget).placement == "recompute"
     ranges = kv_share_ranges("full-body", 25, 40)
-    message = phrase(engine.kv_fit_message(refused.value, ranges))
-    assert "--kv-blocks 37-40" in message and "--work-dir" in message and "--offload group" in message
+    message = phrase(refused.value.describe(ranges.steps, ranges.blocks))
+    assert "--kv-blocks 37-40" in message and "--offload group" in message
+    # asked for disk with room on the GPU for the entries in flight (8 + 2) but no disk: the disk it needs
+    roomy = MemoryBudget(resident + 2 * GIB + 10 * 811_008_000, resident, 0, 0)
+    with pytest.raises(KVFitError) as no_disk:
+        plan_kv(MODEL, JOB, steps, blocks, roomy, "disk")
+    need = {o.kind: o.detail for o in no_disk.value.options}["disk"]
+    assert need == f"{(64 * 811_008_000 + 2 * GIB) / GIB:.1f} GiB"
+    assert "--work-dir on a disk with" in phrase(no_disk.value.describe(ranges.steps, ranges.blocks))
+    assert plan_kv(MODEL, JOB, steps, blocks, MemoryBudget(roomy.gpu_free, resident, 0, 64 * 811_008_000 + 2 * GIB), "disk").tiers["disk"] > 0
 
 
 def test_a_job_that_cannot_fit_is_refused_before_any_work(

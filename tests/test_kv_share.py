@@ -252,3 +252,27 @@ def test_source_attention_projects_video_and_reference_rows_separately() -> None
     hook.remove()
     n_video, n_ref = 3 * 6 * 5, 6 * 5
     assert rows == [n_video, n_ref, n_video, n_ref]
+
+
+def test_entries_read_back_at_once_are_what_the_planner_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replaying forward takes all its sharing blocks' entries from host memory when it starts and the next
+    forward's first ``lookahead`` are read meanwhile: ``memory.entries_in_flight`` is that count, and it is reached."""
+    from posegen_cli.longvideo.memory import entries_in_flight
+    from posegen_cli.models.kv_cache import KVShareView
+
+    model = build(6)
+    blocks, lookahead = {3, 4, 5}, 2
+    cache = KVShareCache({0, 1}, blocks, [2], max_map_block=2, lookahead=lookahead, store=TieredStore(gpu_bytes=0, host_bytes=None))
+    run_segment(model, segment_inputs(40, model), cache)
+    cache.start_replay()
+    held = []
+    begin = KVShareView.begin
+
+    def counting_begin(view, *args, **kwargs):
+        begin(view, *args, **kwargs)
+        held.append(sum(share.source is not None for share in view.blocks.values()) + len(cache.store._inflight))
+
+    monkeypatch.setattr(KVShareView, "begin", counting_begin)
+    run_segment(model, segment_inputs(41, model), cache)
+    items = 2 * 2 * len(blocks)
+    assert max(held) == entries_in_flight(items, len(blocks), lookahead) == len(blocks) + lookahead

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from pathlib import Path
 
@@ -10,26 +11,18 @@ import pytest
 import torch
 from diffusers.models.attention_dispatch import attention_backend
 from posegen_reference import make_inputs
+from rich.console import Console
 from test_kv_share import segment_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from posegen_cli.cli import app
+from posegen_cli.cli import app, plan_summary
+from posegen_cli.longvideo.memory import WAN_I2V_14B, JobShape, ModelShape, activation_bytes, kv_cache_bytes
 from posegen_cli.longvideo.plan import plan_segments
-from posegen_cli.longvideo.planner import (
-    GIB,
-    GPUS,
-    WAN_I2V_14B,
-    JobSpec,
-    ModelShape,
-    activation_bytes,
-    find_gpu,
-    forward_flops,
-    kv_cache_bytes,
-    plan_job,
-)
+from posegen_cli.longvideo.planner import GPUS, JobSpec, find_gpu, forward_flops, plan_job
 from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, kv_sharing, tiny_transformer_config
+from posegen_cli.report import Reporter
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +35,7 @@ def _restore_active_backend():
 def test_parameter_count_equals_a_built_model(use_hand_proj: bool) -> None:
     config = tiny_transformer_config(num_layers=3, use_hand_proj=use_hand_proj)
     model = PoseGenTransformer3DModel(**config)
-    assert ModelShape.from_config(config).params() == sum(p.numel() for p in model.parameters())
+    assert ModelShape.from_config(config).num_parameters() == sum(p.numel() for p in model.parameters())
 
 
 def counted_flops(model, inputs: dict, cache: KVShareCache | None = None, branch: str = "cond") -> int:
@@ -75,7 +68,8 @@ def test_full_size_figures_match_the_spec() -> None:
     flops = forward_flops(WAN_I2V_14B, (21, 45, 80), (1, 45, 80))
     assert 7.0e15 < flops.total < 7.1e15
     assert 0.72 < flops.attention / flops.total < 0.74
-    assert kv_cache_bytes(WAN_I2V_14B, 79_200, 2, 6) == 38_928_384_000
+    kv_bytes = kv_cache_bytes(WAN_I2V_14B, JobShape(720, 1280), 2, 6)
+    assert kv_bytes == 38_928_384_000 + 2 * 75_600, "K/V plus the two steps' uint8 subject masks"
 
 
 class LiveBytes(TorchDispatchMode):
@@ -114,13 +108,13 @@ def test_activation_estimate_is_close_to_a_measured_cpu_peak() -> None:
     model = PoseGenTransformer3DModel(**config).to(torch.bfloat16).eval()
     inputs = {k: v.to(torch.bfloat16) for k, v in make_inputs(32, model.config, frames=5, height=40, width=24).items()}
     shape = ModelShape.from_config(config, text_len=7, image_len=5)
-    grid = model.token_grid(inputs["hidden_states"])
     with torch.no_grad():
         model(**inputs)  # the CPU RoPE tables are cached from the first call, as in a job
         tracker = LiveBytes()
         with tracker:
             model(**inputs)
-    estimate = activation_bytes(shape, grid, (1, grid[1], grid[2]), replay=False)
+    f, h, w = inputs["hidden_states"].shape[2:]
+    estimate = activation_bytes(shape, JobShape(h * 8, w * 8, (f - 1) * 4 + 1))
     assert abs(estimate - tracker.peak) <= ACTIVATION_TOLERANCE * tracker.peak, (estimate, tracker.peak)
 
 
@@ -148,8 +142,8 @@ def test_job_plan_counts_passes_and_places_the_kv_cache() -> None:
     segments = plan_segments(1800)
     assert [seg.index for seg in plan.segments] == [seg.index for seg in segments]
     assert plan.passes == len(segments) * 25 * 2
-    assert plan.kv["placement"] == "cpu", "36 GiB of K/V do not fit beside 42 GiB of weights on 80 GB"
-    assert job(gpu="H200").kv["placement"] == "gpu"
+    assert (plan.kv["placement"], plan.kv["format"]) == ("gpu", "inputs"), "36 GiB of K/V do not fit beside 38 GiB on 80 GB"
+    assert (job(gpu="H200").kv["placement"], job(gpu="H200").kv["format"]) == ("gpu", "kv")
     assert job(quantize="fp8").memory_gib["transformer_weights"] < 0.55 * plan.memory_gib["transformer_weights"]
     assert job(quantize="fp8").seconds < plan.seconds < job(compiled=False).seconds < job(attention="native", compiled=False).seconds
     group = job(gpu="RTX 4090", offload="group", quantize="fp8")
@@ -159,8 +153,24 @@ def test_job_plan_counts_passes_and_places_the_kv_cache() -> None:
     transition = next(seg for seg in plan.segments if seg.kind == "transition")
     assert base.flops > transition.flops, "replaying the anchor's K/V adds source attention"
     assert math.isclose(plan.flops, sum(seg.flops for seg in plan.segments))
-    assert plan.peak_gib * GIB > plan.memory_gib["resident_weights"] * GIB
+    assert plan.peak_gib > plan.memory_gib["resident_during_segments"] + plan.kv["tiers_gib"]["gpu"] - 0.01
     assert job(gpu=None).seconds is None
+
+
+def test_job_plan_places_the_kv_cache_as_the_run_does() -> None:
+    """The dry run's K/V placement is ``memory.plan_kv`` on the same sizing the run measures against."""
+    gib = 1024**3
+    full_body = {"kv_steps": (0, 4), "kv_blocks": (32, 40)}
+    split = job(host_free=64 * gib, **full_body)
+    assert split.kv["placement"] == "gpu+host" and split.kv["tiers_gib"]["host"] > 0
+    base = next(seg for seg in split.segments if seg.kind == "base")
+    anchor = next(seg for seg in split.segments if seg.kind == "anchor")
+    assert math.isclose(base.peak_gib - anchor.peak_gib, split.kv["in_flight_gib"], abs_tol=0.02), "entries read back sit on the GPU"
+    recompute = job(host_free=0, disk_free=0, **full_body)
+    assert recompute.kv["placement"] == "recompute" and recompute.kv["extra_forwards_per_base"] == 4 * 2
+    refused = job(gpu="RTX 4090", host_free=0, disk_free=0)
+    assert refused.kv["placement"] == "refused" and "{@offload} group" in refused.kv["refused"]
+    assert any(note.startswith("the run would refuse this job before any work") for note in refused.notes)
 
 
 def test_dry_run_cli_loads_no_model_and_prints_json(tmp_path: Path, reference_image_path: Path, driving_clip: Path) -> None:
@@ -174,8 +184,19 @@ def test_dry_run_cli_loads_no_model_and_prints_json(tmp_path: Path, reference_im
     data = json.loads(result.stdout)
     assert data["gpu"] == "H200" and data["passes"] == len(data["segments"]) * 50
     assert data["settings"]["attention"] == "cudnn" and data["kv"]["steps"] == [0, 1]
+    assert data["kv"]["placement"] == "none", "a 36-frame clip is the anchor alone"
+    assert any(note.startswith("K/V placement sized with") for note in data["notes"])
     bad = runner.invoke(app, ["animate", str(reference_image_path), str(driving_clip), "--dry-run", "--gpu", "Voodoo"])
     assert bad.exit_code == 2 and "known" in bad.output
+
+
+def test_dry_run_output_spells_a_refusal_with_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    refused = job(gpu="RTX 4090", host_free=0, disk_free=0)
+    for json_output in (False, True):
+        Reporter(json_output=json_output, console=Console(file=sys.stdout, width=400)).summary(plan_summary(refused))
+        out = capsys.readouterr().out
+        assert "fits nowhere: the anchor's background K/V" in out and "(try --offload group" in out
+        assert "{@" not in out, "settings are spelled as flags"
 
 
 @pytest.mark.parametrize(("flag", "message"), [(["--attention", "flash3"], "needs a CUDA GPU"), (["--quantize", "fp8"], "FP8 GPU")])

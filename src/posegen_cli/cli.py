@@ -255,13 +255,21 @@ def plan_summary(plan: Any) -> dict[str, Any]:
         "transformer passes": plan.passes,
         "per pass": f"{plan.flops_per_pass / 1e15:.2f} PFLOP, ~{duration(plan.seconds_per_pass)}",
         "job": f"{plan.flops / 1e15:.1f} PFLOP, ~{duration(plan.seconds)}",
-        "K/V cache": f"steps {kv['steps'][0]}-{kv['steps'][1]}, blocks {kv['blocks'][0]}-{kv['blocks'][1]}: {kv['gib']} GiB on the {kv['placement']}"
-        if kv["bytes"]
-        else "none (no base segment besides the anchor)",
+        "K/V cache": kv_summary(kv),
         "memory (GiB)": plan.memory_gib,
         "peak GPU memory": f"~{plan.peak_gib:.1f} GiB",
         "notes": plan.notes,
     }
+
+
+def kv_summary(kv: dict[str, Any]) -> str:
+    """The planned K/V placement in one line: where it goes and what it costs, or why the run would refuse."""
+    ranges = f"steps {kv['steps'][0]}-{kv['steps'][1]}, blocks {kv['blocks'][0]}-{kv['blocks'][1]}"
+    if kv["placement"] == "refused":
+        return f"fits nowhere: {kv['refused']}"
+    if kv["placement"] == "none":
+        return "none (no base segment besides the anchor)"
+    return f"{ranges}, {kv['gib']} GiB: {kv['describe']}"
 
 
 @app.command("extract-pose")

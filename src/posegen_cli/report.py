@@ -170,9 +170,12 @@ class Reporter:
                 self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def summary(self, data: dict[str, Any], title: str | None = None) -> None:
-        """The command's result: JSON on stdout for scripts, else a short key/value list for people."""
+        """The command's result: JSON on stdout for scripts, else a short key/value list for people.
+
+        Strings may name settings with ``errors.option``; they are spelled with ``spell`` in both forms.
+        """
         if self.json_output:
-            sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+            sys.stdout.write(phrase(json.dumps(data, indent=2, default=str), self.spell) + "\n")
             sys.stdout.flush()
             return
         if self.quiet:
@@ -185,11 +188,14 @@ class Reporter:
         pad = "  " * indent
         for key, value in data.items():
             if isinstance(value, dict) and value:
-                self.console.print(f"{pad}{key}:", highlight=False, soft_wrap=True)
+                self._print_line(f"{pad}{key}:")
                 self._print_items(value, indent + 1)
             elif isinstance(value, list) and value:
-                self.console.print(f"{pad}{key}:", highlight=False, soft_wrap=True)
+                self._print_line(f"{pad}{key}:")
                 for item in value:
-                    self.console.print(f"{pad}  - {item}", highlight=False, soft_wrap=True)
+                    self._print_line(f"{pad}  - {item}")
             else:
-                self.console.print(f"{pad}{key}: {value}", highlight=False, soft_wrap=True)
+                self._print_line(f"{pad}{key}: {value}")
+
+    def _print_line(self, line: str) -> None:
+        self.console.print(phrase(line, self.spell), markup=False, highlight=False, soft_wrap=True)

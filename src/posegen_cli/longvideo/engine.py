@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,17 @@ from posegen_cli.cache import cache_root
 from posegen_cli.device import available_host_bytes, free_device_bytes
 from posegen_cli.errors import InputError, MissingModelError, ResourceError, option
 from posegen_cli.fsutil import copy_file
-from posegen_cli.longvideo.memory import JobShape, KVFitError, KVPlan, MemoryBudget, ModelShape, activation_bytes, format_bytes, plan_kv
+from posegen_cli.longvideo.memory import (
+    WAN_I2V_14B,
+    JobShape,
+    KVFitError,
+    KVPlan,
+    MemoryBudget,
+    ModelShape,
+    format_bytes,
+    plan_kv,
+    resident_bytes,
+)
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
@@ -42,9 +52,8 @@ from posegen_cli.longvideo.plan import (
     plan_segments,
     timeline_order,
 )
-from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, JobSpec, expected_kernel, find_gpu, plan_job
-from posegen_cli.longvideo.planner import ModelShape as PlannerShape
-from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot, kv_share_ranges
+from posegen_cli.longvideo.planner import JobPlan, JobSpec, expected_kernel, find_gpu, plan_job
+from posegen_cli.longvideo.presets import DEFAULT_SHOT, SHOT_PRESETS, KVShareRanges, classify_shot, kv_share_ranges
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import BlankFrames, CameraFrames, FrameReader, FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
@@ -317,43 +326,13 @@ def measure_budget(device: torch.device, resident: int, disk_folder: Path, disk_
     return MemoryBudget(available_host_bytes(), resident, 0, disk)
 
 
-def resident_bytes(model: ModelShape, job: JobShape, offload: str) -> int:
-    """Device bytes the job keeps besides the K/V: the DiT's weights (two blocks under group offload) and activations."""
-    weights = model.num_parameters() * job.dtype_bytes
-    if offload == "group":
-        weights = 2 * weights // model.num_layers
-    return weights + activation_bytes(model, job)
-
-
 def plan_job_kv(model: ModelShape, job: JobShape, kv: KVShareRanges, budget: MemoryBudget, requested: str) -> KVPlan:
     """Where this job's anchor K/V go; a ResourceError naming the options that fit when nothing does."""
     steps, blocks = kv.steps[1] - kv.steps[0], kv.blocks[1] - kv.blocks[0]
     try:
         return plan_kv(model, job, steps, blocks, budget, requested)
     except KVFitError as exc:
-        raise ResourceError(kv_fit_message(exc, kv)) from None
-
-
-def kv_fit_message(exc: KVFitError, kv: KVShareRanges) -> str:
-    """One line: what the K/V need, what is free, and each change that would make the job fit."""
-    need = exc.needed
-    have = ", ".join(f"{tier} {format_bytes(size)}" for tier, size in exc.available.items())
-    tips = []
-    for fit in exc.options:
-        if fit.kind == "placement":
-            tips.append(f"{option('kv_placement')} {fit.detail}")
-        elif fit.kind == "fewer_blocks":
-            tips.append(f"{option('kv_blocks')} {kv.blocks[1] - int(fit.detail)}-{kv.blocks[1]}")
-        elif fit.kind == "disk":
-            tips.append(f"{option('work_dir')} on a disk with {fit.detail} free")
-        elif fit.kind == "gpu":
-            tips.append(f"{option('offload')} group, or {fit.detail} more free GPU memory")
-    return (
-        f"the anchor's background K/V (steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]}) need "
-        f"{format_bytes(need['stored'])} stored or {format_bytes(need['recompute on the GPU'])} of GPU memory to recompute "
-        f"({option('kv_placement')} {exc.requested}), but only {have} are free for them"
-        + (f" (try {'; or '.join(tips)})" if tips else " (free GPU memory, host memory or disk)")
-    )
+        raise ResourceError(exc.describe(kv.steps, kv.blocks)) from None
 
 
 def work_settings(options: AnimateOptions, job: JobSettings, reference: ReferenceImage, model_dirs: list[Path]) -> dict[str, Any]:
@@ -441,21 +420,17 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def model_shape(models_dir: Path | None) -> tuple[PlannerShape, str]:
-    """The DiT's shape from the base checkpoint's ``model_config.json`` when it is on disk (read, not loaded), else
-    the release's 14B shape; and where it came from."""
-    import json
-
+def model_shape(models_dir: Path | None) -> tuple[ModelShape, str]:
+    """The DiT's shape (:func:`read_model_shape`) when the posegen checkpoints are on disk, else the release's 14B
+    shape; and where it came from."""
     from posegen_cli.hub import find_local
     from posegen_cli.longvideo.loading import BASE_FOLDER
-    from posegen_cli.models.convert import release_config_to_diffusers
+    from posegen_cli.models.convert import CONFIG_NAME
 
     root = find_local("posegen", models_dir)
-    config_file = None if root is None else Path(root) / BASE_FOLDER / "model_config.json"
-    if config_file is None or not config_file.is_file():
+    if root is None or not (Path(root) / BASE_FOLDER / CONFIG_NAME).is_file():
         return WAN_I2V_14B, "Wan2.1-I2V-14B-720P + PoseGen (models not downloaded: the release's shape)"
-    config = release_config_to_diffusers(json.loads(config_file.read_text()), config_file)
-    return PlannerShape.from_config(config), str(config_file)
+    return read_model_shape(Path(root)), str(Path(root) / BASE_FOLDER / CONFIG_NAME)
 
 
 def plan_animate(driving: Path | None, *, options: AnimateOptions, reporter: Reporter) -> JobPlan:
@@ -469,7 +444,7 @@ def plan_animate(driving: Path | None, *, options: AnimateOptions, reporter: Rep
     plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
     shape, shape_source = model_shape(options.models_dir)
     shot = options.shot if options.shot != "auto" else DEFAULT_SHOT
-    kv = kv_share_ranges(shot, job.steps, shape.layers, job.kv_steps, job.kv_blocks)
+    kv = kv_share_ranges(shot, job.steps, shape.num_layers, job.kv_steps, job.kv_blocks)
     device = job.device
     dtype = torch.bfloat16 if options.gpu is not None and options.dtype == "auto" else job.dtype
     if options.gpu is not None:
@@ -485,15 +460,30 @@ def plan_animate(driving: Path | None, *, options: AnimateOptions, reporter: Rep
         raise InputError(
             f"{option('quantize')} fp8 needs an FP8 GPU; {gpu.name if gpu else 'no GPU'} has none (use int8 or none, or {option('gpu')} H100)"
         )
+    work_root = Path(options.work_dir) if options.work_dir is not None else cache_root()
     spec = JobSpec(
         height=job.height, width=job.width, frames=options.segment_frames, steps=job.steps, guidance=job.guidance,
         kv_steps=kv.steps, kv_blocks=kv.blocks, max_map_block=kv.max_map_block, attention=kernel, compiled=options.compile,
         quantize=options.quantize, offload=options.offload, dtype_bytes=2 if dtype != torch.float32 else 4,
+        kv_placement=options.kv_placement, host_free=available_host_bytes(), disk_free=available_bytes(work_root),
     )  # fmt: skip
     result = plan_job(plan, shape, spec, gpu)
     result.settings.update(driving_frames=info.frame_count, fps=float(info.fps), shot=shot, model=shape_source)
+    result.notes.append(
+        f"K/V placement sized with {format_bytes(spec.host_free or 0)} of host memory free on this machine and "
+        f"{format_bytes(spec.disk_free or 0)} of disk under {work_root}"
+    )
     if options.shot == "auto":
-        result.notes.append(f"shot auto: planned with the {DEFAULT_SHOT} preset; the run picks the preset from the reference person")
+        others = []
+        for other in SHOT_PRESETS:
+            ranges = kv_share_ranges(other, job.steps, shape.num_layers, job.kv_steps, job.kv_blocks)
+            other_kv = plan_job(plan, shape, replace(spec, kv_steps=ranges.steps, kv_blocks=ranges.blocks), gpu).kv
+            others.append(f"{other}: {other_kv.get('describe', other_kv['placement'])}")
+        result.kv["by_shot"] = others
+        result.notes.append(
+            f"shot auto: planned with the {DEFAULT_SHOT} preset; the run picks the preset from the reference person "
+            f"(K/V by preset: {'; '.join(others)})"
+        )
     if gpu is None:
         result.notes.append("no GPU named or present: no time estimate (name one: H100, H200, A100-80GB, L40S or 'RTX 4090')")
     return result
@@ -583,7 +573,7 @@ def _animate(
             kv = kv_share_ranges(shot, job.steps, model_shape.num_layers, job.kv_steps, job.kv_blocks)
             if any(seg.kind == BASE for seg in plan):
                 job_shape = JobShape(job.height, job.width, options.segment_frames, torch.finfo(job.dtype).bits // 8, job.guidance != 1.0)
-                resident = resident_bytes(model_shape, job_shape, options.offload)
+                resident = resident_bytes(model_shape, job_shape, options.offload, options.quantize)
                 budget = measure_budget(device, resident, work.path, segment_frame_bytes(work, plan, size))
                 kv_plan = plan_job_kv(model_shape, job_shape, kv, budget, options.kv_placement)
                 reporter.info(f"K/V placement {kv_plan.describe()}")
@@ -677,7 +667,9 @@ def _animate(
             reporter.info(f"camera pattern given to the negative branch -> {camera_video}")
 
     # beside the output once it is complete: the work folder, where it was made, goes with the job
-    alignment_png = copy_file(poses.alignment_png, output.with_name(f"{output.stem}_alignment.png")) if poses is not None and has_alignment else None
+    alignment_png = (
+        copy_file(poses.alignment_png, output.with_name(f"{output.stem}_alignment.png")) if poses is not None and has_alignment else None
+    )
     if options.keep_intermediates:
         kept: Path | None = work.path
     else:

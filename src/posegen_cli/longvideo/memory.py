@@ -19,10 +19,12 @@ Counts per job: ``steps x branches x blocks`` items; branches is 2 with classifi
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from posegen_cli.choices import KV_PLACEMENTS
+from posegen_cli.errors import option
 
 KVFormat = Literal["kv", "inputs"]
 
@@ -37,7 +39,20 @@ HOST_HEADROOM_BYTES = 8 * GIB
 """Left free in host memory for the process itself, the decoded frames and the page cache of the weights."""
 DISK_HEADROOM_BYTES = 2 * GIB
 DEFAULT_LOOKAHEAD = 2
-"""Items read ahead of use from host or disk; each one in flight is held on the GPU until its block runs."""
+"""Items read ahead of use from host or disk (``KVShareCache.lookahead``)."""
+
+TEXT_ENCODER_PARAMS = 5_680_910_336
+"""umT5-XXL encoder of Wan2.1 (``text_encoder/``, 24 layers of d_model 4096, d_ff 10240, 256,384-token vocabulary)."""
+IMAGE_ENCODER_PARAMS = 632_076_800
+"""CLIP ViT-H/14 vision tower of Wan2.1-I2V (``image_encoder/``, 32 layers of 1280)."""
+VAE_PARAMS = 126_892_531
+"""Wan2.1 VAE (``vae/``, AutoencoderKLWan base_dim 96)."""
+VAE_DECODER_WIDTH = 96
+"""Channels of the VAE decoder's last, full-resolution stage."""
+VAE_TILE = (30, 52)
+"""Latent (height, width) of one VAE tile (``pipelines.vae.ENCODE_TILE``, the release's tiling)."""
+ROPE_CHUNK_TOKENS = 8192
+"""Tokens per complex128 RoPE chunk (``models.transformer.apply_rope``)."""
 
 
 def format_bytes(n: int) -> str:
@@ -47,7 +62,10 @@ def format_bytes(n: int) -> str:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What sizing needs from a ``PoseGenTransformer3DModel`` config (diffusers names)."""
+    """What sizing and the job planner need from a ``PoseGenTransformer3DModel`` config (diffusers names).
+
+    ``text_len``/``image_len``: the text (umT5, 512) and image (CLIP, 257) tokens every forward cross-attends to.
+    """
 
     num_layers: int
     num_attention_heads: int
@@ -62,10 +80,12 @@ class ModelShape:
     patch_size: tuple[int, int, int]
     use_hand: bool = True
     use_hand_proj: bool = False
+    text_len: int = 512
+    image_len: int = 257
 
     @classmethod
-    def from_config(cls, config: dict) -> ModelShape:
-        """From a diffusers config dict (``transformer.config`` or :func:`release_config_to_diffusers`)."""
+    def from_config(cls, config: Mapping[str, Any], text_len: int = 512, image_len: int = 257) -> ModelShape:
+        """From a diffusers config (``transformer.config`` or :func:`release_config_to_diffusers`)."""
         return cls(
             num_layers=int(config["num_layers"]),
             num_attention_heads=int(config["num_attention_heads"]),
@@ -80,34 +100,49 @@ class ModelShape:
             patch_size=tuple(int(p) for p in config["patch_size"]),  # type: ignore[arg-type]
             use_hand=bool(config.get("use_hand", True)),
             use_hand_proj=bool(config.get("use_hand_proj", False)),
+            text_len=text_len,
+            image_len=image_len,
         )
 
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    @property
+    def patch_volume(self) -> int:
+        return math.prod(self.patch_size)
+
+    def block_linear_params(self) -> tuple[int, int]:
+        """(weights, biases) of one block's linear layers: self-attn q,k,v,o; cross q,k,v,o + image k,v; FFN."""
+        d, f = self.inner_dim, self.ffn_dim
+        weights = 4 * d * d + 4 * d * d + 2 * self.added_kv_proj_dim * d + 2 * d * f
+        biases = 8 * d + 2 * d + d + f
+        return weights, biases
+
+    def block_params(self) -> int:
+        """One block: its linears, q/k norms (4d, + image k norm d), the affine cross-attention LayerNorm (2d), table (6d)."""
+        weights, biases = self.block_linear_params()
+        return weights + biases + 5 * self.inner_dim + 2 * self.inner_dim + 6 * self.inner_dim
+
     def num_parameters(self) -> int:
         """Exact parameter count of the diffusers module tree (checked against a built model in the tests)."""
-        d, f, p = self.inner_dim, self.ffn_dim, math.prod(self.patch_size)
-        linear = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731
-        block = (
-            4 * linear(d, d) + 2 * d  # self-attention q, k, v, o and the q/k RMS norms
-            + 4 * linear(d, d) + 2 * d  # cross-attention q, k, v, o and norms
-            + 2 * linear(self.added_kv_proj_dim, d) + d  # image K/V projections and their norm
-            + 2 * d  # the affine cross-attention LayerNorm
-            + linear(d, f) + linear(f, d)
-            + 6 * d  # modulation table
-        )  # fmt: skip
-        conv = lambda c: c * d * p + d  # noqa: E731
-        top = conv(self.in_channels) + conv(self.out_channels)
+        d, p = self.inner_dim, self.patch_volume
+        embed = (self.in_channels * p + 1) * d + (self.out_channels * p + 1) * d  # patch, reference patch
         if self.use_hand:
-            top += conv(self.out_channels) + (linear(d, d) if self.use_hand_proj else 0)
-        top += linear(self.freq_dim, d) + linear(d, d) + linear(d, 6 * d)  # time embedding and projection
-        top += linear(self.text_dim, d) + linear(d, d)  # text embedding
-        img = self.image_dim
-        top += 2 * img + linear(img, img) + linear(img, d) + 2 * d  # image embedding: LN, GELU MLP, LN
-        top += linear(d, self.out_channels * p) + 2 * d  # output head and its modulation table
-        return self.num_layers * block + top
+            embed += (self.out_channels * p + 1) * d + ((d * d + d) if self.use_hand_proj else 0)
+        cond = (self.freq_dim * d + d) + (d * d + d) + (d * 6 * d + 6 * d)  # time embedding, time projection
+        cond += (self.text_dim * d + d) + (d * d + d)  # text embedding
+        cond += 2 * self.image_dim + (self.image_dim * self.image_dim + self.image_dim) + (self.image_dim * d + d) + 2 * d
+        head = (d * self.out_channels * p + self.out_channels * p) + 2 * d  # proj_out, output scale/shift table
+        return embed + cond + self.num_layers * self.block_params() + head
+
+
+WAN_I2V_14B = ModelShape(
+    num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, in_channels=36, out_channels=16,
+    text_dim=4096, freq_dim=256, image_dim=1280, added_kv_proj_dim=5120, patch_size=(1, 2, 2), use_hand=True,
+    use_hand_proj=True,
+)  # fmt: skip
+"""The release's DiT (Wan2.1-I2V-14B-720P + PoseGen inputs; ``use_hand_proj`` as the larger of the two variants)."""
 
 
 @dataclass(frozen=True)
@@ -154,11 +189,68 @@ def kv_cache_bytes(model: ModelShape, job: JobShape, steps: int, blocks: int, fm
     return kv_items(job, steps, blocks) * kv_item_bytes(model, job, fmt) + subject_mask_bytes(model, job, steps)
 
 
-def activation_bytes(model: ModelShape, job: JobShape) -> int:
-    """Estimate of one forward's peak activations: 8 [L, inner] and 2 [L, ffn] tensors (see the factors above)."""
-    n_video, n_ref = job.tokens(model)
-    tokens = n_video + n_ref
-    return (ACTIVATION_TOKEN_FACTOR * tokens * model.inner_dim + ACTIVATION_FFN_FACTOR * tokens * model.ffn_dim) * job.dtype_bytes
+def activation_bytes(model: ModelShape, job: JobShape, *, replay: bool = False) -> int:
+    """Largest set of tensors alive at once inside one block's forward (batch 1), phase by phase.
+
+    Always alive: the block's input x and ref and the complex128 RoPE tables (8 bytes per token and head channel).
+    RoPE of the video keys: the modulated input, q (done), k, its rotated output and one chunk of float64 input
+    plus complex128 product (24 bytes per element). Concatenation of q/k/v: the modulated inputs, the per-stream q/k/v
+    and the joint ones (7 tensors of all tokens). Replay: the modulated inputs, joint q/k/v, the anchor's K/V copied in,
+    the two attention outputs and a projection. FFN: the modulated input, two [tokens, ffn_dim] tensors (linear
+    output, GELU) and the second linear's output. Checked against a measured peak of live tensors in the tests.
+    """
+    nv, nr = job.tokens(model)
+    n, d, b = nv + nr, model.inner_dim, job.dtype_bytes
+    base = n * d * b + n * model.attention_head_dim * 8
+    rope = 4 * nv * d * b + min(ROPE_CHUNK_TOKENS, nv) * d * 24
+    concat = 7 * n * d * b
+    shared = 9 * n * d * b if replay else 0
+    ffn = 2 * nv * d * b + 2 * nv * model.ffn_dim * b
+    return base + max(rope, concat, shared, ffn)
+
+
+def block_weight_bytes(model: ModelShape, quantize: str, dtype_bytes: int = 2) -> int:
+    """Bytes of one block's weights: its linear weights at 1 byte (+ one fp32 scale per output row) when quantised."""
+    total = model.block_params() * dtype_bytes
+    if quantize in ("int8", "fp8"):
+        linear_weights, _ = model.block_linear_params()
+        d = model.inner_dim
+        rows = 8 * d + 2 * d + model.ffn_dim + d  # output rows of one block's linears
+        total += rows * 4 - linear_weights * (dtype_bytes - 1)
+    return total
+
+
+def weight_bytes(model: ModelShape, quantize: str, dtype_bytes: int = 2) -> int:
+    """Bytes of the DiT's weights: the blocks (:func:`block_weight_bytes`) and the top-level modules in the model dtype."""
+    top = (model.num_parameters() - model.num_layers * model.block_params()) * dtype_bytes
+    return top + model.num_layers * block_weight_bytes(model, quantize, dtype_bytes)
+
+
+def vae_decode_bytes(job: JobShape) -> int:
+    """The VAE's tiled decode: the float32 output video, one tile's output and its widest activations."""
+    tile_h, tile_w = VAE_TILE[0] * 8, VAE_TILE[1] * 8
+    video = 3 * job.frames * job.height * job.width * 4
+    tile = 3 * job.frames * tile_h * tile_w * 4
+    chunk = 4 * VAE_DECODER_WIDTH * tile_h * tile_w * job.dtype_bytes * 6
+    return video + tile + chunk
+
+
+def resident_bytes(model: ModelShape, job: JobShape, offload: str, quantize: str = "none") -> int:
+    """Device bytes a base segment keeps besides the K/V, once the encoders have left the GPU.
+
+    offload "none": the DiT's and the VAE's weights plus the larger of a replaying forward's activations and the
+    VAE decode; "model": whichever of DiT (+ activations) and VAE (+ decode) is on the device; "group": two blocks
+    and the DiT's top-level weights (leaf-streamed VAE) plus the same working set as "none".
+    """
+    dit = weight_bytes(model, quantize, job.dtype_bytes)
+    vae = VAE_PARAMS * job.dtype_bytes
+    forward, decode = activation_bytes(model, job, replay=True), vae_decode_bytes(job)
+    if offload == "model":
+        return max(dit + forward, vae + decode)
+    if offload == "group":
+        streamed = (model.num_layers - 2) * block_weight_bytes(model, quantize, job.dtype_bytes)
+        return dit - streamed + max(forward, decode)
+    return dit + vae + max(forward, decode)
 
 
 @dataclass(frozen=True)
@@ -243,6 +335,27 @@ class KVFitError(Exception):
         have = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.available.items())
         return f"K/V placement {self.requested} needs {need}; free for it: {have}"
 
+    def describe(self, steps: tuple[int, int], blocks: tuple[int, int]) -> str:
+        """One line for the ``steps``/``blocks`` ranges that were planned: what the K/V need, what is free, and each
+        change that would make the job fit (settings named with :func:`~posegen_cli.errors.option`)."""
+        tips = []
+        for fit in self.options:
+            if fit.kind == "placement":
+                tips.append(f"{option('kv_placement')} {fit.detail}")
+            elif fit.kind == "fewer_blocks":
+                tips.append(f"{option('kv_blocks')} {blocks[1] - int(fit.detail)}-{blocks[1]}")
+            elif fit.kind == "disk":
+                tips.append(f"{option('work_dir')} on a disk with {fit.detail} free")
+            elif fit.kind == "gpu":
+                tips.append(f"{option('offload')} group, or {fit.detail} more free GPU memory")
+        have = ", ".join(f"{tier} {format_bytes(size)}" for tier, size in self.available.items())
+        return (
+            f"the anchor's background K/V (steps {steps[0]}-{steps[1]}, blocks {blocks[0]}-{blocks[1]}) need "
+            f"{format_bytes(self.needed['stored'])} stored or {format_bytes(self.needed['recompute on the GPU'])} of GPU "
+            f"memory to recompute ({option('kv_placement')} {self.requested}), but only {have} are free for them"
+            + (f" (try {'; or '.join(tips)})" if tips else " (free GPU memory, host memory or disk)")
+        )
+
 
 def _fill(total: int, item: int, capacities: list[tuple[str, int]]) -> dict[str, int] | None:
     """Whole items into tiers in order; None if they do not all fit."""
@@ -264,7 +377,7 @@ def plan_kv(
     ``auto`` takes the first that fits of: K/V on the GPU (no extra work); inputs on the GPU; inputs on GPU then
     pinned host; inputs on GPU, host, then disk; recompute. Explicit placements: "gpu" (K/V, else inputs, all on
     the GPU), "host" (inputs in pinned host memory), "disk" (inputs on disk), "recompute". Whatever is read back
-    from host or disk needs ``lookahead`` items of GPU memory in flight.
+    from host or disk needs GPU memory for the entries in flight: one forward's sharing blocks plus ``lookahead``.
     """
     if requested not in KV_PLACEMENTS:
         raise ValueError(f"K/V placement must be one of {', '.join(KV_PLACEMENTS)}, not {requested!r}")
@@ -274,6 +387,13 @@ def plan_kv(
     return plan
 
 
+def entries_in_flight(items: int, blocks: int, lookahead: int) -> int:
+    """Entries read back from host or disk that sit on the GPU at once: a replaying forward takes all its sharing
+    blocks' entries when it starts and holds them until it ends (``KVShareView.begin``), while the next forward's
+    first ``lookahead`` are already being read."""
+    return min(items, blocks + lookahead)
+
+
 def _first_fit(
     model: ModelShape, job: JobShape, steps: int, blocks: int, budget: MemoryBudget, requested: str, lookahead: int
 ) -> KVPlan | None:
@@ -281,7 +401,7 @@ def _first_fit(
     masks = subject_mask_bytes(model, job, steps)
     kv_item, in_item = kv_item_bytes(model, job, "kv"), kv_item_bytes(model, job, "inputs")
     gpu, host, disk = budget.gpu_for_kv, budget.host_for_kv, budget.disk_for_kv
-    ahead = min(lookahead, n) * in_item
+    ahead = entries_in_flight(n, blocks, lookahead) * in_item
 
     def stored(name: str, fmt: KVFormat, capacities: list[tuple[str, int]]) -> KVPlan | None:
         item = kv_item if fmt == "kv" else in_item
@@ -320,9 +440,7 @@ def _first_fit(
     return None
 
 
-def _refusal(
-    model: ModelShape, job: JobShape, steps: int, blocks: int, budget: MemoryBudget, requested: str, lookahead: int
-) -> KVFitError:
+def _refusal(model: ModelShape, job: JobShape, steps: int, blocks: int, budget: MemoryBudget, requested: str, lookahead: int) -> KVFitError:
     """The facts of a refusal and every single change that would make the job fit."""
     in_item = kv_item_bytes(model, job, "inputs")
     n = kv_items(job, steps, blocks)
@@ -338,7 +456,7 @@ def _refusal(
         if _first_fit(model, job, steps, fewer, budget, requested, lookahead) is not None:
             options.append(FitOption("fewer_blocks", str(fewer)))
             break
-    ahead = min(lookahead, n) * in_item
+    ahead = entries_in_flight(n, blocks, lookahead) * in_item
     if gpu >= ahead and requested in ("auto", "disk"):
         short = n * in_item - (0 if requested == "disk" else (gpu - ahead) // in_item * in_item + host // in_item * in_item) - disk
         if short > 0:
@@ -346,10 +464,3 @@ def _refusal(
     if blocks * in_item > gpu:
         options.append(FitOption("gpu", format_bytes(blocks * in_item - gpu)))
     return KVFitError(requested, needed, available, options)
-
-
-def segment_gpu_estimate(model: ModelShape, job: JobShape, plan: KVPlan | None, *, weights_on_gpu: bool = True) -> int:
-    """Estimated peak device bytes of one base segment's denoising: weights, activations and the K/V on the GPU."""
-    weights = model.num_parameters() * job.dtype_bytes if weights_on_gpu else 0
-    kv = 0 if plan is None else plan.tiers["gpu"] + plan.transient_gpu
-    return weights + activation_bytes(model, job) + kv
