@@ -178,6 +178,24 @@ def test_library_modules_name_no_command_line_flags() -> None:
     assert not named, "flags named outside cli.py:\n" + "\n".join(named)
 
 
+PRIVATE_LIBRARY_IMPORTS = {
+    ("pipelines/offload.py", "diffusers.hooks.group_offloading", "_get_group_onload_device"),
+    ("pipelines/offload.py", "diffusers.hooks.group_offloading", "_is_group_offload_enabled"),
+}
+"""Private names of diffusers/transformers/peft we still import, with no public equivalent in the pinned versions:
+the two group-offloading queries diffusers' own pipelines use to find a module's execution device."""
+
+
+def test_private_library_names_are_imported_only_where_listed() -> None:
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("diffusers", "transformers", "peft"):
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                found |= {(path.relative_to(PACKAGE).as_posix(), node.module, name) for name in private}
+    assert found == PRIVATE_LIBRARY_IMPORTS
+
+
 def test_the_dit_declares_only_what_it_does() -> None:
     """The forward never checkpoints, so diffusers refuses gradient checkpointing instead of silently ignoring it."""
     from posegen_cli.models import PoseGenTransformer3DModel, tiny_transformer_config
