@@ -23,6 +23,8 @@ import torch
 
 from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import InputError, ResourceError, require_file
+from posegen_cli.longvideo.executors import Executor, ModelSpec, SegmentJob
+from posegen_cli.longvideo.executors.local import LocalExecutor
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
@@ -34,8 +36,7 @@ from posegen_cli.longvideo.plan import (
     timeline_order,
 )
 from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot, kv_share_ranges
-from posegen_cli.longvideo.segments import SegmentStats, render_segments
-from posegen_cli.longvideo.sources import FrameSource
+from posegen_cli.longvideo.segments import SegmentStats
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
@@ -100,6 +101,8 @@ class AnimateResult:
     phase_memory: dict[str, dict[str, float]]
     peak_gpu_memory_bytes: int | None
     work_dir: Path | None
+    workers: dict[str, dict[str, Any]] | None = None
+    """Per Ray worker: node, segments made, seconds (None for a single-process run)."""
 
     def summary(self) -> dict[str, Any]:
         """Plain values for ``Reporter.summary`` (and ``--json``)."""
@@ -125,6 +128,7 @@ class AnimateResult:
             "memory_gb": self.phase_memory,
             "peak_gpu_memory_gb": None if self.peak_gpu_memory_bytes is None else round(self.peak_gpu_memory_bytes / 1024**3, 2),
             "work_dir": None if self.work_dir is None else str(self.work_dir),
+            **({"workers": self.workers} if self.workers is not None else {}),
         }
 
 
@@ -249,6 +253,16 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def make_executor(options: AnimateOptions, device: torch.device) -> Executor:
+    """This process for a plain run; Ray workers with ``options.gpus`` or ``options.ray_address`` (Ray is imported only then)."""
+    models = ModelSpec(options.models_dir, device.type, options.dtype, options.offload)
+    if options.gpus is None and options.ray_address is None:
+        return LocalExecutor(models)
+    from posegen_cli.longvideo.executors.ray import RayExecutor
+
+    return RayExecutor(models, gpus=options.gpus, address=options.ray_address)
+
+
 def animate(
     reference: Path,
     driving: Path,
@@ -284,6 +298,7 @@ def _animate(
     dtype = resolve_dtype(options.dtype, device)
     timer = PhaseTimer(device)
     size = (job.height, job.width)
+    executor = make_executor(options, device)  # before any work: a missing Ray fails here
 
     with timer("inputs"):
         from posegen_cli.hub import model_path
@@ -324,30 +339,28 @@ def _animate(
             device=options.device, models_dir=options.models_dir, reporter=reporter,
         )  # fmt: skip
 
-    with timer("load models"):
-        from posegen_cli.longvideo.renderer import PipelineRenderer
-        from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
-
-        pipe = PoseGenPipeline.from_models(options.models_dir, device=device, dtype=dtype, offload=options.offload, reporter=reporter)
-        kv = kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, job.kv_steps, job.kv_blocks)
-        renderer = PipelineRenderer(
-            pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
-            height=job.height, width=job.width, kv=kv, num_steps=job.steps, guidance=job.guidance, seed=job.seed,
-        )  # fmt: skip
-    reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
-
-    pose_source, hand_source = FrameSource(poses.pose_video, size), FrameSource(poses.hand_video, size)
     try:
-        with timer("segments"):
-            stats: SegmentStats = render_segments(
-                plan, renderer, pose_source, hand_source, work, total_frames=info.frame_count, frame_shape=size,
-                head=options.head, tail=options.tail, reporter=reporter, compat_mp4=options.compat_mp4,
-                after_segment=after_segment,
+        with timer("load models"):
+            from posegen_cli.longvideo.renderer import JobEmbeddings, RenderSpec
+
+            encoders = executor.encoder_pipeline(reporter)
+            spec = RenderSpec(
+                JobEmbeddings.encode(encoders, prompt.prompt, framed, job.height, job.width).to("cpu"),
+                subject_positions=tuple(prompt.token_positions), shot=shot, kv_steps=job.kv_steps, kv_blocks=job.kv_blocks,
+                num_steps=job.steps, guidance=job.guidance, seed=job.seed,
             )  # fmt: skip
+            del encoders
+            segment_job = SegmentJob(
+                plan=plan, work_path=work.path, work_settings=work.settings, pose_video=poses.pose_video, hand_video=poses.hand_video,
+                frame_shape=size, total_frames=info.frame_count, head=options.head, tail=options.tail, compat_mp4=options.compat_mp4,
+            )  # fmt: skip
+            kv = executor.start(spec, segment_job, reporter)
+        reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
+        with timer("segments"):
+            stats: SegmentStats = executor.run(reporter, after_segment)
+        workers = executor.worker_summary()
     finally:
-        pose_source.close()
-        hand_source.close()
-        del renderer, pipe
+        executor.close()
     transitions = sum(1 for seg in plan if seg.kind == TRANSITION)
     if stats.reused:
         reporter.info(f"reused {len(stats.reused)} finished segment(s) from {work.path}")
@@ -366,5 +379,5 @@ def _animate(
         segments=len(plan), computed=stats.computed, reused=stats.reused, kv_rebuilt=stats.rebuilt_anchor,
         segment_seconds=stats.seconds, shot=shot, kv=kv,
         prompt=prompt.prompt, subject=prompt.subject, phases=timer.seconds, phase_memory=timer.memory,
-        peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept,
+        peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept, workers=workers,
     )  # fmt: skip

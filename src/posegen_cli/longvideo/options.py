@@ -52,6 +52,10 @@ class AnimateOptions:
     head: int = 21
     tail: int = 20
     """Segment geometry: the release's checkpoints were trained on 81/21/20; other 4k+1 lengths are for tests."""
+    gpus: int | None = None
+    """Ray workers, one per GPU: a local runtime with this many, or the cap on a cluster's (None: no Ray)."""
+    ray_address: str | None = None
+    """Join this Ray cluster ("auto", "HOST:PORT", "ray://HOST:PORT") instead of running in this process."""
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -119,6 +123,8 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         raise InputError(f"--offload {options.offload!r} is not known (use {', '.join(OFFLOAD_MODES)})")
     if options.align not in ALIGN_MODES:
         raise InputError(f"--align {options.align!r} is not known (use {', '.join(ALIGN_MODES)})")
+    if options.gpus is not None and options.gpus < 1:
+        raise InputError(f"--gpus {options.gpus}: need at least one worker")
     if not 0 <= options.crf <= 51:
         raise InputError(f"--crf {options.crf} is out of range (use 0..51; 18 is visually lossless)")
     return JobSettings(

@@ -70,8 +70,45 @@ def release_mp4_roundtrip(frames: np.ndarray, folder: Path) -> np.ndarray:
         path.unlink(missing_ok=True)
 
 
+def stored_frames(frames: np.ndarray, compat_mp4: bool, folder: Path) -> np.ndarray:
+    """What the work folder keeps of a generated segment: the frames, or their release mp4 round trip."""
+    return release_mp4_roundtrip(frames, folder) if compat_mp4 else frames
+
+
+def generate_segment(
+    seg: Segment,
+    renderer: SegmentRenderer,
+    pose: FrameSource,
+    hand: FrameSource,
+    work: WorkDir,
+    *,
+    total_frames: int,
+    head: int,
+    tail: int,
+    on_step: ProgressCallback,
+    record_kv: bool = False,
+    frames_needed: bool = True,
+) -> np.ndarray | None:
+    """Run one segment on ``renderer``: uint8 frames [F, H, W, 3], or None for an anchor run only to rebuild its K/V.
+
+    The anchor records its K/V when ``record_kv``; a transition reads its neighbours' frames from ``work``, so both
+    must be stored. Every executor (in-process or a Ray worker) generates a segment through this one function.
+    """
+    indices = segment_frame_indices(seg, total_frames)
+    pose_frames, hand_frames = pose.read(indices), hand.read(indices)
+    if seg.kind == ANCHOR:
+        return renderer.render_anchor(pose_frames, hand_frames, on_step, record=record_kv, frames_needed=frames_needed)
+    if seg.kind == BASE:
+        return renderer.render_base(pose_frames, hand_frames, on_step)
+    before = work.load_segment(seg.index - 1)[-head:]
+    after = work.load_segment(seg.index + 1)[:tail]
+    return renderer.render_transition(pose_frames, hand_frames, np.asarray(before), np.asarray(after), on_step)
+
+
 @dataclass
 class SegmentStats:
+    """What a run of the segment phase did: indices generated and reused, and seconds per generated segment."""
+
     computed: list[int] = field(default_factory=list)
     reused: list[int] = field(default_factory=list)
     rebuilt_anchor: bool = False
@@ -128,17 +165,11 @@ def render_segments(
                     progress.update(task, completed=count)
                     progress.advance(overall, 1)
 
-                indices = segment_frame_indices(seg, total_frames)
-                pose_frames, hand_frames = pose.read(indices), hand.read(indices)
                 began = time.perf_counter()
-                if seg.kind == ANCHOR:
-                    frames = renderer.render_anchor(pose_frames, hand_frames, on_step, record=bases_left, frames_needed=not rebuild)
-                elif seg.kind == BASE:
-                    frames = renderer.render_base(pose_frames, hand_frames, on_step)
-                else:
-                    before = work.load_segment(seg.index - 1)[-head:]
-                    after = work.load_segment(seg.index + 1)[:tail]
-                    frames = renderer.render_transition(pose_frames, hand_frames, np.asarray(before), np.asarray(after), on_step)
+                frames = generate_segment(
+                    seg, renderer, pose, hand, work, total_frames=total_frames, head=head, tail=tail, on_step=on_step,
+                    record_kv=bases_left, frames_needed=not rebuild,
+                )  # fmt: skip
                 seconds = time.perf_counter() - began
                 progress.remove_task(task)
                 if rebuild:
@@ -146,8 +177,7 @@ def render_segments(
                     stats.reused.append(seg.index)
                     continue
                 assert frames is not None
-                if compat_mp4:
-                    frames = release_mp4_roundtrip(frames, work.path)
+                frames = stored_frames(frames, compat_mp4, work.path)
                 work.save_segment(seg.index, frames, seconds)
                 stats.computed.append(seg.index)
                 stats.seconds[seg.index] = seconds

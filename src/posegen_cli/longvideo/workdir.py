@@ -84,13 +84,26 @@ class WorkDir:
                 done[index] = tuple(entry["shape"])
         return done
 
+    @property
+    def anchor_inputs_path(self) -> Path:
+        """The anchor's latents at its shared K/V steps (safetensors), from which any worker rebuilds the anchor's K/V."""
+        return self.path / "anchor-inputs.safetensors"
+
     def save_segment(self, index: int, frames: np.ndarray, seconds: float) -> None:
         """Store a finished segment, then record it; a crash between the two only costs recomputing it."""
+        self.write_segment(index, frames)
+        self.record_segment(index, frames.shape, seconds)
+
+    def write_segment(self, index: int, frames: np.ndarray) -> None:
+        """Write a segment's file atomically, without recording it (a worker's half of :meth:`save_segment`)."""
         target = self.segment_path(index)
         with disk_errors(target), atomic_path(target) as tmp, open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(frames, dtype=np.uint8))
+
+    def record_segment(self, index: int, shape: tuple[int, ...], seconds: float) -> None:
+        """Mark a written segment finished in the manifest; only one process (the driver) may call this."""
         segments = self._read_manifest().get("segments", {})
-        segments[str(index)] = {"shape": list(frames.shape), "seconds": round(seconds, 3)}
+        segments[str(index)] = {"shape": list(shape), "seconds": round(seconds, 3)}
         self._write_manifest(segments)
 
     def load_segment(self, index: int) -> np.ndarray:

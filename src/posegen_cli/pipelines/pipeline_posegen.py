@@ -64,12 +64,12 @@ class PoseGenPipeline(DiffusionPipeline):
 
     Components: umT5 ``tokenizer``/``text_encoder`` (optional: workers that get precomputed embeddings skip the
     11 GB encoder), CLIP ``image_encoder``, Wan ``vae``, the PoseGen ``transformer`` and a flow-match ``scheduler``
-    configured with the release's sigmas. All numerics follow the release (bf16 update, bf16 timesteps, CPU float32
+    configured with the release's sigmas (the transformer is optional too: a Ray driver only encodes). All numerics follow the release (bf16 update, bf16 timesteps, CPU float32
     noise from the seed, DiffSynth VAE tiling, squashed CLIP input, truncating output).
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
-    _optional_components: ClassVar[list[str]] = ["tokenizer", "text_encoder", "image_encoder"]
+    _optional_components: ClassVar[list[str]] = ["tokenizer", "text_encoder", "image_encoder", "transformer"]
 
     def __init__(
         self,
@@ -77,7 +77,7 @@ class PoseGenPipeline(DiffusionPipeline):
         text_encoder: UMT5EncoderModel | None,
         image_encoder: CLIPVisionModel | None,
         vae: AutoencoderKLWan,
-        transformer: PoseGenTransformer3DModel,
+        transformer: PoseGenTransformer3DModel | None,
         scheduler: FlowMatchEulerDiscreteScheduler,
     ) -> None:
         super().__init__()
@@ -100,13 +100,15 @@ class PoseGenPipeline(DiffusionPipeline):
         dtype: str | torch.dtype = "auto",
         offload: Offload = "none",
         load_encoders: bool = True,
+        load_transformer: bool = True,
         reporter: Reporter | None = None,
     ) -> PoseGenPipeline:
         """Load every component once from the model registry (``--models-dir`` layout or the HF cache).
 
         The DiT is read from the release folders ``posegen/720p-81f-base`` and ``720p-81f-cond`` into one model
         holding both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed
-        embeddings. ``offload``: "model" moves whole components to the GPU in turn, "group" streams the DiT's
+        embeddings; ``load_transformer=False`` skips the DiT for a driver that only computes those embeddings
+        (the pipeline can then encode but not generate). ``offload``: "model" moves whole components to the GPU in turn, "group" streams the DiT's
         blocks; both need CUDA.
         """
         dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -121,22 +123,24 @@ class PoseGenPipeline(DiffusionPipeline):
         for sub in needed:
             if not (wan / sub).is_dir():
                 raise MissingModelError(f"{wan / sub} is missing (re-run `posegen download wan-i2v-720p`)")
-        for sub in (BASE_FOLDER, TRANSITION_FOLDER):
+        for sub in (BASE_FOLDER, TRANSITION_FOLDER) if load_transformer else ():
             if not (posegen / sub).is_dir():
                 raise MissingModelError(f"{posegen / sub} is missing (re-run `posegen download posegen`)")
         place = "cpu" if offload != "none" else dev
         if reporter is not None:
             reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
         with out_of_memory_as(_oom_message("loading the models")):
-            variants = PoseGenVariants.from_release(
-                posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER, dtype=dt, device=place, reporter=reporter
+            variants = (
+                PoseGenVariants.from_release(posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER, dtype=dt, device=place, reporter=reporter)
+                if load_transformer
+                else None
             )
             pipe = cls(
                 tokenizer=load_tokenizer(wan / "tokenizer") if load_encoders else None,
                 text_encoder=load_text_encoder(wan / "text_encoder", dt, place) if load_encoders else None,
                 image_encoder=load_image_encoder(wan / "image_encoder", dt, place) if load_encoders else None,
                 vae=load_vae(wan / "vae", dt, place),
-                transformer=variants.model,
+                transformer=variants.model if variants is not None else None,
                 scheduler=make_scheduler(),
             )
             pipe.variants = variants
@@ -147,6 +151,7 @@ class PoseGenPipeline(DiffusionPipeline):
                     module = getattr(pipe, name)
                     if module is not None:
                         module.to(dev)
+            if offload == "group" and variants is not None:
                 pipe.transformer.enable_group_offload(
                     onload_device=dev, offload_type="block_level", num_blocks_per_group=1, use_stream=True
                 )
@@ -160,7 +165,8 @@ class PoseGenPipeline(DiffusionPipeline):
 
     @property
     def model_dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        """The DiT's dtype (the VAE's in an encoders-only pipeline loaded with ``load_transformer=False``)."""
+        return (self.transformer if self.transformer is not None else self.vae).dtype
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str = DEFAULT_NEGATIVE) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,74 @@
+"""Who generates a job's segments: this process in order (:mod:`.local`), or one worker per GPU on Ray (:mod:`.ray`).
+
+Both run each segment through :func:`posegen_cli.longvideo.segments.generate_segment` on a renderer built from the
+same :class:`~posegen_cli.longvideo.renderer.RenderSpec`, and both keep the work folder's layout, so a job can be
+resumed by either. Ray is imported only by :mod:`.ray`, and only when a job asks for workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from posegen_cli.longvideo.plan import Segment
+from posegen_cli.longvideo.presets import KVShareRanges
+from posegen_cli.longvideo.renderer import RenderSpec
+from posegen_cli.longvideo.segments import SegmentStats
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.report import Reporter
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How every process loads the models: the single-GPU run's options, so each worker computes the same numbers."""
+
+    models_dir: Path | None
+    device: str
+    """A resolved device type ("cuda" or "cpu"); a Ray worker's "cuda" is the GPU Ray gave it."""
+    dtype: str
+    offload: str
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """One job's segment phase in plain values (it is shipped to Ray workers): the plan and the files it reads and writes.
+
+    ``pose_video``/``hand_video`` are the conditioning videos inside the work folder; ``frame_shape`` is (height, width).
+    """
+
+    plan: list[Segment]
+    work_path: Path
+    work_settings: dict[str, Any]
+    pose_video: Path
+    hand_video: Path
+    frame_shape: tuple[int, int]
+    total_frames: int
+    head: int
+    tail: int
+    compat_mp4: bool
+
+
+class Executor(Protocol):
+    """Loads the models, then makes sure every segment of a job is in its work folder."""
+
+    def encoder_pipeline(self, reporter: Reporter) -> PoseGenPipeline:
+        """A pipeline with the text and image encoders, to compute the job's embeddings once in this process."""
+        ...
+
+    def start(self, spec: RenderSpec, job: SegmentJob, reporter: Reporter) -> KVShareRanges:
+        """Get the segment generators ready (models loaded); returns the K/V ranges fitted to the loaded model."""
+        ...
+
+    def run(self, reporter: Reporter, after_segment: Callable[[Segment], None] | None) -> SegmentStats:
+        """Generate every segment not yet finished; ``after_segment`` runs once each new segment is stored."""
+        ...
+
+    def worker_summary(self) -> dict[str, dict[str, Any]] | None:
+        """Per-worker segment counts and seconds (None when segments ran in this process)."""
+        ...
+
+    def close(self) -> None:
+        """Free the models and stop every worker; safe after an error or Ctrl-C, and to call twice."""
+        ...

@@ -1,0 +1,352 @@
+"""Segment-parallel generation on Ray: one long-lived worker per GPU, the driver walks the anchor → bases → transitions DAG.
+
+Design (performance spec §C.3):
+- each worker is a Ray actor holding one GPU (``num_gpus=1``); it loads the models once, with the single-GPU run's
+  options but without the text and image encoders: the driver computes the job's embeddings once and ships them;
+- the anchor runs first and saves its latents at the shared K/V steps into the work folder; as soon as that file
+  exists every free worker starts a base, rebuilding the anchor's K/V once from those latents (a worker's first base
+  costs ``anchor_steps()`` extra guided steps, no decode); the cache itself never travels;
+- a transition starts as soon as both of its neighbours are stored;
+- workers write segment files atomically into the shared work folder; only the driver updates its manifest;
+- a worker process that dies is restarted by Ray and its segment retried (``max_restarts``/``max_task_retries``);
+  every segment is denoised from the job's seed alone, so a retry, or another worker, gives the same frames.
+
+The rule for workers: each worker reserves one Ray ``GPU`` and one ``CPU``. ``--device cpu`` runs the workers' models
+on the CPU (one thread per reserved CPU); a local runtime then declares the requested number of GPUs to Ray without
+needing them, as the tests do, and a CPU-only cluster must do the same (``ray start --num-gpus N``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from posegen_cli.errors import InputError, PosegenError, ResourceError
+from posegen_cli.longvideo.executors import ModelSpec, SegmentJob
+from posegen_cli.longvideo.executors.schedule import bases_pending, ready_segments
+from posegen_cli.longvideo.plan import ANCHOR, BASE, TRANSITION, Segment
+from posegen_cli.longvideo.presets import KVShareRanges
+from posegen_cli.longvideo.renderer import RenderSpec
+from posegen_cli.longvideo.segments import SegmentStats, generate_segment, stored_frames
+from posegen_cli.longvideo.sources import FrameSource
+from posegen_cli.longvideo.workdir import WorkDir
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.report import Reporter
+
+RAY_EXTRA = 'pip install "posegen[ray]"'
+MAX_RETRIES = 3
+"""Restarts of a dead worker, and retries of the segment it was on, before the job stops (a rerun continues it)."""
+OBJECT_STORE_BYTES = 256 * 1024**2
+"""Object store of a local runtime: only embeddings (about 5 MB) and small results pass through it."""
+POLL_SECONDS = 0.2
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or an InputError naming the extra that installs it."""
+    try:
+        import ray
+    except ImportError:
+        raise InputError(f"running segments on several GPUs needs Ray, which is not installed ({RAY_EXTRA})") from None
+    return ray
+
+
+class ProgressBoard:
+    """A tiny actor the workers report each denoising step to; the driver reads it to draw one display."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.current: dict[int, tuple[str, int, int]] = {}
+
+    def update(self, worker: int, label: str, done: int, total: int, counts: bool) -> None:
+        """Worker ``worker`` is at step ``done`` of ``total`` of ``label``; ``counts``: a segment step (not a K/V rebuild)."""
+        self.steps += int(counts)
+        self.current[worker] = (label, done, total)
+
+    def snapshot(self) -> tuple[int, dict[int, tuple[str, int, int]]]:
+        return self.steps, dict(self.current)
+
+
+class SegmentWorker:
+    """One GPU's models and K/V cache; generates the segments the driver hands it, one at a time.
+
+    A load failure the user can fix (a missing model, out of memory) is kept and raised by :meth:`describe`, so
+    the driver reports it on one line instead of Ray's actor-died traceback.
+    """
+
+    def __init__(self, index: int, models: ModelSpec, spec: RenderSpec, job: SegmentJob, board: Any) -> None:
+        import ray
+        import torch
+
+        self.index = index
+        self.job = job
+        self.board = board
+        self.error: PosegenError | None = None
+        if models.device == "cpu":
+            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        self.work = WorkDir(job.work_path, job.work_settings)
+        self.pose = FrameSource(job.pose_video, job.frame_shape)
+        self.hand = FrameSource(job.hand_video, job.frame_shape)
+        try:
+            pipe = PoseGenPipeline.from_models(
+                models.models_dir, device=models.device, dtype=models.dtype, offload=models.offload, load_encoders=False
+            )
+            self.renderer = spec.renderer(pipe, self.work.anchor_inputs_path)
+        except PosegenError as exc:
+            self.error = exc
+
+    def describe(self) -> dict[str, Any]:
+        """Where this worker runs and the K/V ranges of its model (raises the load error, if any)."""
+        import ray
+
+        if self.error is not None:
+            raise self.error
+        return {"node": ray.util.get_node_ip_address(), "pid": os.getpid(), "kv": self.renderer.kv}
+
+    def can_read(self, path: str, token: str) -> bool:
+        """Whether this worker sees the driver's work folder: the token file there holds ``token``."""
+        try:
+            return Path(path).read_text() == token
+        except OSError:
+            return False
+
+    def _generate(self, seg: Segment, label: str, counts: bool, *, record_kv: bool, frames_needed: bool) -> Any:
+        total = self.renderer.anchor_steps() if not frames_needed else self.renderer.num_steps
+
+        def on_step(done: int) -> None:
+            self.board.update.remote(self.index, label, done, total, counts)
+
+        job = self.job
+        return generate_segment(
+            seg, self.renderer, self.pose, self.hand, self.work, total_frames=job.total_frames, head=job.head, tail=job.tail,
+            on_step=on_step, record_kv=record_kv, frames_needed=frames_needed,
+        )  # fmt: skip
+
+    def run(self, seg: Segment, record_kv: bool, keep_kv: bool) -> dict[str, Any]:
+        """Generate ``seg`` and write its file; returns its shape, seconds and this worker's K/V rebuild time.
+
+        A base needs the anchor's K/V: a worker without it rebuilds it first from the anchor's saved latents.
+        ``keep_kv=False`` frees the cache before a transition (no base is left that this worker could get).
+        """
+        rebuild_seconds = 0.0
+        if seg.kind == BASE and self.renderer.cache is None:
+            began = time.perf_counter()
+            anchor = next(s for s in self.job.plan if s.kind == ANCHOR)
+            self._generate(anchor, f"rebuilding K/V of segment {anchor.index}", False, record_kv=True, frames_needed=False)
+            rebuild_seconds = time.perf_counter() - began
+        if seg.kind == TRANSITION and not keep_kv:
+            self.renderer.release_kv()
+        began = time.perf_counter()
+        label = f"segment {seg.index} ({seg.kind})"
+        frames = self._generate(seg, label, True, record_kv=record_kv, frames_needed=True)
+        seconds = time.perf_counter() - began
+        frames = stored_frames(frames, self.job.compat_mp4, self.work.path)
+        self.work.write_segment(seg.index, frames)
+        self.board.update.remote(self.index, "idle", 0, 0, False)
+        return {"shape": tuple(frames.shape), "seconds": seconds, "rebuild_seconds": rebuild_seconds}
+
+
+class RayExecutor:
+    """Runs a job's segments on Ray workers: a local runtime with ``gpus`` workers, or a cluster at ``address``.
+
+    ``address``: "auto", "HOST:PORT" or "ray://HOST:PORT"; ``gpus`` then caps the workers (default: every GPU of the
+    cluster). A Ray already initialised in this process (a test's cluster) is used as it is and left running.
+    """
+
+    def __init__(self, models: ModelSpec, *, gpus: int | None, address: str | None, max_retries: int = MAX_RETRIES) -> None:
+        if gpus is None and address is None:
+            raise ValueError("give the number of GPUs, a cluster address, or both")
+        if gpus is not None and gpus < 1:
+            raise InputError(f"--gpus {gpus}: need at least one worker")
+        self.ray = import_ray()
+        self.models = models
+        self.gpus = gpus
+        self.address = address
+        self.max_retries = max_retries
+        self.started_ray = False
+        self.workers: list[Any] = []
+        self.board: Any = None
+        self.nodes: list[str] = []
+        self.job: SegmentJob | None = None
+        self.num_steps = 0
+        self.pending: dict[Any, tuple[Segment, int]] = {}
+        self.done_by: dict[int, list[tuple[int, float, float]]] = {}
+
+    def encoder_pipeline(self, reporter: Reporter) -> PoseGenPipeline:
+        m = self.models
+        return PoseGenPipeline.from_models(
+            m.models_dir, device=m.device, dtype=m.dtype, offload=m.offload, load_transformer=False, reporter=reporter
+        )
+
+    def _connect(self) -> int:
+        """Join or start Ray; returns how many workers to run."""
+        ray = self.ray
+        if not ray.is_initialized():
+            quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+            if self.address is not None:
+                try:
+                    ray.init(address=self.address, **quiet)
+                except (ConnectionError, ValueError, RuntimeError) as exc:
+                    raise InputError(f"cannot reach the Ray cluster at {self.address}: {exc} (check `ray status` on its head node)") from None
+            else:
+                assert self.gpus is not None
+                if self.models.device == "cuda":
+                    import torch
+
+                    found = torch.cuda.device_count()
+                    if found < self.gpus:
+                        raise InputError(f"--gpus {self.gpus} but this machine has {found} GPU(s) (use --gpus {max(found, 1)})")
+                ray.init(
+                    num_gpus=self.gpus, num_cpus=max(self.gpus, os.cpu_count() or 1), include_dashboard=False,
+                    object_store_memory=OBJECT_STORE_BYTES, **quiet,
+                )  # fmt: skip
+            self.started_ray = True
+        available = int(ray.cluster_resources().get("GPU", 0))
+        if available == 0:
+            raise InputError(
+                "the Ray cluster has no GPUs (start its nodes on GPU machines; CPU-only nodes must declare them: ray start --num-gpus N)"
+            )
+        return available if self.gpus is None else min(self.gpus, available)
+
+    def start(self, spec: RenderSpec, job: SegmentJob, reporter: Reporter) -> KVShareRanges:
+        ray = self.ray
+        self.job = job
+        self.num_steps = spec.num_steps
+        count = self._connect()
+        reporter.info(f"starting {count} Ray worker(s), each loading the models once")
+        worker_class = ray.remote(SegmentWorker).options(
+            num_gpus=1, num_cpus=1, max_restarts=self.max_retries, max_task_retries=self.max_retries
+        )
+        self.board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+        spec_ref = ray.put(spec)
+        self.workers = [worker_class.remote(index, self.models, spec_ref, job, self.board) for index in range(count)]
+        infos = [self._get(worker.describe.remote()) for worker in self.workers]
+        self.nodes = [info["node"] for info in infos]
+        self._check_shared_storage(job.work_path)
+        kvs = {info["kv"] for info in infos}
+        if len(kvs) != 1:
+            raise InputError("the Ray workers loaded models of different depths (install the same models on every node)")
+        return kvs.pop()
+
+    def _check_shared_storage(self, path: Path) -> None:
+        """Every worker must read a token the driver just wrote into the work folder (the same path on every node)."""
+        token = secrets.token_hex(16)
+        probe = path / f".node-check-{token}"
+        probe.write_text(token)
+        try:
+            seen = [self._get(worker.can_read.remote(str(probe), token)) for worker in self.workers]
+        finally:
+            probe.unlink(missing_ok=True)
+        for node, ok in zip(self.nodes, seen):
+            if not ok:
+                raise InputError(
+                    f"a Ray worker on node {node} cannot read the work folder {path} (give --work-dir a folder on storage "
+                    "that every node mounts at the same path, e.g. NFS)"
+                )
+
+    def _get(self, ref: Any, segment: Segment | None = None) -> Any:
+        """``ray.get`` with posegen's errors raised as themselves and a dead worker as one line."""
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, PosegenError):
+                raise exc.cause from None
+            raise
+        except ray.exceptions.RayActorError as exc:
+            what = f"segment {segment.index}" if segment is not None else "loading the models"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ResourceError(
+                f"a Ray worker died {self.max_retries + 1} times during {what} ({reason}); finished segments are kept, "
+                "run the same command again to continue"
+            ) from None
+
+    def run(self, reporter: Reporter, after_segment: Callable[[Segment], None] | None) -> SegmentStats:
+        if self.job is None:
+            raise RuntimeError("call start() before run()")
+        job = self.job
+        work = WorkDir(job.work_path, job.work_settings)
+        shape_of = {seg.index: (seg.frames, *job.frame_shape, 3) for seg in job.plan}
+        stored = {index for index, shape in work.finished().items() if shape_of.get(index) == shape}
+        stats = SegmentStats(reused=[seg.index for seg in job.plan if seg.index in stored])
+        idle = list(range(len(self.workers)))
+        total_steps = self.num_steps * sum(1 for seg in job.plan if seg.index not in stored)
+        with reporter.progress() as progress:
+            overall = progress.add_task("all segments", total=total_steps, unit="steps")
+            lanes = [progress.add_task(f"worker {i} ({node}): starting", total=None, unit="steps") for i, node in enumerate(self.nodes)]
+            while len(stored) < len(job.plan):
+                started = {seg.index for seg, _ in self.pending.values()}
+                shared_ready = work.anchor_inputs_path.exists() or any(seg.kind == ANCHOR and seg.index in stored for seg in job.plan)
+                for seg in ready_segments(job.plan, stored, started, shared_ready):
+                    if not idle:
+                        break
+                    worker = idle.pop(0)
+                    started.add(seg.index)
+                    record_kv = seg.kind == ANCHOR and bases_pending(job.plan, stored)
+                    keep_kv = any(s.kind == BASE and s.index not in stored and s.index not in started for s in job.plan)
+                    self.pending[self.workers[worker].run.remote(seg, record_kv, keep_kv)] = (seg, worker)
+                if not self.pending:
+                    raise RuntimeError(f"no segment can start (stored {sorted(stored)}); the schedule is inconsistent")
+                finished, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=POLL_SECONDS)
+                for ref in finished:
+                    seg, worker = self.pending.pop(ref)
+                    result = self._get(ref, seg)
+                    work.record_segment(seg.index, result["shape"], result["seconds"])
+                    stored.add(seg.index)
+                    idle.append(worker)
+                    stats.computed.append(seg.index)
+                    stats.seconds[seg.index] = result["seconds"]
+                    stats.rebuilt_anchor |= result["rebuild_seconds"] > 0
+                    self.done_by.setdefault(worker, []).append((seg.index, result["seconds"], result["rebuild_seconds"]))
+                    if after_segment is not None:
+                        after_segment(seg)
+                self._draw(progress, overall, lanes, total_steps)
+        return stats
+
+    def _draw(self, progress: Any, overall: int, lanes: list[int], total_steps: int) -> None:
+        """Overall steps (and so rate and ETA) and each worker's current segment, from the progress board."""
+        steps, current = self.ray.get(self.board.snapshot.remote())
+        progress.update(overall, completed=min(steps, total_steps))
+        for index, lane in enumerate(lanes):
+            label, done, total = current.get(index, ("idle", 0, 0))
+            progress.update(lane, description=f"worker {index} ({self.nodes[index]}): {label}", completed=done, total=total or None)
+
+    def worker_summary(self) -> dict[str, dict[str, Any]] | None:
+        summary = {}
+        for index, node in enumerate(self.nodes):
+            done = self.done_by.get(index, [])
+            summary[f"worker {index}"] = {
+                "node": node,
+                "segments": [segment for segment, _, _ in done],
+                "segment_count": len(done),
+                "seconds": round(sum(seconds for _, seconds, _ in done), 2),
+                "kv_rebuild_seconds": round(sum(rebuild for _, _, rebuild in done), 2),
+            }
+        return summary
+
+    def close(self) -> None:
+        """Stop every worker (no restart), wait until their calls are over, then remove files they left half-written."""
+        ray = self.ray
+        for actor in [*self.workers, self.board]:
+            if actor is not None:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - the cluster may already be gone (Ctrl-C reaches its processes too)
+                    pass
+        for ref in list(self.pending):
+            try:
+                ray.get(ref, timeout=30)
+            except Exception:  # noqa: BLE001 - a killed worker's call ends in an error by design
+                pass
+        self.pending.clear()
+        self.workers, self.board = [], None
+        if self.job is not None:
+            for partial in self.job.work_path.glob(".*.partial*"):
+                partial.unlink(missing_ok=True)
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
