@@ -143,6 +143,8 @@ def animate(
     anchor: Annotated[int, typer.Option("--anchor", min=0, help="Segment whose background the other base segments copy (even: 0, 2, 4, ...); pick another if it has camera motion.")] = 0,
     work_dir: Annotated[Path | None, typer.Option("--work-dir", help="Where finished segments are kept for resuming (default: the posegen cache).")] = None,
     keep_intermediates: Annotated[bool, typer.Option("--keep-intermediates", help="Keep the segment files and conditioning videos after success.")] = False,
+    gpus: Annotated[int | None, typer.Option("--gpus", min=1, help="Generate segments in parallel on this many GPUs (a local Ray runtime; with --device cpu, that many one-thread CPU workers). With --ray-address: at most this many of the cluster's GPUs.")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Run the segments on a Ray cluster: auto, HOST:PORT or ray://HOST:PORT (needs posegen[ray]; --work-dir on storage every node sees).")] = None,
     models_dir: ModelsDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -163,7 +165,7 @@ def animate(
             prompt=prompt, subject=subject, seed=seed, steps=steps, guidance=guidance, resolution=resolution,
             shot=shot.value, kv_steps=kv_steps, kv_blocks=kv_blocks, align=align.value, pose_backend=pose_backend.value,
             offload=offload.value, preview=preview, audio=not no_audio, crf=crf, compat_mp4=compat_mp4, anchor=anchor,
-            work_dir=work_dir,
+            work_dir=work_dir, gpus=gpus, ray_address=ray_address,
             keep_intermediates=keep_intermediates, models_dir=models_dir, device=device, dtype=dtype,
         )
         result = run_animate(reference, driving, output, options=options, reporter=reporter)

@@ -36,6 +36,20 @@ class JobEmbeddings:
         image_embeds, reference_latents = pipe.encode_reference(reference, height, width)
         return cls(prompt_embeds, negative_embeds, image_embeds, reference_latents)
 
+    def save(self, path: Path) -> None:
+        """Write the four tensors atomically as safetensors (how a Ray driver hands them to its workers)."""
+        from safetensors.torch import save_file
+
+        with atomic_path(path) as tmp:
+            save_file({name: getattr(self, name).detach().cpu().contiguous() for name in self.__dataclass_fields__}, str(tmp))
+
+    @classmethod
+    def load(cls, path: Path) -> JobEmbeddings:
+        """The embeddings :meth:`save` wrote, on the CPU."""
+        from safetensors.torch import load_file
+
+        return cls(**load_file(str(path)))
+
     def to(self, device: torch.device | str) -> JobEmbeddings:
         """The same embeddings on ``device`` (CPU to ship them to workers, the worker's device to use them)."""
         return replace(self, **{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})

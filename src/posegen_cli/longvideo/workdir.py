@@ -85,6 +85,11 @@ class WorkDir:
         return done
 
     @property
+    def embeddings_path(self) -> Path:
+        """The job's prompt and reference embeddings (safetensors), written by a Ray driver for its workers."""
+        return self.path / "embeddings.safetensors"
+
+    @property
     def anchor_inputs_path(self) -> Path:
         """The anchor's latents at its shared K/V steps (safetensors), from which any worker rebuilds the anchor's K/V."""
         return self.path / "anchor-inputs.safetensors"

@@ -18,6 +18,7 @@ needing them, as the tests do, and a CPU-only cluster must do the same (``ray st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -31,7 +32,7 @@ from posegen_cli.longvideo.executors import ModelSpec, SegmentJob
 from posegen_cli.longvideo.executors.schedule import bases_pending, ready_segments
 from posegen_cli.longvideo.plan import ANCHOR, BASE, TRANSITION, Segment
 from posegen_cli.longvideo.presets import KVShareRanges
-from posegen_cli.longvideo.renderer import RenderSpec
+from posegen_cli.longvideo.renderer import JobEmbeddings, RenderSpec
 from posegen_cli.longvideo.segments import SegmentStats, generate_segment, stored_frames
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
@@ -44,6 +45,10 @@ MAX_RETRIES = 3
 OBJECT_STORE_BYTES = 256 * 1024**2
 """Object store of a local runtime: only embeddings (about 5 MB) and small results pass through it."""
 POLL_SECONDS = 0.2
+RAY_LOG = "ray.log"
+"""Ray's own messages to the driver (worker deaths, retries), kept in the work folder."""
+BOARD_PREFIX = "posegen-progress-"
+"""Name prefix of a job's progress actor (``ray list actors`` shows it; tests read it to find a busy worker)."""
 
 
 def import_ray() -> Any:
@@ -61,14 +66,21 @@ class ProgressBoard:
     def __init__(self) -> None:
         self.steps = 0
         self.current: dict[int, tuple[str, int, int]] = {}
+        self.pids: dict[int, int] = {}
 
-    def update(self, worker: int, label: str, done: int, total: int, counts: bool) -> None:
-        """Worker ``worker`` is at step ``done`` of ``total`` of ``label``; ``counts``: a segment step (not a K/V rebuild)."""
+    def update(self, worker: int, label: str, done: int, total: int, counts: bool, pid: int) -> None:
+        """Worker ``worker`` (process ``pid``) is at step ``done`` of ``total`` of ``label``; ``counts``: a segment step
+        (not a K/V rebuild)."""
         self.steps += int(counts)
         self.current[worker] = (label, done, total)
+        self.pids[worker] = pid
 
     def snapshot(self) -> tuple[int, dict[int, tuple[str, int, int]]]:
+        """Segment steps done so far (retried steps included) and each worker's (label, steps done, steps total)."""
         return self.steps, dict(self.current)
+
+    def worker_pids(self) -> dict[int, int]:
+        return dict(self.pids)
 
 
 class SegmentWorker:
@@ -78,13 +90,19 @@ class SegmentWorker:
     the driver reports it on one line instead of Ray's actor-died traceback.
     """
 
-    def __init__(self, index: int, models: ModelSpec, spec: RenderSpec, job: SegmentJob, board: Any) -> None:
+    def __init__(self, index: int, models: ModelSpec, spec_fields: dict[str, Any], job: SegmentJob, board: str) -> None:
+        """``spec_fields``: the job's :class:`RenderSpec` but its embeddings, which are read from the work folder;
+        ``board``: the name of the job's :class:`ProgressBoard` actor.
+
+        Only plain values are passed (no object-store references, no actor handles), so Ray can always restart a
+        worker that died, whatever became of the driver's objects.
+        """
         import ray
         import torch
 
         self.index = index
         self.job = job
-        self.board = board
+        self.board = ray.get_actor(board)
         self.error: PosegenError | None = None
         if models.device == "cpu":
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
@@ -95,6 +113,7 @@ class SegmentWorker:
             pipe = PoseGenPipeline.from_models(
                 models.models_dir, device=models.device, dtype=models.dtype, offload=models.offload, load_encoders=False
             )
+            spec = RenderSpec(JobEmbeddings.load(self.work.embeddings_path), **spec_fields)
             self.renderer = spec.renderer(pipe, self.work.anchor_inputs_path)
         except PosegenError as exc:
             self.error = exc
@@ -118,7 +137,7 @@ class SegmentWorker:
         total = self.renderer.anchor_steps() if not frames_needed else self.renderer.num_steps
 
         def on_step(done: int) -> None:
-            self.board.update.remote(self.index, label, done, total, counts)
+            self.board.update.remote(self.index, label, done, total, counts, os.getpid())
 
         job = self.job
         return generate_segment(
@@ -127,11 +146,13 @@ class SegmentWorker:
         )  # fmt: skip
 
     def run(self, seg: Segment, record_kv: bool, keep_kv: bool) -> dict[str, Any]:
-        """Generate ``seg`` and write its file; returns its shape, seconds and this worker's K/V rebuild time.
+        """Generate ``seg`` and write its file; returns its shape, seconds, this worker's K/V rebuild time, and the
+        wall-clock times (``time.time()``) the call started and ended.
 
         A base needs the anchor's K/V: a worker without it rebuilds it first from the anchor's saved latents.
         ``keep_kv=False`` frees the cache before a transition (no base is left that this worker could get).
         """
+        started = time.time()
         rebuild_seconds = 0.0
         if seg.kind == BASE and self.renderer.cache is None:
             began = time.perf_counter()
@@ -146,8 +167,10 @@ class SegmentWorker:
         seconds = time.perf_counter() - began
         frames = stored_frames(frames, self.job.compat_mp4, self.work.path)
         self.work.write_segment(seg.index, frames)
-        self.board.update.remote(self.index, "idle", 0, 0, False)
-        return {"shape": tuple(frames.shape), "seconds": seconds, "rebuild_seconds": rebuild_seconds}
+        self.board.update.remote(self.index, "idle", 0, 0, False, os.getpid())
+        return {
+            "shape": tuple(frames.shape), "seconds": seconds, "rebuild_seconds": rebuild_seconds, "started": started, "ended": time.time(),
+        }  # fmt: skip
 
 
 class RayExecutor:
@@ -174,7 +197,8 @@ class RayExecutor:
         self.job: SegmentJob | None = None
         self.num_steps = 0
         self.pending: dict[Any, tuple[Segment, int]] = {}
-        self.done_by: dict[int, list[tuple[int, float, float]]] = {}
+        self.done_by: dict[int, list[dict[str, Any]]] = {}
+        self.log = contextlib.ExitStack()
 
     def encoder_pipeline(self, reporter: Reporter) -> PoseGenPipeline:
         m = self.models
@@ -216,14 +240,19 @@ class RayExecutor:
         ray = self.ray
         self.job = job
         self.num_steps = spec.num_steps
+        # Ray prints worker deaths and retries on stdout, which carries --json: keep them in the work folder instead
+        self.log.enter_context(contextlib.redirect_stdout(self.log.enter_context(open(job.work_path / RAY_LOG, "a"))))
         count = self._connect()
         reporter.info(f"starting {count} Ray worker(s), each loading the models once")
         worker_class = ray.remote(SegmentWorker).options(
             num_gpus=1, num_cpus=1, max_restarts=self.max_retries, max_task_retries=self.max_retries
         )
-        self.board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
-        spec_ref = ray.put(spec)
-        self.workers = [worker_class.remote(index, self.models, spec_ref, job, self.board) for index in range(count)]
+        board = f"{BOARD_PREFIX}{secrets.token_hex(8)}"
+        self.board = ray.remote(ProgressBoard).options(num_cpus=0, name=board).remote()
+        work = WorkDir(job.work_path, job.work_settings)
+        spec.embeddings.save(work.embeddings_path)
+        fields = {name: getattr(spec, name) for name in spec.__dataclass_fields__ if name != "embeddings"}
+        self.workers = [worker_class.remote(index, self.models, fields, job, board) for index in range(count)]
         infos = [self._get(worker.describe.remote()) for worker in self.workers]
         self.nodes = [info["node"] for info in infos]
         self._check_shared_storage(job.work_path)
@@ -260,9 +289,10 @@ class RayExecutor:
         except ray.exceptions.RayActorError as exc:
             what = f"segment {segment.index}" if segment is not None else "loading the models"
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log = self.job.work_path / RAY_LOG if self.job is not None else RAY_LOG
             raise ResourceError(
-                f"a Ray worker died {self.max_retries + 1} times during {what} ({reason}); finished segments are kept, "
-                "run the same command again to continue"
+                f"a Ray worker died {self.max_retries + 1} times during {what} ({reason}; Ray's messages are in {log}); "
+                "finished segments are kept, run the same command again to continue"
             ) from None
 
     def run(self, reporter: Reporter, after_segment: Callable[[Segment], None] | None) -> SegmentStats:
@@ -301,7 +331,7 @@ class RayExecutor:
                     stats.computed.append(seg.index)
                     stats.seconds[seg.index] = result["seconds"]
                     stats.rebuilt_anchor |= result["rebuild_seconds"] > 0
-                    self.done_by.setdefault(worker, []).append((seg.index, result["seconds"], result["rebuild_seconds"]))
+                    self.done_by.setdefault(worker, []).append({"segment": seg.index, **result})
                     if after_segment is not None:
                         after_segment(seg)
                 self._draw(progress, overall, lanes, total_steps)
@@ -316,15 +346,20 @@ class RayExecutor:
             progress.update(lane, description=f"worker {index} ({self.nodes[index]}): {label}", completed=done, total=total or None)
 
     def worker_summary(self) -> dict[str, dict[str, Any]] | None:
+        """Per worker: node, segments in the order made, their seconds, K/V rebuild seconds, and a timeline of
+        [segment, start, end] in Unix seconds as the worker's clock read them (a restarted worker keeps its number)."""
         summary = {}
         for index, node in enumerate(self.nodes):
             done = self.done_by.get(index, [])
             summary[f"worker {index}"] = {
                 "node": node,
-                "segments": [segment for segment, _, _ in done],
+                "segments": [item["segment"] for item in done],
                 "segment_count": len(done),
-                "seconds": round(sum(seconds for _, seconds, _ in done), 2),
-                "kv_rebuild_seconds": round(sum(rebuild for _, _, rebuild in done), 2),
+                "seconds": round(sum(item["seconds"] for item in done), 2),
+                "kv_rebuild_seconds": round(sum(item["rebuild_seconds"] for item in done), 2),
+                "timeline": [
+                    [item["segment"], round(item["started"], 3), round(item["ended"], 3)] for item in done
+                ],
             }
         return summary
 
@@ -350,3 +385,4 @@ class RayExecutor:
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
+        self.log.close()
