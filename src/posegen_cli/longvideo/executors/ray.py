@@ -29,7 +29,7 @@ from typing import Any
 
 from posegen_cli.errors import InputError, PosegenError, ResourceError
 from posegen_cli.longvideo.executors import ModelSpec, SegmentJob
-from posegen_cli.longvideo.executors.schedule import bases_pending, ready_segments
+from posegen_cli.longvideo.executors.schedule import drive_dag
 from posegen_cli.longvideo.plan import ANCHOR, BASE, TRANSITION, Segment
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.renderer import JobEmbeddings, RenderSpec
@@ -303,38 +303,34 @@ class RayExecutor:
         shape_of = {seg.index: (seg.frames, *job.frame_shape, 3) for seg in job.plan}
         stored = {index for index, shape in work.finished().items() if shape_of.get(index) == shape}
         stats = SegmentStats(reused=[seg.index for seg in job.plan if seg.index in stored])
-        idle = list(range(len(self.workers)))
         total_steps = self.num_steps * sum(1 for seg in job.plan if seg.index not in stored)
+
+        def submit(seg: Segment, worker: int, record_kv: bool, keep_kv: bool) -> Any:
+            return self.workers[worker].run.remote(seg, record_kv, keep_kv)
+
+        def wait(refs: list[Any]) -> list[Any]:
+            return self.ray.wait(refs, num_returns=1, timeout=POLL_SECONDS)[0]
+
+        def shared_steps_ready() -> bool:
+            return work.anchor_inputs_path.exists() or any(seg.kind == ANCHOR and seg.index in stored for seg in job.plan)
+
+        def on_done(ref: Any, seg: Segment, worker: int) -> None:
+            result = self._get(ref, seg)
+            work.record_segment(seg.index, result["shape"], result["seconds"])
+            stats.computed.append(seg.index)
+            stats.seconds[seg.index] = result["seconds"]
+            stats.rebuilt_anchor |= result["rebuild_seconds"] > 0
+            self.done_by.setdefault(worker, []).append({"segment": seg.index, **result})
+            if after_segment is not None:
+                after_segment(seg)
+
         with reporter.progress() as progress:
             overall = progress.add_task("all segments", total=total_steps, unit="steps")
             lanes = [progress.add_task(f"worker {i} ({node}): starting", total=None, unit="steps") for i, node in enumerate(self.nodes)]
-            while len(stored) < len(job.plan):
-                started = {seg.index for seg, _ in self.pending.values()}
-                shared_ready = work.anchor_inputs_path.exists() or any(seg.kind == ANCHOR and seg.index in stored for seg in job.plan)
-                for seg in ready_segments(job.plan, stored, started, shared_ready):
-                    if not idle:
-                        break
-                    worker = idle.pop(0)
-                    started.add(seg.index)
-                    record_kv = seg.kind == ANCHOR and bases_pending(job.plan, stored)
-                    keep_kv = any(s.kind == BASE and s.index not in stored and s.index not in started for s in job.plan)
-                    self.pending[self.workers[worker].run.remote(seg, record_kv, keep_kv)] = (seg, worker)
-                if not self.pending:
-                    raise RuntimeError(f"no segment can start (stored {sorted(stored)}); the schedule is inconsistent")
-                finished, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=POLL_SECONDS)
-                for ref in finished:
-                    seg, worker = self.pending.pop(ref)
-                    result = self._get(ref, seg)
-                    work.record_segment(seg.index, result["shape"], result["seconds"])
-                    stored.add(seg.index)
-                    idle.append(worker)
-                    stats.computed.append(seg.index)
-                    stats.seconds[seg.index] = result["seconds"]
-                    stats.rebuilt_anchor |= result["rebuild_seconds"] > 0
-                    self.done_by.setdefault(worker, []).append({"segment": seg.index, **result})
-                    if after_segment is not None:
-                        after_segment(seg)
-                self._draw(progress, overall, lanes, total_steps)
+            drive_dag(
+                job.plan, stored, len(self.workers), self.pending, submit=submit, wait=wait, shared_steps_ready=shared_steps_ready,
+                on_done=on_done, on_tick=lambda: self._draw(progress, overall, lanes, total_steps),
+            )  # fmt: skip
         return stats
 
     def _draw(self, progress: Any, overall: int, lanes: list[int], total_steps: int) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
 from posegen_cli.longvideo.plan import ANCHOR, BASE, TRANSITION, Segment
 
@@ -31,3 +32,45 @@ def bases_pending(plan: list[Segment], stored: Collection[int]) -> bool:
     """Whether some base segment (not the anchor) is not stored yet: the anchor's K/V is still needed."""
     return any(seg.kind == BASE and seg.index not in stored for seg in plan)
 
+
+
+def drive_dag(
+    plan: list[Segment],
+    stored: set[int],
+    workers: int,
+    pending: dict[Any, tuple[Segment, int]],
+    *,
+    submit: Callable[[Segment, int, bool, bool], Any],
+    wait: Callable[[list[Any]], list[Any]],
+    shared_steps_ready: Callable[[], bool],
+    on_done: Callable[[Any, Segment, int], None],
+    on_tick: Callable[[], None] | None = None,
+) -> None:
+    """Hand every ready segment to an idle worker until all of ``plan`` is in ``stored`` (updated in place).
+
+    ``submit(seg, worker, record_kv, keep_kv)`` starts ``seg`` on worker number ``worker`` and returns a handle
+    (a Ray ObjectRef); ``record_kv``: the anchor must keep its K/V (a base is still missing); ``keep_kv``: a
+    base is still unassigned, so the worker should keep its cache through a transition. ``wait(handles)``
+    returns the finished ones (possibly none, after a short timeout); ``on_done`` collects a result and raises
+    if the segment failed. ``pending`` holds the handles in flight, so a caller can stop them on an error.
+    """
+    idle = list(range(workers))
+    while len(stored) < len(plan):
+        started = {seg.index for seg, _ in pending.values()}
+        for seg in ready_segments(plan, stored, started, shared_steps_ready()):
+            if not idle:
+                break
+            worker = idle.pop(0)
+            started.add(seg.index)
+            record_kv = seg.kind == ANCHOR and bases_pending(plan, stored)
+            keep_kv = any(s.kind == BASE and s.index not in stored and s.index not in started for s in plan)
+            pending[submit(seg, worker, record_kv, keep_kv)] = (seg, worker)
+        if not pending:
+            raise RuntimeError(f"no segment can start (stored {sorted(stored)}); the schedule is inconsistent")
+        for handle in wait(list(pending)):
+            seg, worker = pending.pop(handle)
+            on_done(handle, seg, worker)
+            stored.add(seg.index)
+            idle.append(worker)
+        if on_tick is not None:
+            on_tick()
