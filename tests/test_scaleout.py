@@ -66,6 +66,22 @@ def test_without_ray_the_flags_name_the_extra(monkeypatch: pytest.MonkeyPatch) -
         make_executor(AnimateOptions(ray_address="auto"), torch.device("cpu"))
 
 
+def test_cli_without_ray_is_one_line_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, reference_image_path: Path, driving_clip: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from posegen_cli.cli import app
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    args = ["animate", str(reference_image_path), str(driving_clip), "-o", str(tmp_path / "out.mp4"), "--gpus", "2", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert 'pip install "posegen[ray]"' in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 def segments_of(work: Path) -> dict[int, np.ndarray]:
     return {index: np.load(work / f"segment-{index:04d}.npy") for index in range(SEGMENTS)}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from posegen_cli import __version__
 from posegen_cli.errors import PosegenError, ResourceError
@@ -97,7 +98,7 @@ def _errors(reporter: Reporter, debug: bool) -> Iterator[None]:
     except PosegenError as exc:
         if debug:
             raise
-        reporter.console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        reporter.console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         reporter.console.print("[red]interrupted[/red] (finished work is kept; run the same command again to continue)")
@@ -107,9 +108,11 @@ def _errors(reporter: Reporter, debug: bool) -> Iterator[None]:
             raise
         if type(exc).__name__ == "OutOfMemoryError":
             message = str(ResourceError("the GPU ran out of memory (try --offload model, or --offload group on GPUs under 40 GB; --preview for a quick check)"))
-            reporter.console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            reporter.console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(ResourceError.exit_code) from None
-        reporter.console.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (run again with --debug for the traceback)", highlight=False, soft_wrap=True)
+        reporter.console.print(
+            f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))} (run again with --debug for the traceback)", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None
 
 

@@ -35,7 +35,7 @@ from posegen_cli.longvideo.plan import (
     plan_segments,
     timeline_order,
 )
-from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot, kv_share_ranges
+from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot
 from posegen_cli.longvideo.segments import SegmentStats
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.pose.framing import frame_to_model, warn_if_cropped

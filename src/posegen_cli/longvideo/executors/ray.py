@@ -241,7 +241,8 @@ class RayExecutor:
         self.job = job
         self.num_steps = spec.num_steps
         # Ray prints worker deaths and retries on stdout, which carries --json: keep them in the work folder instead
-        self.log.enter_context(contextlib.redirect_stdout(self.log.enter_context(open(job.work_path / RAY_LOG, "a"))))
+        log = self.log.enter_context(open(job.work_path / RAY_LOG, "a"))  # noqa: SIM115 - closed by the ExitStack in close()
+        self.log.enter_context(contextlib.redirect_stdout(log))
         count = self._connect()
         reporter.info(f"starting {count} Ray worker(s), each loading the models once")
         worker_class = ray.remote(SegmentWorker).options(
@@ -366,12 +367,12 @@ class RayExecutor:
             if actor is not None:
                 try:
                     ray.kill(actor, no_restart=True)
-                except Exception:  # noqa: BLE001 - the cluster may already be gone (Ctrl-C reaches its processes too)
+                except Exception:  # noqa: BLE001, S110 - the cluster may already be gone (Ctrl-C reaches its processes too)
                     pass
         for ref in list(self.pending):
             try:
                 ray.get(ref, timeout=30)
-            except Exception:  # noqa: BLE001 - a killed worker's call ends in an error by design
+            except Exception:  # noqa: BLE001, S110 - a killed worker's call ends in an error by design
                 pass
         self.pending.clear()
         self.workers, self.board = [], None

@@ -19,11 +19,8 @@ def ready_segments(plan: list[Segment], stored: Collection[int], started: Collec
     for seg in plan:
         if seg.index in stored or seg.index in started:
             continue
-        if seg.kind == ANCHOR:
-            ready.append(seg)
-        elif seg.kind == BASE and shared_steps_ready:
-            ready.append(seg)
-        elif seg.kind == TRANSITION and seg.index - 1 in stored and seg.index + 1 in stored:
+        neighbours_stored = seg.index - 1 in stored and seg.index + 1 in stored
+        if {ANCHOR: True, BASE: shared_steps_ready, TRANSITION: neighbours_stored}[seg.kind]:
             ready.append(seg)
     return ready
 
