@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -22,9 +23,10 @@ import torch
 from animate_inputs import TEST_OPTIONS
 
 import posegen_cli
-from posegen_cli.errors import InputError
+from posegen_cli.errors import InputError, OptionError
 from posegen_cli.longvideo import AnimateOptions, animate
 from posegen_cli.longvideo.engine import make_executor
+from posegen_cli.longvideo.options import resolve_settings
 from posegen_cli.longvideo.executors.ray import BOARD_PREFIX
 from posegen_cli.longvideo.executors.schedule import bases_pending, ready_segments
 from posegen_cli.longvideo.plan import ANCHOR, BASE, TRANSITION, plan_segments
@@ -61,9 +63,19 @@ def test_ready_segments_follow_the_dag() -> None:
 def test_without_ray_the_flags_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(InputError, match=r'needs Ray, which is not installed \(pip install "posegen\[ray\]"\)'):
-        make_executor(AnimateOptions(gpus=2), torch.device("cpu"))
+        make_executor(AnimateOptions(gpus=2), resolve_settings(AnimateOptions(device="cpu")))
     with pytest.raises(InputError, match=r"posegen\[ray\]"):
-        make_executor(AnimateOptions(ray_address="auto"), torch.device("cpu"))
+        make_executor(AnimateOptions(ray_address="auto"), resolve_settings(AnimateOptions(device="cpu")))
+
+
+def test_setting_errors_survive_the_trip_from_a_worker() -> None:
+    """A worker's OptionError (an offload needing CUDA, say) reaches the driver pickled, with its setting intact."""
+    error = OptionError("offload", "group", problem="group needs a CUDA device (got cpu)")
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is OptionError and (back.option, back.value, back.problem) == ("offload", "group", error.problem)
+    assert str(back) == str(error) == "--offload group needs a CUDA device (got cpu)" and back.exit_code == 2
+    choice = pickle.loads(pickle.dumps(OptionError("shot", "wide", ("auto", "close-up"))))
+    assert str(choice) == "--shot 'wide' is not known (use auto, close-up)"
 
 
 def test_cli_without_ray_is_one_line_naming_the_extra(

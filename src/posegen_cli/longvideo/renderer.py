@@ -13,7 +13,7 @@ from posegen_cli.fsutil import atomic_path
 from posegen_cli.longvideo.presets import KVShareRanges, kv_share_ranges
 from posegen_cli.longvideo.segments import ProgressCallback
 from posegen_cli.models import KVShareCache
-from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, release_generator
 
 
 @dataclass(frozen=True)
@@ -166,12 +166,12 @@ class PipelineRenderer:
             hand_frames=hand,
             head_frames=head,
             tail_frames=tail,
-            seed=self.seed,
             num_inference_steps=self.num_steps,
             guidance_scale=self.guidance,
+            generator=release_generator(self.seed),  # fresh per segment: every segment starts from the same noise
             kv_share=kv_share,
             callback_on_step_end=callback,
-        )
+        ).frames
 
     def anchor_steps(self) -> int:
         return self.kv.steps[1]

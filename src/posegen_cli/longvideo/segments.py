@@ -61,7 +61,7 @@ def release_mp4_roundtrip(frames: np.ndarray, folder: Path) -> np.ndarray:
     """``frames`` as the release's later stages see them: saved as its segment mp4, then decoded again.
 
     The release conditions each transition on, and merges, the decoded mp4 files of its segments (port spec §6,
-    §7.11); ``--compat-mp4`` stores these lossy frames instead of the exact ones.
+    §7.11); ``compat_mp4`` stores these lossy frames instead of the exact ones.
     """
     path = write_video(folder / "roundtrip.mp4", frames, RELEASE_FPS, crf=RELEASE_CRF)
     try:
@@ -78,22 +78,23 @@ def stored_frames(frames: np.ndarray, compat_mp4: bool, folder: Path) -> np.ndar
 def generate_segment(
     seg: Segment,
     renderer: SegmentRenderer,
-    pose: FrameSource,
-    hand: FrameSource,
+    sources: tuple[FrameSource, FrameSource],
     work: WorkDir,
     *,
     total_frames: int,
-    head: int,
-    tail: int,
+    overlap: tuple[int, int],
     on_step: ProgressCallback,
     record_kv: bool = False,
     frames_needed: bool = True,
 ) -> np.ndarray | None:
     """Run one segment on ``renderer``: uint8 frames [F, H, W, 3], or None for an anchor run only to rebuild its K/V.
 
-    The anchor records its K/V when ``record_kv``; a transition reads its neighbours' frames from ``work``, so both
-    must be stored. Every executor (in-process or a Ray worker) generates a segment through this one function.
+    ``sources``: the pose and hand conditioning videos; ``overlap``: (head, tail). The anchor records its K/V when
+    ``record_kv``; a transition reads its neighbours' frames from ``work``, so both must be stored. Every executor
+    (in-process or a Ray worker) generates a segment through this one function.
     """
+    pose, hand = sources
+    head, tail = overlap
     indices = segment_frame_indices(seg, total_frames)
     pose_frames, hand_frames = pose.read(indices), hand.read(indices)
     if seg.kind == ANCHOR:
@@ -118,19 +119,20 @@ class SegmentStats:
 def render_segments(
     plan: list[Segment],
     renderer: SegmentRenderer,
-    pose: FrameSource,
-    hand: FrameSource,
+    sources: tuple[FrameSource, FrameSource],
     work: WorkDir,
     *,
     total_frames: int,
     frame_shape: tuple[int, int],
-    head: int,
-    tail: int,
+    overlap: tuple[int, int],
     reporter: Reporter,
     compat_mp4: bool = False,
     after_segment: Callable[[Segment], None] | None = None,
 ) -> SegmentStats:
     """Make sure every segment of ``plan`` (in generation order) is in ``work``; returns what was done.
+
+    ``sources`` give the pose and hand conditioning frames; ``overlap`` is (head, tail), the frames a transition
+    takes from its neighbours; ``frame_shape`` is (height, width).
 
     ``compat_mp4`` stores each segment as the release's mp4 round trip would give it back. ``after_segment`` runs
     once each segment is safely stored (progress hooks, and crash injection in tests).
@@ -167,7 +169,7 @@ def render_segments(
 
                 began = time.perf_counter()
                 frames = generate_segment(
-                    seg, renderer, pose, hand, work, total_frames=total_frames, head=head, tail=tail, on_step=on_step,
+                    seg, renderer, sources, work, total_frames=total_frames, overlap=overlap, on_step=on_step,
                     record_kv=bases_left, frames_needed=not rebuild,
                 )  # fmt: skip
                 seconds = time.perf_counter() - began

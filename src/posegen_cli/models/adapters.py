@@ -12,7 +12,7 @@ reloads a second model. Two forms:
   the own tensors: nothing extra in host memory and near-instant switches, but W·x + B·(A·x) rounds differently
   from (W + B·A)·x in bf16 (the tests state the bound).
 
-Under diffusers' group offloading (``--offload group``) a switch stays correct: the hooks offload every group when
+Under diffusers' group offloading (``offload="group"``) a switch stays correct: the hooks offload every group when
 they are applied, so the parameters ``activate`` writes into are the host copies each group is onloaded from (the
 pinned copies with ``use_stream=True``); a swapped-in hand embedding gets the hooks rebuilt around it.
 """

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from posegen_cli.longvideo.plan import Segment
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.renderer import RenderSpec
@@ -27,7 +29,7 @@ class ModelSpec:
     models_dir: Path | None
     device: str
     """A resolved device type ("cuda" or "cpu"); a Ray worker's "cuda" is the GPU Ray gave it."""
-    dtype: str
+    dtype: torch.dtype
     offload: str
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from posegen_cli.longvideo.executors import ModelSpec, SegmentJob
+from posegen_cli.longvideo.loading import load_pipeline
 from posegen_cli.longvideo.plan import Segment
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.renderer import PipelineRenderer, RenderSpec
@@ -27,7 +28,7 @@ class LocalExecutor:
 
     def encoder_pipeline(self, reporter: Reporter) -> PoseGenPipeline:
         m = self.models
-        self.pipe = PoseGenPipeline.from_models(m.models_dir, device=m.device, dtype=m.dtype, offload=m.offload, reporter=reporter)
+        self.pipe = load_pipeline(m.models_dir, device=m.device, dtype=m.dtype, offload=m.offload, reporter=reporter)
         return self.pipe
 
     def start(self, spec: RenderSpec, job: SegmentJob, reporter: Reporter) -> KVShareRanges:
@@ -44,8 +45,8 @@ class LocalExecutor:
         pose, hand = FrameSource(job.pose_video, job.frame_shape), FrameSource(job.hand_video, job.frame_shape)
         try:
             return render_segments(
-                job.plan, self.renderer, pose, hand, WorkDir(job.work_path, job.work_settings), total_frames=job.total_frames,
-                frame_shape=job.frame_shape, head=job.head, tail=job.tail, reporter=reporter, compat_mp4=job.compat_mp4,
+                job.plan, self.renderer, (pose, hand), WorkDir(job.work_path, job.work_settings), total_frames=job.total_frames,
+                frame_shape=job.frame_shape, overlap=(job.head, job.tail), reporter=reporter, compat_mp4=job.compat_mp4,
                 after_segment=after_segment,
             )  # fmt: skip
         finally:

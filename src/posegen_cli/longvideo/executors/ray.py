@@ -11,9 +11,9 @@ Design (performance spec §C.3):
 - a worker process that dies is restarted by Ray and its segment retried (``max_restarts``/``max_task_retries``);
   every segment is denoised from the job's seed alone, so a retry, or another worker, gives the same frames.
 
-The rule for workers: each worker reserves one Ray ``GPU`` and one ``CPU``. ``--device cpu`` runs the workers' models
+The rule for workers: each worker reserves one Ray ``GPU`` and one ``CPU``. A ``cpu`` device runs the workers' models
 on the CPU (one thread per reserved CPU); a local runtime then declares the requested number of GPUs to Ray without
-needing them, as the tests do, and a CPU-only cluster must do the same (``ray start --num-gpus N``).
+needing them, as the tests do, and a CPU-only cluster must do the same (``ray start`` with its num-gpus option).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from posegen_cli.errors import InputError, PosegenError, ResourceError
+from posegen_cli.errors import InputError, OptionError, PosegenError, ResourceError, option
 from posegen_cli.longvideo.executors import ModelSpec, SegmentJob
 from posegen_cli.longvideo.executors.schedule import drive_dag
+from posegen_cli.longvideo.loading import load_pipeline
 from posegen_cli.longvideo.plan import ANCHOR, BASE, TRANSITION, Segment
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.renderer import JobEmbeddings, RenderSpec
@@ -110,9 +111,7 @@ class SegmentWorker:
         self.pose = FrameSource(job.pose_video, job.frame_shape)
         self.hand = FrameSource(job.hand_video, job.frame_shape)
         try:
-            pipe = PoseGenPipeline.from_models(
-                models.models_dir, device=models.device, dtype=models.dtype, offload=models.offload, load_encoders=False
-            )
+            pipe = load_pipeline(models.models_dir, device=models.device, dtype=models.dtype, offload=models.offload, load_encoders=False)
             spec = RenderSpec(JobEmbeddings.load(self.work.embeddings_path), **spec_fields)
             self.renderer = spec.renderer(pipe, self.work.anchor_inputs_path)
         except PosegenError as exc:
@@ -141,7 +140,7 @@ class SegmentWorker:
 
         job = self.job
         return generate_segment(
-            seg, self.renderer, self.pose, self.hand, self.work, total_frames=job.total_frames, head=job.head, tail=job.tail,
+            seg, self.renderer, (self.pose, self.hand), self.work, total_frames=job.total_frames, overlap=(job.head, job.tail),
             on_step=on_step, record_kv=record_kv, frames_needed=frames_needed,
         )  # fmt: skip
 
@@ -184,7 +183,7 @@ class RayExecutor:
         if gpus is None and address is None:
             raise ValueError("give the number of GPUs, a cluster address, or both")
         if gpus is not None and gpus < 1:
-            raise InputError(f"--gpus {gpus}: need at least one worker")
+            raise OptionError("gpus", gpus, problem=f"{gpus}: need at least one worker")
         self.ray = import_ray()
         self.models = models
         self.gpus = gpus
@@ -202,9 +201,7 @@ class RayExecutor:
 
     def encoder_pipeline(self, reporter: Reporter) -> PoseGenPipeline:
         m = self.models
-        return PoseGenPipeline.from_models(
-            m.models_dir, device=m.device, dtype=m.dtype, offload=m.offload, load_transformer=False, reporter=reporter
-        )
+        return load_pipeline(m.models_dir, device=m.device, dtype=m.dtype, offload=m.offload, load_transformer=False, reporter=reporter)
 
     def _connect(self) -> int:
         """Join or start Ray; returns how many workers to run."""
@@ -223,7 +220,9 @@ class RayExecutor:
 
                     found = torch.cuda.device_count()
                     if found < self.gpus:
-                        raise InputError(f"--gpus {self.gpus} but this machine has {found} GPU(s) (use --gpus {max(found, 1)})")
+                        raise OptionError(
+                            "gpus", self.gpus, problem=f"{self.gpus} but this machine has {found} GPU(s) (use {option('gpus')} {max(found, 1)})"
+                        )
                 ray.init(
                     num_gpus=self.gpus, num_cpus=max(self.gpus, os.cpu_count() or 1), include_dashboard=False,
                     object_store_memory=OBJECT_STORE_BYTES, **quiet,
@@ -232,7 +231,7 @@ class RayExecutor:
         available = int(ray.cluster_resources().get("GPU", 0))
         if available == 0:
             raise InputError(
-                "the Ray cluster has no GPUs (start its nodes on GPU machines; CPU-only nodes must declare them: ray start --num-gpus N)"
+                "the Ray cluster has no GPUs (start its nodes on GPU machines; CPU-only nodes must declare them with ray start's num-gpus option)"
             )
         return available if self.gpus is None else min(self.gpus, available)
 
@@ -240,7 +239,7 @@ class RayExecutor:
         ray = self.ray
         self.job = job
         self.num_steps = spec.num_steps
-        # Ray prints worker deaths and retries on stdout, which carries --json: keep them in the work folder instead
+        # Ray prints worker deaths and retries on stdout, which carries the JSON summary: keep them in the work folder instead
         log = self.log.enter_context(open(job.work_path / RAY_LOG, "a"))  # noqa: SIM115 - closed by the ExitStack in close()
         self.log.enter_context(contextlib.redirect_stdout(log))
         count = self._connect()
@@ -274,7 +273,7 @@ class RayExecutor:
         for node, ok in zip(self.nodes, seen):
             if not ok:
                 raise InputError(
-                    f"a Ray worker on node {node} cannot read the work folder {path} (give --work-dir a folder on storage "
+                    f"a Ray worker on node {node} cannot read the work folder {path} (give {option('work_dir')} a folder on storage "
                     "that every node mounts at the same path, e.g. NFS)"
                 )
 
