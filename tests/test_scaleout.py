@@ -26,9 +26,9 @@ import posegen_cli
 from posegen_cli.errors import InputError, OptionError
 from posegen_cli.longvideo import AnimateOptions, animate
 from posegen_cli.longvideo.engine import make_executor
-from posegen_cli.longvideo.options import resolve_settings
 from posegen_cli.longvideo.executors.ray import BOARD_PREFIX
 from posegen_cli.longvideo.executors.schedule import bases_pending, ready_segments
+from posegen_cli.longvideo.options import resolve_settings
 from posegen_cli.longvideo.plan import ANCHOR, BASE, TRANSITION, plan_segments
 from posegen_cli.report import Reporter
 from posegen_cli.video import iter_frames
