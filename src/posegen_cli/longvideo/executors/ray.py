@@ -33,7 +33,7 @@ from posegen_cli.longvideo.executors.schedule import drive_dag
 from posegen_cli.longvideo.loading import load_pipeline
 from posegen_cli.longvideo.plan import ANCHOR, BASE, TRANSITION, Segment
 from posegen_cli.longvideo.presets import KVShareRanges
-from posegen_cli.longvideo.renderer import JobEmbeddings, RenderSpec
+from posegen_cli.longvideo.renderer import JobEmbeddings, PipelineRenderer, RenderSpec
 from posegen_cli.longvideo.segments import SegmentStats, generate_segment, stored_frames
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
@@ -110,20 +110,23 @@ class SegmentWorker:
         self.work = WorkDir(job.work_path, job.work_settings)
         self.pose = FrameSource(job.pose_video, job.frame_shape)
         self.hand = FrameSource(job.hand_video, job.frame_shape)
+        self.renderer: PipelineRenderer | None = None
         try:
             pipe = load_pipeline(models.models_dir, device=models.device, dtype=models.dtype, offload=models.offload, load_encoders=False)
-            spec = RenderSpec(JobEmbeddings.load(self.work.embeddings_path), **spec_fields)
-            self.renderer = spec.renderer(pipe, self.work.anchor_inputs_path)
+            if self.work.embeddings_path.exists():  # else the work folder is not shared: the driver's check says so
+                spec = RenderSpec(JobEmbeddings.load(self.work.embeddings_path), **spec_fields)
+                self.renderer = spec.renderer(pipe, self.work.anchor_inputs_path)
         except PosegenError as exc:
             self.error = exc
 
     def describe(self) -> dict[str, Any]:
-        """Where this worker runs and the K/V ranges of its model (raises the load error, if any)."""
+        """Where this worker runs and the K/V ranges of its model (None when it could not read the job's embeddings;
+        raises the load error, if any)."""
         import ray
 
         if self.error is not None:
             raise self.error
-        return {"node": ray.util.get_node_ip_address(), "pid": os.getpid(), "kv": self.renderer.kv}
+        return {"node": ray.util.get_node_ip_address(), "pid": os.getpid(), "kv": self.renderer.kv if self.renderer is not None else None}
 
     def can_read(self, path: str, token: str) -> bool:
         """Whether this worker sees the driver's work folder: the token file there holds ``token``."""
@@ -133,6 +136,8 @@ class SegmentWorker:
             return False
 
     def _generate(self, seg: Segment, label: str, counts: bool, *, record_kv: bool, frames_needed: bool) -> Any:
+        if self.renderer is None:
+            raise RuntimeError("this worker never read the job's embeddings (the shared-storage check stops a job first)")
         total = self.renderer.anchor_steps() if not frames_needed else self.renderer.num_steps
 
         def on_step(done: int) -> None:
@@ -153,6 +158,7 @@ class SegmentWorker:
         """
         started = time.time()
         rebuild_seconds = 0.0
+        assert self.renderer is not None, "run() after a failed start"
         if seg.kind == BASE and self.renderer.cache is None:
             began = time.perf_counter()
             anchor = next(s for s in self.job.plan if s.kind == ANCHOR)
