@@ -34,9 +34,11 @@ from posegen_cli.longvideo.plan import (
     plan_segments,
     timeline_order,
 )
-from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot
+from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, JobSpec, ModelShape, expected_kernel, find_gpu, plan_job
+from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot, kv_share_ranges
 from posegen_cli.longvideo.segments import SegmentStats
 from posegen_cli.longvideo.workdir import WorkDir
+from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION, quantization_config, resolve_attention
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, probe_video
@@ -203,6 +205,9 @@ def work_settings(options: AnimateOptions, job: JobSettings, reference: Referenc
         "device": job.device.type,
         "dtype": str(job.dtype),
         "reference": reference.digest,
+        # exact kernels and compilation change only rounding; quantised weights and approximate attention change more
+        "quantize": options.quantize,
+        "attention": "approximate" if options.attention in APPROXIMATE_ATTENTION else "exact",
     }
 
 
@@ -254,12 +259,71 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 def make_executor(options: AnimateOptions, job: JobSettings) -> Executor:
     """This process for a plain run; Ray workers with ``options.gpus`` or ``options.ray_address`` (Ray is imported only then)."""
-    models = ModelSpec(options.models_dir, job.device.type, job.dtype, options.offload)
+    models = ModelSpec(options.models_dir, job.device.type, job.dtype, options.offload, options.attention, options.compile, options.quantize)
     if options.gpus is None and options.ray_address is None:
         return LocalExecutor(models)
     from posegen_cli.longvideo.executors.ray import RayExecutor
 
     return RayExecutor(models, gpus=options.gpus, address=options.ray_address)
+
+
+def model_shape(models_dir: Path | None) -> tuple[ModelShape, str]:
+    """The DiT's shape from the base checkpoint's ``model_config.json`` when it is on disk (read, not loaded), else
+    the release's 14B shape; and where it came from."""
+    import json
+
+    from posegen_cli.hub import find_local
+    from posegen_cli.longvideo.loading import BASE_FOLDER
+    from posegen_cli.models.convert import release_config_to_diffusers
+
+    root = find_local("posegen", models_dir)
+    config_file = None if root is None else Path(root) / BASE_FOLDER / "model_config.json"
+    if config_file is None or not config_file.is_file():
+        return WAN_I2V_14B, "Wan2.1-I2V-14B-720P + PoseGen (models not downloaded: the release's shape)"
+    config = release_config_to_diffusers(json.loads(config_file.read_text()), config_file)
+    return ModelShape.from_config(config), str(config_file)
+
+
+def plan_animate(driving: Path, *, options: AnimateOptions, reporter: Reporter) -> JobPlan:
+    """A dry run: the segment plan, transformer passes, FLOPs, memory and time of the job, loading no model.
+
+    The GPU is ``options.gpu`` (a name of ``planner.GPUS``) or the one present; the attention kernel is what the run
+    would take there (``auto`` resolved as on that GPU, assuming no FlashAttention-3 package when it is not this one).
+    """
+    job = resolve_settings(options)
+    driving = require_file(driving, "driving video")
+    info = probe_video(driving)
+    plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
+    shape, shape_source = model_shape(options.models_dir)
+    shot = options.shot if options.shot != "auto" else DEFAULT_SHOT
+    kv = kv_share_ranges(shot, job.steps, shape.layers, job.kv_steps, job.kv_blocks)
+    device = job.device
+    dtype = torch.bfloat16 if options.gpu is not None and options.dtype == "auto" else job.dtype
+    if options.gpu is not None:
+        try:
+            gpu = find_gpu(options.gpu)
+        except ValueError as exc:
+            raise InputError(f"{option('gpu')}: {exc}") from None
+        kernel = expected_kernel(options.attention, gpu.capability)
+    else:
+        gpu = find_gpu(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        kernel = resolve_attention(options.attention, device, dtype).choice if gpu is not None else expected_kernel(options.attention, None)
+    if options.quantize == "fp8" and (gpu is None or gpu.fp8_tflops is None):
+        raise InputError(
+            f"{option('quantize')} fp8 needs an FP8 GPU; {gpu.name if gpu else 'no GPU'} has none (use int8 or none, or {option('gpu')} H100)"
+        )
+    spec = JobSpec(
+        height=job.height, width=job.width, frames=options.segment_frames, steps=job.steps, guidance=job.guidance,
+        kv_steps=kv.steps, kv_blocks=kv.blocks, max_map_block=kv.max_map_block, attention=kernel, compiled=options.compile,
+        quantize=options.quantize, offload=options.offload, dtype_bytes=2 if dtype != torch.float32 else 4,
+    )  # fmt: skip
+    result = plan_job(plan, shape, spec, gpu)
+    result.settings.update(driving_frames=info.frame_count, fps=float(info.fps), shot=shot, model=shape_source)
+    if options.shot == "auto":
+        result.notes.append(f"shot auto: planned with the {DEFAULT_SHOT} preset; the run picks the preset from the reference person")
+    if gpu is None:
+        result.notes.append("no GPU named or present: no time estimate (name one: H100, H200, A100-80GB, L40S or 'RTX 4090')")
+    return result
 
 
 def animate(
@@ -294,6 +358,8 @@ def _animate(
     driving = require_file(driving, "driving video")
     output = check_output_path(output, [reference, driving])
     device = job.device
+    resolve_attention(options.attention, device, job.dtype)  # a kernel or quantisation that cannot run fails before any work
+    quantization_config(options.quantize, device)
     timer = PhaseTimer(device)
     size = (job.height, job.width)
     executor = make_executor(options, job)  # before any work: a missing Ray fails here
@@ -356,6 +422,8 @@ def _animate(
                 frame_shape=size, total_frames=info.frame_count, head=options.head, tail=options.tail, compat_mp4=options.compat_mp4,
             )  # fmt: skip
             kv = executor.start(spec, segment_job, reporter)
+        if executor.attention is not None:
+            reporter.info(f"attention: {executor.attention.describe()}")
         reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
         with timer("segments"):
             stats: SegmentStats = executor.run(reporter, after_segment)

@@ -15,6 +15,7 @@ from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import MissingModelError, OptionError, option, out_of_memory_as
 from posegen_cli.hub import model_path
 from posegen_cli.models import PoseGenVariants
+from posegen_cli.models.acceleration import compile_blocks, quantization_config, resolve_attention, set_attention
 from posegen_cli.pipelines.image import load_image_encoder
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, oom_message
 from posegen_cli.pipelines.scheduling import make_scheduler
@@ -36,6 +37,9 @@ def load_pipeline(
     offload: str = "none",
     load_encoders: bool = True,
     load_transformer: bool = True,
+    attention: str = "auto",
+    compile: bool = False,
+    quantize: str = "none",
     reporter: Reporter | None = None,
 ) -> PoseGenPipeline:
     """Load every component once from the model registry (a models folder, or the Hugging Face cache when None).
@@ -44,9 +48,13 @@ def load_pipeline(
     both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed embeddings;
     ``load_transformer=False`` skips the DiT for a driver that only computes those embeddings (it can encode, not generate).
     ``offload``: "model" moves whole components to the GPU in turn, "group" streams the DiT's blocks; both need CUDA.
+    ``attention``, ``compile`` and ``quantize`` are the DiT speed-ups of :mod:`posegen_cli.models.acceleration`,
+    checked before anything loads and applied in the order quantize, attention, compile; ``pipe.attention`` tells
+    which kernel was set.
 
     Raises:
         OptionError: an unknown ``offload``, or offloading without CUDA.
+        InputError: an attention kernel or quantisation this device cannot run.
         MissingModelError: a component folder is missing.
         ResourceError: the GPU ran out of memory while loading.
     """
@@ -67,6 +75,8 @@ def load_pipeline(
     for sub in (BASE_FOLDER, TRANSITION_FOLDER) if load_transformer else ():
         if not (posegen / sub).is_dir():
             raise MissingModelError(f"{posegen / sub} is missing (re-run `posegen download posegen`)")
+    attention_choice = resolve_attention(attention, dev, dt)
+    quantization = quantization_config(quantize, dev)
     place = "cpu" if offload != "none" else dev
     if reporter is not None:
         reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
@@ -85,6 +95,8 @@ def load_pipeline(
             scheduler=make_scheduler(),
         )
         pipe.variants = variants
+        if quantization is not None and variants is not None:
+            variants.quantize(quantization)
         if offload == "model":
             pipe.enable_model_cpu_offload(device=dev)
         elif offload == "group":
@@ -94,4 +106,11 @@ def load_pipeline(
                     module.to(dev)
         if offload == "group" and variants is not None:
             pipe.transformer.enable_group_offload(onload_device=dev, offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+        pipe.attention = None
+        if variants is not None:
+            set_attention(pipe.transformer, attention_choice)
+            pipe.attention = attention_choice
+        if compile and variants is not None:
+            # group offloading's hooks run eagerly inside each block (graph breaks), so only then allow breaks
+            compile_blocks(pipe.transformer, fullgraph=offload == "none")
     return pipe

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from posegen_cli.choices import ALIGN_MODES, BACKENDS, OFFLOAD_MODES, SHOT_TYPES
+from posegen_cli.choices import ALIGN_MODES, ATTENTION_CHOICES, BACKENDS, OFFLOAD_MODES, QUANTIZE_CHOICES, SHOT_TYPES
 from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import OptionError, option
 from posegen_cli.pipelines import check_model_size
@@ -52,6 +52,14 @@ class AnimateOptions:
     models_dir: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    attention: str = "auto"
+    """Attention kernel: one of ``choices.ATTENTION_CHOICES`` (auto: the fastest exact one present)."""
+    compile: bool = False
+    """Compile the transformer blocks (regional ``torch.compile``)."""
+    quantize: str = "none"
+    """torchao weights of the block linears: one of ``choices.QUANTIZE_CHOICES``."""
+    gpu: str | None = None
+    """GPU the job planner estimates for (a name of ``longvideo.planner.GPUS``); None: the one present."""
     anchor: int = 0
     pad: bool = True
     segment_frames: int = 81
@@ -135,6 +143,8 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         ("align", options.align, ALIGN_MODES),
         ("pose_backend", options.pose_backend, BACKENDS),
         ("shot", options.shot, ("auto", *SHOT_TYPES)),
+        ("attention", options.attention, ATTENTION_CHOICES),
+        ("quantize", options.quantize, QUANTIZE_CHOICES),
     ):
         if value not in choices:
             raise OptionError(name, value, choices)

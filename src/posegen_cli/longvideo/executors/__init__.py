@@ -31,6 +31,9 @@ class ModelSpec:
     """A resolved device type ("cuda" or "cpu"); a Ray worker's "cuda" is the GPU Ray gave it."""
     dtype: torch.dtype
     offload: str
+    attention: str = "auto"
+    compile: bool = False
+    quantize: str = "none"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class Executor(Protocol):
 
     def run(self, reporter: Reporter, after_segment: Callable[[Segment], None] | None) -> SegmentStats:
         """Generate every segment not yet finished; ``after_segment`` runs once each new segment is stored."""
+        ...
+
+    @property
+    def attention(self) -> Any:
+        """The attention kernel the DiT runs with (``posegen_cli.models.acceleration``'s choice), once started."""
         ...
 
     def worker_summary(self) -> dict[str, dict[str, Any]] | None:

@@ -28,7 +28,10 @@ class LocalExecutor:
 
     def encoder_pipeline(self, reporter: Reporter) -> PoseGenPipeline:
         m = self.models
-        self.pipe = load_pipeline(m.models_dir, device=m.device, dtype=m.dtype, offload=m.offload, reporter=reporter)
+        self.pipe = load_pipeline(
+            m.models_dir, device=m.device, dtype=m.dtype, offload=m.offload, attention=m.attention, compile=m.compile,
+            quantize=m.quantize, reporter=reporter,
+        )  # fmt: skip
         return self.pipe
 
     def start(self, spec: RenderSpec, job: SegmentJob, reporter: Reporter) -> KVShareRanges:
@@ -52,6 +55,10 @@ class LocalExecutor:
         finally:
             pose.close()
             hand.close()
+
+    @property
+    def attention(self) -> Any:
+        return getattr(self.pipe, "attention", None)
 
     def worker_summary(self) -> dict[str, dict[str, Any]] | None:
         return None

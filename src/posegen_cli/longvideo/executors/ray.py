@@ -111,8 +111,13 @@ class SegmentWorker:
         self.pose = FrameSource(job.pose_video, job.frame_shape)
         self.hand = FrameSource(job.hand_video, job.frame_shape)
         self.renderer: PipelineRenderer | None = None
+        self.attention: Any = None
         try:
-            pipe = load_pipeline(models.models_dir, device=models.device, dtype=models.dtype, offload=models.offload, load_encoders=False)
+            pipe = load_pipeline(
+                models.models_dir, device=models.device, dtype=models.dtype, offload=models.offload, load_encoders=False,
+                attention=models.attention, compile=models.compile, quantize=models.quantize,
+            )  # fmt: skip
+            self.attention = pipe.attention
             if self.work.embeddings_path.exists():  # else the work folder is not shared: the driver's check says so
                 spec = RenderSpec(JobEmbeddings.load(self.work.embeddings_path), **spec_fields)
                 self.renderer = spec.renderer(pipe, self.work.anchor_inputs_path)
@@ -126,7 +131,10 @@ class SegmentWorker:
 
         if self.error is not None:
             raise self.error
-        return {"node": ray.util.get_node_ip_address(), "pid": os.getpid(), "kv": self.renderer.kv if self.renderer is not None else None}
+        return {
+            "node": ray.util.get_node_ip_address(), "pid": os.getpid(), "kv": self.renderer.kv if self.renderer is not None else None,
+            "attention": self.attention,
+        }
 
     def can_read(self, path: str, token: str) -> bool:
         """Whether this worker sees the driver's work folder: the token file there holds ``token``."""
@@ -204,6 +212,7 @@ class RayExecutor:
         self.pending: dict[Any, tuple[Segment, int]] = {}
         self.done_by: dict[int, list[dict[str, Any]]] = {}
         self.log = contextlib.ExitStack()
+        self.attention: Any = None
 
     def encoder_pipeline(self, reporter: Reporter) -> PoseGenPipeline:
         m = self.models
@@ -261,6 +270,7 @@ class RayExecutor:
         self.workers = [worker_class.remote(index, self.models, fields, job, board) for index in range(count)]
         infos = [self._get(worker.describe.remote()) for worker in self.workers]
         self.nodes = [info["node"] for info in infos]
+        self.attention = infos[0]["attention"]
         self._check_shared_storage(job.work_path)
         kvs = {info["kv"] for info in infos}
         if len(kvs) != 1:
