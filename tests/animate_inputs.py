@@ -1,4 +1,5 @@
-"""Inputs for the ``animate`` tests: a short driving clip with sound, made from the real reference photo."""
+"""Inputs for the ``animate`` and pipeline tests: a short driving clip with sound made from the real reference photo,
+and the tiny-run sizes."""
 
 from __future__ import annotations
 
@@ -73,3 +74,7 @@ TEST_OPTIONS = {
     "pose_backend": "mediapipe",
 }
 """Tiny-run settings: 13-frame segments with head 5 / tail 4 (the 81/21/20 schedule scaled down), 2 steps, 64x112."""
+
+
+PIPELINE_SIZE = (64, 32)
+"""(height, width) of the ``pipe`` fixture's segments (conftest.py): the smallest size the tiny VAE and DiT take."""

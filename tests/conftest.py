@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from animate_inputs import DRIVING_FRAMES, make_driving_clip
+from animate_inputs import DRIVING_FRAMES, PIPELINE_SIZE, make_driving_clip
 
 from posegen_cli.testing import make_tiny_models
 
@@ -79,3 +79,21 @@ def ray_cluster() -> Iterator[Any]:
             else:
                 os.environ[name] = value
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models: Path):
+    """A ``PoseGenPipeline`` on the tiny models, float32 on the CPU."""
+    from posegen_cli.longvideo.loading import load_pipeline
+
+    return load_pipeline(tiny_models, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def embeds(pipe, shared_data: Path) -> dict:
+    """Prompt, negative prompt and reference embeddings for ``pipe`` at ``PIPELINE_SIZE``."""
+    from posegen_cli.video import load_image
+
+    prompt, negative = pipe.encode_prompt("a woman dancing in a red dress")
+    image, reference = pipe.encode_reference(load_image(shared_data / "reference_person.png"), *PIPELINE_SIZE)
+    return {"prompt_embeds": prompt, "negative_prompt_embeds": negative, "image_embeds": image, "reference_latents": reference}

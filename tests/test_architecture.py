@@ -193,7 +193,7 @@ def test_cli_choices_are_the_librarys() -> None:
     for enum, values in (
         (cli.Backend, choices.BACKENDS), (cli.HandNormals, choices.HAND_NORMAL_SOURCES), (cli.AlignMode, choices.ALIGN_MODES),
         (cli.Offload, choices.OFFLOAD_MODES), (cli.KeypointFormat, choices.OUTPUT_FORMATS),
-        (cli.ShotType, ("auto", *choices.SHOT_TYPES)),
+        (cli.ShotType, ("auto", *choices.SHOT_TYPES)), (cli.CameraMove, choices.CAMERA_MOTIONS),
     ):  # fmt: skip
         assert tuple(member.value for member in enum) == values
 

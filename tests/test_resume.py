@@ -223,16 +223,16 @@ class NoiseRenderer:
         self.outputs.append(frames)
         return frames
 
-    def render_anchor(self, pose, hand, on_step, *, record, frames_needed=True):
+    def render_anchor(self, pose, hand, on_step, *, record, frames_needed=True, negative_pose=None):
         return self._frames(pose, on_step, None if frames_needed else self.anchor_steps())
 
     def anchor_steps(self) -> int:
         return 1
 
-    def render_base(self, pose, hand, on_step):
+    def render_base(self, pose, hand, on_step, *, negative_pose=None):
         return self._frames(pose, on_step)
 
-    def render_transition(self, pose, hand, head, tail, on_step):
+    def render_transition(self, pose, hand, head, tail, on_step, *, negative_pose=None):
         self.heads.append(head)
         self.tails.append(tail)
         return self._frames(pose, on_step)

@@ -238,3 +238,33 @@ def test_driver_killed_then_ctrl_c_then_rerun_computes_only_what_is_missing(
     result = animate(reference_image_path, driving_clip, output, options=options, reporter=Reporter(quiet=True))
     assert sorted(result.reused) == sorted(second) and sorted(result.computed) == sorted(set(range(SEGMENTS)) - second)
     assert_same_as_single_process(result, single_process)
+
+
+def test_own_condition_videos_and_a_camera_on_two_workers_match_one_process(
+    ray_cluster: Any, tmp_path: Path, reference_image_path: Path, tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from posegen_cli.video import write_video
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("POSEGEN_CACHE_DIR", str(tmp_path / "cache"))
+    frames = np.zeros((30, 96, 64, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        frame[20:26, 5 + i : 40 + i] = (255, 0, 0)
+        frame[50:56, 5 + i : 30 + i] = (0, 255, 0)
+    pose_video = write_video(tmp_path / "pose.mp4", frames, 24, lossless=True)
+    hand_video = write_video(tmp_path / "hand.mp4", frames[:, ::-1], 24, lossless=True)
+    own = {**TEST_OPTIONS, "pose_video": pose_video, "hand_video": hand_video, "camera": "pan-left", "camera_speed": 6.0}
+    results = {}
+    for name, extra in (("local", {}), ("ray", {"gpus": 2})):
+        options = AnimateOptions(**own, models_dir=tiny_models, work_dir=tmp_path / name, keep_intermediates=True, **extra)
+        results[name] = animate(reference_image_path, None, tmp_path / f"{name}.mp4", options=options, reporter=Reporter(quiet=True))
+    local, ray = results["local"], results["ray"]
+    assert ray.workers is not None and ray.kv is None and local.kv is None
+    # nothing is shared with a camera: no anchor latents are saved, and every segment matches the in-process run
+    assert not (ray.work_dir / "anchor-inputs.safetensors").exists()
+    assert sorted(ray.computed) == sorted(local.computed) == list(range(len(plan_segments(30, 13, 5, 4))))
+    for index in ray.computed:
+        np.testing.assert_array_equal(
+            np.load(ray.work_dir / f"segment-{index:04d}.npy"), np.load(local.work_dir / f"segment-{index:04d}.npy"), err_msg=f"segment {index}"
+        )
+    np.testing.assert_array_equal(np.stack(list(iter_frames(ray.output))), np.stack(list(iter_frames(local.output))))

@@ -20,6 +20,8 @@ SHOT_TYPES = ("close-up", "half-body", "full-body", "distant")
 """The K/V-sharing presets by shot type (port.md §5); ``auto`` picks one from the reference."""
 DTYPES = ("auto", "bfloat16", "float32")
 """Model dtypes by name; ``auto`` is bfloat16 on a GPU and float32 on the CPU (``bf16``/``fp32`` are accepted too)."""
+CAMERA_MOTIONS = ("pan-left", "pan-right", "pan-up", "pan-down", "zoom-in", "zoom-out")
+"""Experimental camera moves steered through the negative guidance branch (``pose.camera``)."""
 ATTENTION_CHOICES = ("auto", "native", "cudnn", "flash", "flash3", "sage")
 """Attention kernels, mapped onto diffusers' backend names by ``models.acceleration.resolve_attention``; ``sage`` is
 approximate, the others exact."""

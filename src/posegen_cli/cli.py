@@ -38,6 +38,7 @@ AlignMode = _choice_enum("AlignMode", choices.ALIGN_MODES)
 Offload = _choice_enum("Offload", choices.OFFLOAD_MODES)
 KeypointFormat = _choice_enum("KeypointFormat", choices.OUTPUT_FORMATS)
 ShotType = _choice_enum("ShotType", ("auto", *choices.SHOT_TYPES))
+CameraMove = _choice_enum("CameraMove", choices.CAMERA_MOTIONS)
 AttentionKernel = _choice_enum("AttentionKernel", choices.ATTENTION_CHOICES)
 Quantize = _choice_enum("Quantize", choices.QUANTIZE_CHOICES)
 
@@ -101,7 +102,7 @@ def _flags(table: dict[str, str]) -> Spelling:
     return lambda name: command_line_spelling(name, table)
 
 
-ANIMATE_FLAGS = {"backend": "--pose-backend"}
+ANIMATE_FLAGS = {"backend": "--pose-backend", "audio_file": "--audio"}
 """``animate`` flags whose names differ from the library setting they carry."""
 
 
@@ -114,8 +115,13 @@ def _run(quiet: bool, json_output: bool, debug: bool, work: Callable[[Reporter],
 @app.command()
 def animate(
     reference: Annotated[Path, typer.Argument(help="Photo of the person to animate (PNG/JPEG).", show_default=False)],
-    driving: Annotated[Path, typer.Argument(help="Video whose motion the person performs.", show_default=False)],
+    driving: Annotated[Path | None, typer.Argument(help="Video whose motion the person performs (leave out with --pose-video).", show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output video (H.264 at the driving video's fps, with its audio).")] = Path("posegen.mp4"),
+    pose_video: Annotated[Path | None, typer.Option("--pose-video", help="Your own pose condition video (any skeleton, any tool), used as is: no extraction, no alignment; sets length, fps and audio.", show_default=False)] = None,
+    hand_video: Annotated[Path | None, typer.Option("--hand-video", help="Hand condition video matching --pose-video (same length, size, fps); default: black hands.", show_default=False)] = None,
+    audio_file: Annotated[Path | None, typer.Option("--audio", help="Take the output's audio from this file instead of the driving/pose video.", show_default=False)] = None,
+    camera: Annotated[CameraMove | None, typer.Option("--camera", help="EXPERIMENTAL camera motion through the negative guidance branch (PoseAnything, CVPR 2026); unverified with the real weights; turns K/V sharing off; writes <output>.camera.mp4.", show_default=False)] = None,
+    camera_speed: Annotated[float, typer.Option("--camera-speed", help="Pixels per frame at 720x1280 for pans, percent per second for zooms.")] = 4.0,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Caption of the reference; skips automatic captioning.")] = None,
     subject: Annotated[str | None, typer.Option("--subject", help="Subject word of the caption (woman, man, ...) used for background K/V sharing.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Noise seed, the same for every segment as in the release.")] = 42,
@@ -151,7 +157,12 @@ def animate(
 ) -> None:
     """Generate the whole video: pose, caption, anchor → base → transition segments, cross-fade merge, audio.
 
+    Instead of a driving video, --pose-video (and --hand-video) gives your own condition videos, used as they are.
     Running the same command again after a crash or Ctrl-C continues from the finished segments.
+
+    --camera is EXPERIMENTAL and unverified with the real weights: PoseAnything's decoupled guidance (CVPR 2026),
+    ε = ε(∅s, zc) + s·(ε(zs, ∅c) − ε(∅s, zc)): the subject's pose in the positive branch, a moving camera pattern
+    with no pose in the negative one (docs/conditioning.md).
     """
 
     def work(reporter: Reporter) -> None:
@@ -162,7 +173,9 @@ def animate(
             prompt=prompt, subject=subject, seed=seed, steps=steps, guidance=guidance, resolution=resolution,
             shot=shot.value, kv_steps=kv_steps, kv_blocks=kv_blocks, align=align.value, pose_backend=pose_backend.value,
             offload=offload.value, preview=preview, audio=not no_audio, crf=crf, compat_mp4=compat_mp4, anchor=anchor,
-            work_dir=work_dir, attention=attention.value, compile=compile_blocks, quantize=quantize.value, gpu=gpu,
+            work_dir=work_dir, pose_video=pose_video, hand_video=hand_video, audio_file=audio_file,
+            camera=None if camera is None else camera.value, camera_speed=camera_speed,
+            attention=attention.value, compile=compile_blocks, quantize=quantize.value, gpu=gpu,
             gpus=gpus, ray_address=ray_address,
             keep_intermediates=keep_intermediates, models_dir=models_dir, device=device, dtype=dtype,
         )

@@ -3,6 +3,11 @@
 Phases: pose extraction → caption and subject tokens → shot preset → model load (once; base and transition
 variants share it) → segments in order (anchor, bases replaying its K/V, transitions) into a resumable work
 folder → cross-fade merge trimmed to the driving length → H.264 at the driving fps with its audio.
+
+Instead of a driving video, the caller may give its own condition videos (``options.pose_video``, optionally
+``options.hand_video``): they are used as they are, framed like extracted renders, with no extraction and no
+alignment, and the pose video sets the length, fps and audio. ``options.camera`` (experimental) feeds a camera
+pattern to the negative guidance branch and turns background K/V sharing off (docs/conditioning.md says why).
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ from posegen_cli.longvideo.plan import (
 from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, JobSpec, ModelShape, expected_kernel, find_gpu, plan_job
 from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot, kv_share_ranges
 from posegen_cli.longvideo.segments import SegmentStats
+from posegen_cli.longvideo.sources import CameraFrames, FrameReader
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION, quantization_config, resolve_attention
+from posegen_cli.pose.camera import CameraMotion, zoom_factor
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
-from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, probe_video
+from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, check_audio_file, probe_video
 from posegen_cli.video.framing import frame_to_model, warn_if_cropped
 from posegen_cli.video.image import ReferenceImage
 
@@ -95,14 +102,19 @@ class AnimateResult:
     reused: list[int]
     kv_rebuilt: bool
     segment_seconds: dict[int, float]
-    shot: str
-    kv: KVShareRanges
+    shot: str | None
+    kv: KVShareRanges | None
+    """None: no background K/V sharing (``camera`` set)."""
     prompt: str
     subject: str
     phases: dict[str, float]
     phase_memory: dict[str, dict[str, float]]
     peak_gpu_memory_bytes: int | None
     work_dir: Path | None
+    conditions: str
+    """Where the pose and hand conditions came from, in words."""
+    camera: str | None = None
+    camera_video: Path | None = None
     workers: dict[str, dict[str, Any]] | None = None
     """Per Ray worker: node, segments made, seconds (None for a single-process run)."""
 
@@ -121,9 +133,12 @@ class AnimateResult:
             "seconds_per_segment": round(sum(self.segment_seconds.values()) / len(self.segment_seconds), 2)
             if self.segment_seconds
             else None,
+            "conditions": self.conditions,
+            "camera": self.camera,
+            "camera_video": None if self.camera_video is None else str(self.camera_video),
             "shot": self.shot,
-            "kv_steps": "{}-{}".format(*self.kv.steps),
-            "kv_blocks": "{}-{}".format(*self.kv.blocks),
+            "kv_steps": "off" if self.kv is None else "{}-{}".format(*self.kv.steps),
+            "kv_blocks": "off" if self.kv is None else "{}-{}".format(*self.kv.blocks),
             "subject": self.subject,
             "seconds": {name: round(value, 2) for name, value in self.phases.items()},
             "total_seconds": round(sum(self.phases.values()), 2),
@@ -145,6 +160,68 @@ def check_output_path(output: Path, inputs: list[Path]) -> Path:
         if output.resolve() == path.resolve():
             raise InputError(f"output {output} would overwrite the input {path} (choose another -o name)")
     return output
+
+
+def motion_input(driving: Path | None, pose_video: Path | None) -> Path:
+    """The one video that sets the motion, length and fps: the driving video or the caller's own pose video."""
+    if driving is not None and pose_video is not None:
+        raise InputError(f"give either a driving video ({driving}) or {option('pose_video')} ({pose_video}), not both")
+    if driving is None and pose_video is None:
+        raise InputError(f"nothing to follow: give a driving video, or your own condition video with {option('pose_video')}")
+    return require_file(driving, "driving video") if driving is not None else require_file(pose_video, "pose video")
+
+
+def describe_video(info: VideoInfo) -> str:
+    """``"20 frames of 72x128 at 10 fps"``."""
+    return f"{info.frame_count} frames of {info.width}x{info.height} at {fps_text(info.fps)} fps"
+
+
+def check_hand_video(hand: VideoInfo, pose: VideoInfo) -> None:
+    """A hand condition video must match its pose video frame for frame: same length, size and fps."""
+    if (hand.frame_count, hand.width, hand.height, hand.fps) != (pose.frame_count, pose.width, pose.height, pose.fps):
+        raise InputError(
+            f"hand video {hand.path} is {describe_video(hand)} but pose video {pose.path} is {describe_video(pose)} "
+            f"(render both from the same clip, or leave {option('hand_video')} out for black hands)"
+        )
+
+
+def camera_video_path(output: Path) -> Path:
+    """Where the camera pattern given to the negative branch is written: ``<output stem>.camera.mp4`` beside it."""
+    return output.with_name(f"{output.stem}.camera.mp4")
+
+
+def write_camera_video(path: Path, camera: FrameReader, length: int, fps: Fraction, crf: int) -> Path:
+    """The camera pattern of timeline frames 0 … ``length - 1`` at the job's size, as the negative branch saw it."""
+    with VideoWriter(path, fps, crf=crf) as writer:
+        for position in range(length):
+            writer.write(camera.read(np.array([position]))[0])
+    return path
+
+
+ZOOM_WARNING = 4.0
+"""A zoom pattern this many times larger or smaller than at the start has strokes of ~2 or ~36 px on the canvas."""
+
+
+def warn_on_long_zoom(motion: CameraMotion, length: int, reporter: Reporter) -> None:
+    """Zooms compound: over a long video the pattern ends up far from anything the branch is meant to see."""
+    factor = zoom_factor(motion, length - 1)
+    if max(factor, 1 / factor) > ZOOM_WARNING:
+        reporter.warn(
+            f"{motion.kind} at {motion.speed:g} % per second scales the camera pattern {max(factor, 1 / factor):.1f}x over "
+            f"{length} frames; its strokes will be far from the 9 px the pattern starts with (lower {option('camera_speed')})"
+        )
+
+
+def pick_audio(options: AnimateOptions, info: VideoInfo, audio_file: Path | None, reporter: Reporter) -> Path | None:
+    """The file whose audio the output gets: ``audio_file``, else the motion video's own track, or None."""
+    if not options.audio:
+        return None
+    if audio_file is not None:
+        return audio_file
+    if not info.has_audio:
+        reporter.info(f"{info.path.name} has no audio track; the output is silent")
+        return None
+    return info.path
 
 
 def pick_shot(options: AnimateOptions, image: np.ndarray, device: torch.device, reporter: Reporter) -> tuple[str, PersonPose | None]:
@@ -185,9 +262,16 @@ def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], 
 def work_settings(options: AnimateOptions, job: JobSettings, reference: ReferenceImage, model_dirs: list[Path]) -> dict[str, Any]:
     """Every setting that changes a segment's pixels, for the work folder's key (not offloading, crf, audio).
 
-    Model folders count by their resolved path: a Hugging Face snapshot path names the commit.
+    Model folders count by their resolved path: a Hugging Face snapshot path names the commit. Given condition
+    videos and the camera add keys only when used, so the work folders of jobs without them keep their names.
     """
+    optional: dict[str, Any] = {}
+    if options.pose_video is not None:
+        optional["conditions"] = "given"
+    if options.camera is not None:
+        optional["camera"] = [options.camera, options.camera_speed]
     return {
+        **optional,
         "engine": ENGINE_VERSION,
         **job.key_fields(),
         "kv_steps": job.kv_steps,
@@ -220,20 +304,18 @@ def _write_video(
     info: VideoInfo,
     options: AnimateOptions,
     reporter: Reporter,
+    audio_from: Path | None,
 ) -> bool:
-    """Cross-fade the stored segments into ``output`` at the driving fps; returns whether audio was muxed."""
+    """Cross-fade the stored segments into ``output`` at the driving fps with ``audio_from``'s sound; returns whether audio was muxed."""
     line = timeline_order(plan)
     clips = ((work.load_segment(seg.index), overlap_before(seg, options.head, options.tail)) for seg in line)
-    audio = options.audio and info.has_audio
-    if options.audio and not info.has_audio:
-        reporter.info(f"{info.path.name} has no audio track; the output is silent")
     with reporter.progress() as progress:
         task = progress.add_task("merging and encoding", total=length, unit="frames")
-        with VideoWriter(output, info.fps, crf=options.crf, audio_from=info.path if audio else None) as writer:
+        with VideoWriter(output, info.fps, crf=options.crf, audio_from=audio_from) as writer:
             for frame in iter_merged(clips, length):
                 writer.write(np.ascontiguousarray(frame))
                 progress.advance(task)
-    return audio
+    return audio_from is not None
 
 
 @contextlib.contextmanager
@@ -284,15 +366,14 @@ def model_shape(models_dir: Path | None) -> tuple[ModelShape, str]:
     return ModelShape.from_config(config), str(config_file)
 
 
-def plan_animate(driving: Path, *, options: AnimateOptions, reporter: Reporter) -> JobPlan:
+def plan_animate(driving: Path | None, *, options: AnimateOptions, reporter: Reporter) -> JobPlan:
     """A dry run: the segment plan, transformer passes, FLOPs, memory and time of the job, loading no model.
 
     The GPU is ``options.gpu`` (a name of ``planner.GPUS``) or the one present; the attention kernel is what the run
     would take there (``auto`` resolved as on that GPU, assuming no FlashAttention-3 package when it is not this one).
     """
     job = resolve_settings(options)
-    driving = require_file(driving, "driving video")
-    info = probe_video(driving)
+    info = probe_video(motion_input(driving, options.pose_video))
     plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
     shape, shape_source = model_shape(options.models_dir)
     shot = options.shot if options.shot != "auto" else DEFAULT_SHOT
@@ -328,7 +409,7 @@ def plan_animate(driving: Path, *, options: AnimateOptions, reporter: Reporter) 
 
 def animate(
     reference: Path,
-    driving: Path,
+    driving: Path | None,
     output: Path,
     *,
     options: AnimateOptions,
@@ -337,6 +418,7 @@ def animate(
 ) -> AnimateResult:
     """Generate ``output`` from the ``reference`` photo and the ``driving`` video's motion.
 
+    ``driving`` is None when ``options.pose_video`` gives the conditions instead (exactly one of the two).
     Re-running after a crash, Ctrl-C or ``kill`` with the same inputs and settings continues from the finished
     segments. ``after_segment`` runs after each newly generated segment is stored.
     """
@@ -346,7 +428,7 @@ def animate(
 
 def _animate(
     reference: Path,
-    driving: Path,
+    driving: Path | None,
     output: Path,
     *,
     options: AnimateOptions,
@@ -355,8 +437,12 @@ def _animate(
 ) -> AnimateResult:
     job = resolve_settings(options)
     reference = require_file(reference, "reference image")
-    driving = require_file(driving, "driving video")
-    output = check_output_path(output, [reference, driving])
+    motion = motion_input(driving, options.pose_video)
+    hand_video = None if options.hand_video is None else require_file(options.hand_video, "hand video")
+    audio_file = None if options.audio_file is None else check_audio_file(options.audio_file)
+    videos = [motion, *([hand_video] if hand_video is not None else [])]
+    output = check_output_path(output, [reference, *videos, *([audio_file] if audio_file is not None else [])])
+    camera_video = None if options.camera is None else check_output_path(camera_video_path(output), [reference, *videos])
     device = job.device
     resolve_attention(options.attention, device, job.dtype)  # a kernel or quantisation that cannot run fails before any work
     quantization_config(options.quantize, device)
@@ -371,31 +457,49 @@ def _animate(
         image = ref.pixels
         warn_if_cropped(reporter, image.shape[1], image.shape[0], f"reference image {reference.name}", size)
         framed = frame_to_model(image, size)
-        info = probe_video(driving)
+        info = probe_video(motion)
+        if options.pose_video is not None:
+            warn_if_cropped(reporter, info.width, info.height, f"pose video {motion.name}", size)
+        if hand_video is not None:
+            check_hand_video(probe_video(hand_video), info)
         model_dirs = [model_path(name, options.models_dir) for name in ("wan-i2v-720p", "posegen")]
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
         length = output_frames(plan, info.frame_count)
         root = Path(options.work_dir) if options.work_dir is not None else None
-        work = WorkDir.for_job([driving], work_settings(options, job, ref, model_dirs), root)
+        work = WorkDir.for_job(videos, work_settings(options, job, ref, model_dirs), root)
         check_disk_space(work, plan, size, output)
     reporter.info(
-        f"{info.frame_count} driving frames at {fps_text(info.fps)} fps -> {len(plan)} segments of {options.segment_frames} "
-        f"frames at {job.width}x{job.height}, {job.steps} steps (work folder {work.path})"
+        f"{info.frame_count} {'pose' if options.pose_video else 'driving'} frames at {fps_text(info.fps)} fps -> {len(plan)} "
+        f"segments of {options.segment_frames} frames at {job.width}x{job.height}, {job.steps} steps (work folder {work.path})"
     )
     if length < info.frame_count:
         reporter.warn(f"without padding the output covers only the first {length} of {info.frame_count} frames")
 
+    share_kv = options.camera is None
     with timer("pose"):
-        from posegen_cli.pose.extract import extract_pose
-        from posegen_cli.pose.settings import PoseOptions
+        if options.pose_video is None:
+            from posegen_cli.pose.extract import extract_pose
+            from posegen_cli.pose.settings import PoseOptions
 
-        shot, reference_pose = pick_shot(options, image, device, reporter)
-        pose_options = PoseOptions(backend=options.pose_backend, align=options.align, device=device, models_dir=options.models_dir)
-        poses = extract_pose(
-            driving, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, reference_pose=reference_pose
-        )
-        if poses.frame_count != info.frame_count:
-            raise InputError(f"pose extraction of {driving} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
+            shot, reference_pose = pick_shot(options, image, device, reporter) if share_kv else (None, None)
+            pose_options = PoseOptions(backend=options.pose_backend, align=options.align, device=device, models_dir=options.models_dir)
+            poses = extract_pose(
+                motion, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, reference_pose=reference_pose
+            )
+            if poses.frame_count != info.frame_count:
+                raise InputError(f"pose extraction of {motion} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
+            pose_video, hand_condition = poses.pose_video, poses.hand_video
+            conditions = f"extracted from {motion.name} ({options.pose_backend} backend, alignment {options.align})"
+        else:
+            shot = pick_shot(options, image, device, reporter)[0] if share_kv else None
+            pose_video, hand_condition = motion, hand_video
+            hands = hand_video.name if hand_video is not None else "black hands"
+            conditions = f"{motion.name} + {hands}, used as given: no extraction, no alignment"
+            reporter.info(f"conditions: {conditions}")
+    camera_motion = None if options.camera is None else CameraMotion(options.camera, options.camera_speed, info.fps)
+    camera = None if camera_motion is None else CameraFrames(camera_motion, size)
+    if camera is not None:
+        warn_on_long_zoom(camera.motion, length, reporter)
 
     with timer("prompt"):
         from posegen_cli.prompting import PromptOptions, run_prompt
@@ -418,13 +522,17 @@ def _animate(
             )  # fmt: skip
             del encoders
             segment_job = SegmentJob(
-                plan=plan, work_path=work.path, work_settings=work.settings, pose_video=poses.pose_video, hand_video=poses.hand_video,
+                plan=plan, work_path=work.path, work_settings=work.settings, pose_video=pose_video, hand_video=hand_condition,
                 frame_shape=size, total_frames=info.frame_count, head=options.head, tail=options.tail, compat_mp4=options.compat_mp4,
+                camera=camera_motion,
             )  # fmt: skip
             kv = executor.start(spec, segment_job, reporter)
         if executor.attention is not None:
             reporter.info(f"attention: {executor.attention.describe()}")
-        reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
+        if kv is None:
+            reporter.info(f"camera {options.camera} (experimental) in the negative guidance branch; background K/V sharing is off")
+        else:
+            reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
         with timer("segments"):
             stats: SegmentStats = executor.run(reporter, after_segment)
         workers = executor.worker_summary()
@@ -435,7 +543,11 @@ def _animate(
         reporter.info(f"reused {len(stats.reused)} finished segment(s) from {work.path}")
 
     with timer("merge + encode"):
-        audio = _write_video(output, plan, work, length=length, info=info, options=options, reporter=reporter)
+        audio_from = pick_audio(options, info, audio_file, reporter)
+        audio = _write_video(output, plan, work, length=length, info=info, options=options, reporter=reporter, audio_from=audio_from)
+        if camera is not None and camera_video is not None:
+            write_camera_video(camera_video, camera, length, info.fps, options.crf)
+            reporter.info(f"camera pattern given to the negative branch -> {camera_video}")
 
     if options.keep_intermediates:
         kept: Path | None = work.path
@@ -448,5 +560,7 @@ def _animate(
         segments=len(plan), computed=stats.computed, reused=stats.reused, kv_rebuilt=stats.rebuilt_anchor,
         segment_seconds=stats.seconds, shot=shot, kv=kv,
         prompt=prompt.prompt, subject=prompt.subject, phases=timer.seconds, phase_memory=timer.memory,
-        peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept, workers=workers,
+        peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept,
+        conditions=conditions, camera=None if options.camera is None else f"{options.camera} at {options.camera_speed:g}",
+        camera_video=camera_video, workers=workers,
     )  # fmt: skip

@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-from posegen_cli.choices import ALIGN_MODES, ATTENTION_CHOICES, BACKENDS, OFFLOAD_MODES, QUANTIZE_CHOICES, SHOT_TYPES
+from posegen_cli.choices import (
+    ALIGN_MODES,
+    ATTENTION_CHOICES,
+    BACKENDS,
+    CAMERA_MOTIONS,
+    OFFLOAD_MODES,
+    QUANTIZE_CHOICES,
+    SHOT_TYPES,
+)
 from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import OptionError, option
 from posegen_cli.pipelines import check_model_size
@@ -23,6 +31,8 @@ from posegen_cli.pipelines import check_model_size
 PREVIEW_SIZE = (512, 288)
 """(height, width) of the preview for the 720x1280 default: 9:16, multiples of 16, 0.4x each side."""
 PREVIEW_STEPS = 8
+DEFAULT_CAMERA_SPEED = 4.0
+"""4 px per frame (a 720 px wide frame crossed in 6 s at 30 fps) for pans, 4 % per second for zooms."""
 
 
 @dataclass
@@ -70,6 +80,16 @@ class AnimateOptions:
     """Ray workers, one per GPU: a local runtime with this many, or the cap on a cluster's (None: no Ray)."""
     ray_address: str | None = None
     """Join this Ray cluster ("auto", "HOST:PORT", "ray://HOST:PORT") instead of running in this process."""
+    pose_video: Path | None = None
+    """A pose condition video used as it is (no extraction, no alignment) instead of a driving video."""
+    hand_video: Path | None = None
+    """The hand condition video that goes with ``pose_video``; without one the hand condition is black."""
+    audio_file: Path | None = None
+    """Audio for the output instead of the driving (or pose) video's own track."""
+    camera: str | None = None
+    """Experimental camera motion steered through the negative guidance branch (``choices.CAMERA_MOTIONS``)."""
+    camera_speed: float = DEFAULT_CAMERA_SPEED
+    """Pixels per frame on the 720x1280 canvas for pans, percent per second for zooms."""
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -152,6 +172,7 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         raise OptionError("gpus", options.gpus, problem=f"{options.gpus}: need at least one worker")
     if not 0 <= options.crf <= 51:
         raise OptionError("crf", options.crf, problem=f"{options.crf} is out of range (use 0..51; 18 is visually lossless)")
+    check_conditioning(options)
     device = resolve_device(options.device)
     if options.offload != "none" and device.type != "cuda":
         raise OptionError(
@@ -168,6 +189,41 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         device=device,
         dtype=resolve_dtype(options.dtype, device),
     )
+
+
+def check_conditioning(options: AnimateOptions) -> None:
+    """The own-condition-video and camera settings must make sense together (no file is read here).
+
+    Raises OptionError naming the setting that cannot be used with the others.
+    """
+    if options.hand_video is not None and options.pose_video is None:
+        raise OptionError("hand_video", options.hand_video, problem=f"needs {option('pose_video')} (the hand condition goes with your own pose video)")
+    if options.pose_video is not None and options.align != "auto":
+        raise OptionError(
+            "align", options.align,
+            problem=f"{options.align} does nothing with {option('pose_video')}: your condition videos are used as they are (drop {option('align')})",
+        )  # fmt: skip
+    if options.audio_file is not None and not options.audio:
+        raise OptionError("audio_file", options.audio_file, problem=f"and {option('no_audio')} contradict each other (keep one)")
+    if options.camera is None:
+        return
+    if options.camera not in CAMERA_MOTIONS:
+        raise OptionError("camera", options.camera, CAMERA_MOTIONS)
+    if not options.camera_speed > 0:
+        raise OptionError(
+            "camera_speed", options.camera_speed,
+            problem=f"{options.camera_speed:g}: must be above 0 (pixels per frame for pans, % per second for zooms)",
+        )  # fmt: skip
+    if options.guidance == 1.0:
+        raise OptionError(
+            "camera", options.camera,
+            problem=f"works through the negative guidance branch, which {option('guidance')} 1 turns off (use e.g. {option('guidance')} 5)",
+        )  # fmt: skip
+    if options.kv_steps is not None or options.kv_blocks is not None or options.shot != "auto":
+        sharing = "/".join(option(name) for name in ("shot", "kv_steps", "kv_blocks"))
+        raise OptionError(
+            "camera", options.camera, problem=f"turns background K/V sharing off (it holds the background still); drop {sharing}"
+        )
 
 
 def fps_text(fps: Fraction) -> str:

@@ -59,13 +59,14 @@ class JobEmbeddings:
 class RenderSpec:
     """Everything besides the models that fixes a job's segments: what each worker builds its renderer from.
 
-    ``shot``/``kv_steps``/``kv_blocks`` become the K/V ranges once the model's depth is known. ``seed``: every segment
+    ``shot``/``kv_steps``/``kv_blocks`` become the K/V ranges once the model's depth is known (``shot=None``: no K/V
+    sharing, as with a camera in the negative branch). ``seed``: every segment
     is denoised from the same seed (the release's rule), so no segment depends on which worker ran it or when.
     """
 
     embeddings: JobEmbeddings
     subject_positions: tuple[int, ...]
-    shot: str
+    shot: str | None
     kv_steps: tuple[int, int] | None
     kv_blocks: tuple[int, int] | None
     num_steps: int
@@ -74,7 +75,8 @@ class RenderSpec:
 
     def renderer(self, pipe: PoseGenPipeline, anchor_inputs: Path | None = None) -> PipelineRenderer:
         """A renderer of this job on ``pipe``; ``anchor_inputs``: where the anchor's shared-step latents are kept."""
-        kv = kv_share_ranges(self.shot, self.num_steps, pipe.transformer.config.num_layers, self.kv_steps, self.kv_blocks)
+        layers = pipe.transformer.config.num_layers
+        kv = None if self.shot is None else kv_share_ranges(self.shot, self.num_steps, layers, self.kv_steps, self.kv_blocks)
         return PipelineRenderer(
             pipe, self.embeddings.to(pipe._execution_device), subject_positions=self.subject_positions, kv=kv,
             num_steps=self.num_steps, guidance=self.guidance, seed=self.seed, anchor_inputs=anchor_inputs,
@@ -104,7 +106,8 @@ class PipelineRenderer:
     """Runs segments on one pipeline with the job's prompt and reference encoded once.
 
     Base segments (anchor included) run on the "base" variant and transitions on the "transition" variant, swapped
-    in place; the anchor's K/V cache lives here from the anchor's run until :meth:`release_kv`.
+    in place; the anchor's K/V cache lives here from the anchor's run until :meth:`release_kv`. ``kv=None`` shares
+    nothing: the anchor records no cache and base segments run on their own.
     """
 
     def __init__(
@@ -113,7 +116,7 @@ class PipelineRenderer:
         embeddings: JobEmbeddings,
         *,
         subject_positions: Sequence[int],
-        kv: KVShareRanges,
+        kv: KVShareRanges | None,
         num_steps: int,
         guidance: float,
         seed: int,
@@ -145,6 +148,7 @@ class PipelineRenderer:
         tail: np.ndarray | None = None,
         kv_share: KVShareCache | None = None,
         stop_after: int | None = None,
+        negative_pose: np.ndarray | None = None,
         on_latents: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
     ) -> np.ndarray:
         """One pipeline call; ``on_latents(step, latents)`` sees the input latents of each step after the first and
@@ -166,6 +170,8 @@ class PipelineRenderer:
             hand_frames=hand,
             head_frames=head,
             tail_frames=tail,
+            negative_pose_frames=negative_pose,
+            negative_hand_frames=None if negative_pose is None else np.zeros_like(hand),
             num_inference_steps=self.num_steps,
             guidance_scale=self.guidance,
             generator=release_generator(self.seed),  # fresh per segment: every segment starts from the same noise
@@ -174,10 +180,17 @@ class PipelineRenderer:
         ).frames
 
     def anchor_steps(self) -> int:
-        return self.kv.steps[1]
+        return 0 if self.kv is None else self.kv.steps[1]
 
     def render_anchor(
-        self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback, *, record: bool, frames_needed: bool = True
+        self,
+        pose: np.ndarray,
+        hand: np.ndarray,
+        on_step: ProgressCallback,
+        *,
+        record: bool,
+        frames_needed: bool = True,
+        negative_pose: np.ndarray | None = None,
     ) -> np.ndarray | None:
         """Denoise the anchor; with ``record`` keep its K/V for the bases.
 
@@ -189,7 +202,7 @@ class PipelineRenderer:
         """
         self._use("base")
         self.release_kv()
-        if record:
+        if record and self.kv is not None:
             self.cache = KVShareCache(self.kv.step_list, self.kv.block_list, self.subject_positions, max_map_block=self.kv.max_map_block)
         rebuild = not frames_needed
         path = self.anchor_inputs
@@ -208,8 +221,9 @@ class PipelineRenderer:
 
         frames = None
         try:
+            stop_after = None if frames_needed else self.anchor_steps()
             frames = self._run(
-                pose, hand, on_step, kv_share=self.cache, stop_after=None if frames_needed else self.anchor_steps(), on_latents=on_latents
+                pose, hand, on_step, kv_share=self.cache, stop_after=stop_after, negative_pose=negative_pose, on_latents=on_latents
             )
         except _Recorded:
             self.pipe.maybe_free_model_hooks()
@@ -217,17 +231,26 @@ class PipelineRenderer:
             self.cache.start_replay()
         return frames
 
-    def render_base(self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback) -> np.ndarray:
-        if self.cache is None:
+    def render_base(
+        self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback, *, negative_pose: np.ndarray | None = None
+    ) -> np.ndarray:
+        if self.cache is None and self.kv is not None:
             raise RuntimeError("base segments need the anchor's K/V: render the anchor first")
         self._use("base")
-        return self._run(pose, hand, on_step, kv_share=self.cache)
+        return self._run(pose, hand, on_step, kv_share=self.cache, negative_pose=negative_pose)
 
     def render_transition(
-        self, pose: np.ndarray, hand: np.ndarray, head: np.ndarray, tail: np.ndarray, on_step: ProgressCallback
+        self,
+        pose: np.ndarray,
+        hand: np.ndarray,
+        head: np.ndarray,
+        tail: np.ndarray,
+        on_step: ProgressCallback,
+        *,
+        negative_pose: np.ndarray | None = None,
     ) -> np.ndarray:
         self._use("transition")
-        return self._run(pose, hand, on_step, head=head, tail=tail)
+        return self._run(pose, hand, on_step, head=head, tail=tail, negative_pose=negative_pose)
 
     def release_kv(self) -> None:
         if self.cache is not None:

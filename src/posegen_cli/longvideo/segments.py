@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from posegen_cli.longvideo.plan import ANCHOR, BASE, Segment, segment_frame_indices
-from posegen_cli.longvideo.sources import FrameSource
+from posegen_cli.longvideo.sources import FrameReader
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.report import Reporter
 from posegen_cli.video import iter_frames, write_video
@@ -37,19 +37,39 @@ class SegmentRenderer(Protocol):
     num_steps: int
 
     def render_anchor(
-        self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback, *, record: bool, frames_needed: bool = True
+        self,
+        pose: np.ndarray,
+        hand: np.ndarray,
+        on_step: ProgressCallback,
+        *,
+        record: bool,
+        frames_needed: bool = True,
+        negative_pose: np.ndarray | None = None,
     ) -> np.ndarray | None:
-        """Denoise the anchor, keeping its K/V if ``record``; with ``frames_needed=False`` stop after the last shared step."""
+        """Denoise the anchor, keeping its K/V if ``record``; with ``frames_needed=False`` stop after the last shared step.
+
+        ``negative_pose`` (every method): the negative guidance branch's pose frames (camera pattern), its hand
+        condition then black; None: both branches get ``pose`` and ``hand``.
+        """
         ...
 
     def anchor_steps(self) -> int:
-        """Denoising steps needed to rebuild the cache (the last shared step + 1)."""
+        """Denoising steps needed to rebuild the cache (the last shared step + 1; 0 when nothing is shared)."""
         ...
 
-    def render_base(self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback) -> np.ndarray: ...
+    def render_base(
+        self, pose: np.ndarray, hand: np.ndarray, on_step: ProgressCallback, *, negative_pose: np.ndarray | None = None
+    ) -> np.ndarray: ...
 
     def render_transition(
-        self, pose: np.ndarray, hand: np.ndarray, head: np.ndarray, tail: np.ndarray, on_step: ProgressCallback
+        self,
+        pose: np.ndarray,
+        hand: np.ndarray,
+        head: np.ndarray,
+        tail: np.ndarray,
+        on_step: ProgressCallback,
+        *,
+        negative_pose: np.ndarray | None = None,
     ) -> np.ndarray: ...
 
     def release_kv(self) -> None:
@@ -78,7 +98,7 @@ def stored_frames(frames: np.ndarray, compat_mp4: bool, folder: Path) -> np.ndar
 def generate_segment(
     seg: Segment,
     renderer: SegmentRenderer,
-    sources: tuple[FrameSource, FrameSource],
+    sources: tuple[FrameReader, FrameReader] | tuple[FrameReader, FrameReader, FrameReader],
     work: WorkDir,
     *,
     total_frames: int,
@@ -89,21 +109,29 @@ def generate_segment(
 ) -> np.ndarray | None:
     """Run one segment on ``renderer``: uint8 frames [F, H, W, 3], or None for an anchor run only to rebuild its K/V.
 
-    ``sources``: the pose and hand conditioning videos; ``overlap``: (head, tail). The anchor records its K/V when
-    ``record_kv``; a transition reads its neighbours' frames from ``work``, so both must be stored. Every executor
-    (in-process or a Ray worker) generates a segment through this one function.
+    ``sources``: the pose and hand conditioning frames (by driving-frame index) and, optionally third, the negative
+    guidance branch's pose frames (the camera pattern, by timeline position ``seg.start`` … ``seg.stop - 1``);
+    ``overlap``: (head, tail). The anchor records its K/V when ``record_kv``; a transition reads its neighbours'
+    frames from ``work``, so both must be stored. Every executor (in-process or a Ray worker) generates a segment
+    through this one function.
     """
-    pose, hand = sources
+    pose, hand, *negative_source = sources
+    camera = negative_source[0] if negative_source else None
     head, tail = overlap
     indices = segment_frame_indices(seg, total_frames)
     pose_frames, hand_frames = pose.read(indices), hand.read(indices)
+    negative = None if camera is None else camera.read(np.arange(seg.start, seg.stop))
     if seg.kind == ANCHOR:
-        return renderer.render_anchor(pose_frames, hand_frames, on_step, record=record_kv, frames_needed=frames_needed)
+        return renderer.render_anchor(
+            pose_frames, hand_frames, on_step, record=record_kv, frames_needed=frames_needed, negative_pose=negative
+        )
     if seg.kind == BASE:
-        return renderer.render_base(pose_frames, hand_frames, on_step)
+        return renderer.render_base(pose_frames, hand_frames, on_step, negative_pose=negative)
     before = work.load_segment(seg.index - 1)[-head:]
     after = work.load_segment(seg.index + 1)[:tail]
-    return renderer.render_transition(pose_frames, hand_frames, np.asarray(before), np.asarray(after), on_step)
+    return renderer.render_transition(
+        pose_frames, hand_frames, np.asarray(before), np.asarray(after), on_step, negative_pose=negative
+    )
 
 
 @dataclass
@@ -119,7 +147,7 @@ class SegmentStats:
 def render_segments(
     plan: list[Segment],
     renderer: SegmentRenderer,
-    sources: tuple[FrameSource, FrameSource],
+    sources: tuple[FrameReader, FrameReader] | tuple[FrameReader, FrameReader, FrameReader],
     work: WorkDir,
     *,
     total_frames: int,
@@ -131,8 +159,10 @@ def render_segments(
 ) -> SegmentStats:
     """Make sure every segment of ``plan`` (in generation order) is in ``work``; returns what was done.
 
-    ``sources`` give the pose and hand conditioning frames; ``overlap`` is (head, tail), the frames a transition
-    takes from its neighbours; ``frame_shape`` is (height, width).
+    ``sources`` give the pose and hand conditioning frames (by driving-frame index) and, optionally third, the
+    negative guidance branch's pose frames (the camera pattern, by timeline position ``segment.start`` …
+    ``segment.stop - 1``); ``overlap`` is (head, tail), the frames a transition takes from its neighbours;
+    ``frame_shape`` is (height, width).
 
     ``compat_mp4`` stores each segment as the release's mp4 round trip would give it back. ``after_segment`` runs
     once each segment is safely stored (progress hooks, and crash injection in tests).

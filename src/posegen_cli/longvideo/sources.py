@@ -1,15 +1,26 @@
-"""Conditioning frames of one segment at a time, read from the pose and hand videos without holding them in memory."""
+"""Conditioning frames of one segment at a time: read from the pose and hand videos without holding them in memory,
+black, or drawn (the camera pattern)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from posegen_cli.errors import InputError
+from posegen_cli.pose.camera import CameraMotion, camera_pattern
 from posegen_cli.video.framing import frame_to_model
 from posegen_cli.video import iter_frames
+
+
+class FrameReader(Protocol):
+    """What a segment's conditioning frames are read from: ``read(indices)`` → uint8 [N, height, width, 3]."""
+
+    def read(self, indices: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None: ...
 
 
 class FrameSource:
@@ -57,3 +68,40 @@ class FrameSource:
             if close is not None:
                 close()
             self._frames = None
+
+
+class BlankFrames:
+    """Black frames of ``size`` (height, width) for any indices: the hand condition when none is given.
+
+    The model was trained with the hand signal dropped (black) 10 % of the time, so this is in distribution.
+    """
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """uint8 zeros [len(indices), height, width, 3]."""
+        return np.zeros((len(indices), *self.size, 3), np.uint8)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class CameraFrames:
+    """The camera pattern of :func:`pose.camera.camera_pattern` at the job's size, read by *timeline* position.
+
+    Positions are those of the output timeline (``segment.start`` … ``segment.stop - 1``), not the mirrored
+    driving-frame indices, so the camera keeps moving through the padded tail and frames shared by two segments
+    get the same pattern.
+    """
+
+    def __init__(self, motion: CameraMotion, size: tuple[int, int]) -> None:
+        self.motion = motion
+        self.size = size
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """uint8 RGB [len(positions), height, width, 3]."""
+        return np.stack([camera_pattern(int(position), self.motion, self.size) for position in positions])
+
+    def close(self) -> None:
+        """Nothing to release."""

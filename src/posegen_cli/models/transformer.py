@@ -255,6 +255,12 @@ class PoseGenTransformerBlock(WanTransformerBlock):
     the block is pure tensor code, which ``compile_repeated_blocks`` compiles without graph breaks.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """``WanTransformerBlock``'s arguments; the attention modules get PoseGen's processors."""
+        super().__init__(*args, **kwargs)
+        self.attn1.set_processor(PoseGenAttnProcessor())
+        self.attn2.set_processor(PoseGenCrossAttnProcessor())
+
     def _modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), eps=self.norm1.eps) * (1 + scale) + shift
 
@@ -348,7 +354,7 @@ class PoseGenTransformer3DModel(WanTransformer3DModel):
             text_dim=text_dim,
             freq_dim=freq_dim,
             ffn_dim=ffn_dim,
-            num_layers=num_layers,
+            num_layers=0,  # the blocks are built below, as PoseGen blocks
             cross_attn_norm=cross_attn_norm,
             qk_norm=qk_norm,
             eps=eps,
@@ -356,12 +362,12 @@ class PoseGenTransformer3DModel(WanTransformer3DModel):
             added_kv_proj_dim=added_kv_proj_dim,
             rope_max_seq_len=rope_max_seq_len,
         )
-        # Re-class rather than rebuild: same parameters, PoseGen forward, and no second copy of 40 blocks.
-        for block in self.blocks:
-            block.__class__ = PoseGenTransformerBlock
-            block.attn1.set_processor(PoseGenAttnProcessor())
-            block.attn2.set_processor(PoseGenCrossAttnProcessor())
+        self.register_to_config(num_layers=num_layers)  # Wan's __init__ registered the 0 it was given
         inner_dim = num_attention_heads * attention_head_dim
+        self.blocks = nn.ModuleList(
+            PoseGenTransformerBlock(inner_dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
+            for _ in range(num_layers)
+        )
         self.ref_patch_embedding = nn.Conv3d(out_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
         if use_hand:
             hand = nn.Conv3d(out_channels, inner_dim, kernel_size=patch_size, stride=patch_size)

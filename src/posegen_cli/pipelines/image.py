@@ -40,10 +40,17 @@ class ReleaseCLIPAttention(CLIPAttention):
 
 
 def use_release_attention(model: CLIPVisionModel) -> CLIPVisionModel:
-    """Switch this model's attention modules to :class:`ReleaseCLIPAttention` (same parameters)."""
-    for module in model.modules():
+    """Put a :class:`ReleaseCLIPAttention` in place of each attention module, holding the same projection layers.
+
+    The new modules are built on the meta device and given the loaded ``q/k/v/out_proj`` layers, so no weight is
+    copied or re-initialised; they are installed with ``nn.Module.set_submodule``.
+    """
+    for name, module in list(model.named_modules()):
         if type(module) is CLIPAttention:
-            module.__class__ = ReleaseCLIPAttention
+            with torch.device("meta"):
+                fused = ReleaseCLIPAttention(module.config)
+            fused.q_proj, fused.k_proj, fused.v_proj, fused.out_proj = module.q_proj, module.k_proj, module.v_proj, module.out_proj
+            model.set_submodule(name, fused)
     return model
 
 

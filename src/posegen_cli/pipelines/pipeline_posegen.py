@@ -225,6 +225,8 @@ class PoseGenPipeline(DiffusionPipeline):
         hand_frames: np.ndarray,
         head_frames: np.ndarray | None = None,
         tail_frames: np.ndarray | None = None,
+        negative_pose_frames: np.ndarray | None = None,
+        negative_hand_frames: np.ndarray | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
         generator: torch.Generator | None = None,
@@ -246,6 +248,12 @@ class PoseGenPipeline(DiffusionPipeline):
             hand_frames: uint8 [F, H, W, 3] hand-normal frames, as ``pose_frames``.
             head_frames: for transition segments, the previous segment's last frames, uint8 [h, H, W, 3].
             tail_frames: for transition segments, the next segment's first frames, uint8 [t, H, W, 3].
+            negative_pose_frames: uint8 [F, H, W, 3] pose frames for the negative guidance branch only, e.g. a camera
+                pattern for PoseAnything's decoupled guidance ε = ε(∅s, zc) + s·(ε(zs, ∅c) − ε(∅s, zc)) (arXiv
+                2512.13465). Encoded once per call with the same head/tail frames and mask. None: the positive
+                branch's, so without either negative input both branches get the same conditioning, as in the release.
+            negative_hand_frames: uint8 [F, H, W, 3] hand frames for the negative branch only (e.g. black); None: the
+                positive branch's.
             num_inference_steps: denoising steps, on the release's shifted sigmas.
             guidance_scale: classifier-free guidance scale; 1.0 skips the negative branch.
             generator: source of the initial noise, drawn in float32 [1, 16, T, H/8, W/8] on the generator's device
@@ -270,6 +278,14 @@ class PoseGenPipeline(DiffusionPipeline):
         height, width = reference_latents.shape[-2] * SPATIAL, reference_latents.shape[-1] * SPATIAL
         with out_of_memory_as(oom_message("generating a segment")):
             control_latents, hand_latents = self.encode_conditions(pose_frames, hand_frames, head_frames, tail_frames, height, width)
+            negative_conditions: dict[str, torch.Tensor] = {}
+            if negative_pose_frames is not None or negative_hand_frames is not None:
+                negative_control, negative_hand = self.encode_conditions(
+                    pose_frames if negative_pose_frames is None else negative_pose_frames,
+                    hand_frames if negative_hand_frames is None else negative_hand_frames,
+                    head_frames, tail_frames, height, width,
+                )  # fmt: skip
+                negative_conditions = {"control_latents": negative_control, "hand_latents": negative_hand}
             if latents is None:
                 shape = (1, LATENT_CHANNELS, *control_latents.shape[2:])
                 noise_device = generator.device if generator is not None else torch.device("cpu")
@@ -289,6 +305,7 @@ class PoseGenPipeline(DiffusionPipeline):
                 guidance_scale,
                 kv_share,
                 callback_on_step_end,
+                negative_conditions,
             )
             frames = latents if output_type == "latent" else tensor_to_frames(decode_latents(self.vae, latents))
         self.maybe_free_model_hooks()
@@ -305,8 +322,12 @@ class PoseGenPipeline(DiffusionPipeline):
         guidance_scale: float,
         kv_share: KVShareCache | None,
         callback_on_step_end: StepCallback | None,
+        negative_conditions: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The release's sampling loop: float32 noise cast to the model dtype, positive branch before negative, bf16 Euler updates."""
+        """The release's sampling loop: float32 noise cast to the model dtype, positive branch before negative, bf16 Euler updates.
+
+        ``negative_conditions`` replaces the ``control_latents``/``hand_latents`` of the negative branch's forward.
+        """
         dt = self.model_dtype
         device = self._execution_device
         latents = noise.to(dt).to(device)
@@ -314,6 +335,7 @@ class PoseGenPipeline(DiffusionPipeline):
         sigmas = self.scheduler.sigmas
         shared: dict[str, Any] = {name: value.to(device, dt) for name, value in conditions.items()}
         positive, negative = (embeds.to(device, dt) for embeds in prompts)
+        negative_only = {name: value.to(device, dt) for name, value in (negative_conditions or {}).items()}
         with kv_sharing(self.transformer, kv_share):
             for step, t in enumerate(self.scheduler.timesteps):
                 forward = functools.partial(self.transformer, hidden_states=latents, timestep=model_timestep(t, dt, device), **shared)
@@ -323,7 +345,7 @@ class PoseGenPipeline(DiffusionPipeline):
                     velocity = forward(encoder_hidden_states=positive).sample
                 if guidance_scale != 1.0:
                     with self.transformer.cache_context("uncond", step_index=step, num_inference_steps=num_inference_steps):
-                        velocity_negative = forward(encoder_hidden_states=negative).sample
+                        velocity_negative = forward(encoder_hidden_states=negative, **negative_only).sample
                     velocity = guided_velocity(velocity, velocity_negative, guidance_scale)
                 latents = euler_step(latents, velocity, sigmas[step], sigmas[step + 1])
                 if callback_on_step_end is not None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+from torch import nn
 
 from posegen_cli.pipelines.offload import onload
 
@@ -38,10 +39,20 @@ class ReleaseRMSNorm(WanRMS_norm):
 
 
 def use_release_norms(vae: AutoencoderKLWan) -> AutoencoderKLWan:
-    """Switch this VAE instance's RMS norms to :class:`ReleaseRMSNorm` (same parameters, other rounding)."""
-    for module in vae.modules():
+    """Put a :class:`ReleaseRMSNorm` in place of each RMS norm of this VAE, holding the same parameters.
+
+    Each is built on the meta device with the norm's own shape settings and given the loaded ``gamma``/``bias``, then
+    installed with ``nn.Module.set_submodule``: same parameters, the release's rounding.
+    """
+    for name, module in list(vae.named_modules()):
         if type(module) is WanRMS_norm:
-            module.__class__ = ReleaseRMSNorm
+            gamma = module.gamma
+            with torch.device("meta"):
+                norm = ReleaseRMSNorm(
+                    gamma.shape[0], channel_first=module.channel_first, images=gamma.ndim == 3, bias=isinstance(module.bias, nn.Parameter)
+                )
+            norm.gamma, norm.bias = gamma, module.bias
+            vae.set_submodule(name, norm)
     return vae
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posegen_cli.errors import InputError, ResourceError, option
+from posegen_cli.errors import InputError, ResourceError, option, require_file
 from posegen_cli.video._ffmpeg import has_audio_stream, run_ffmpeg, stream_header
 from posegen_cli.video.decode import probe_video
 
@@ -32,3 +32,11 @@ def mux_audio(video: str | Path, audio_source: str | Path, out: str | Path, *, d
             raise ResourceError(f"disk full while writing {out} (free some space and run again)")
         raise InputError(f"cannot take the audio of {audio_source}: {err[-1] if err else 'ffmpeg failed'} (use {option('no_audio')})")
     return out
+
+
+def check_audio_file(path: str | Path) -> Path:
+    """``path`` if ffmpeg finds an audio stream in it (any container: WAV, MP3, M4A, a video with sound), else InputError."""
+    path = require_file(path, "audio file")
+    if not has_audio_stream(stream_header(path)):
+        raise InputError(f"audio file {path} has no audio track ffmpeg can read (give a WAV, MP3 or M4A file, or a video with sound)")
+    return path

@@ -15,7 +15,7 @@ from typing import IO
 
 import numpy as np
 
-from posegen_cli.errors import InputError, OptionError, PosegenError, ResourceError, option
+from posegen_cli.errors import OptionError, PosegenError, ResourceError, option
 from posegen_cli.fsutil import atomic_path
 from posegen_cli.video._ffmpeg import ffmpeg_exe, fps_arg
 from posegen_cli.video.audio import mux_audio

@@ -18,7 +18,9 @@ from posegen_cli.longvideo.plan import Segment
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.renderer import RenderSpec
 from posegen_cli.longvideo.segments import SegmentStats
+from posegen_cli.longvideo.sources import BlankFrames, CameraFrames, FrameReader, FrameSource
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pose.camera import CameraMotion
 from posegen_cli.report import Reporter
 
 
@@ -40,19 +42,31 @@ class ModelSpec:
 class SegmentJob:
     """One job's segment phase in plain values (it is shipped to Ray workers): the plan and the files it reads and writes.
 
-    ``pose_video``/``hand_video`` are the conditioning videos inside the work folder; ``frame_shape`` is (height, width).
+    ``pose_video``/``hand_video`` are the conditioning videos (extracted into the work folder, or the user's own; no
+    ``hand_video``: black hands); ``camera``: the experimental camera motion of the negative guidance branch, which
+    every process draws itself from these few numbers; ``frame_shape`` is (height, width).
     """
 
     plan: list[Segment]
     work_path: Path
     work_settings: dict[str, Any]
     pose_video: Path
-    hand_video: Path
+    hand_video: Path | None
     frame_shape: tuple[int, int]
     total_frames: int
     head: int
     tail: int
     compat_mp4: bool
+    camera: CameraMotion | None = None
+
+    def open_sources(self) -> tuple[FrameReader, ...]:
+        """The readers :func:`~posegen_cli.longvideo.segments.generate_segment` takes: pose, hand and, with a camera,
+        its pattern (close each when done)."""
+        pose = FrameSource(self.pose_video, self.frame_shape)
+        hand = BlankFrames(self.frame_shape) if self.hand_video is None else FrameSource(self.hand_video, self.frame_shape)
+        if self.camera is None:
+            return pose, hand
+        return pose, hand, CameraFrames(self.camera, self.frame_shape)
 
 
 class Executor(Protocol):
@@ -62,8 +76,9 @@ class Executor(Protocol):
         """A pipeline with the text and image encoders, to compute the job's embeddings once in this process."""
         ...
 
-    def start(self, spec: RenderSpec, job: SegmentJob, reporter: Reporter) -> KVShareRanges:
-        """Get the segment generators ready (models loaded); returns the K/V ranges fitted to the loaded model."""
+    def start(self, spec: RenderSpec, job: SegmentJob, reporter: Reporter) -> KVShareRanges | None:
+        """Get the segment generators ready (models loaded); returns the K/V ranges fitted to the loaded model (None:
+        nothing shared)."""
         ...
 
     def run(self, reporter: Reporter, after_segment: Callable[[Segment], None] | None) -> SegmentStats:

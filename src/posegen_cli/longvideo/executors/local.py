@@ -11,7 +11,6 @@ from posegen_cli.longvideo.plan import Segment
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.renderer import PipelineRenderer, RenderSpec
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
-from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.report import Reporter
@@ -34,7 +33,7 @@ class LocalExecutor:
         )  # fmt: skip
         return self.pipe
 
-    def start(self, spec: RenderSpec, job: SegmentJob, reporter: Reporter) -> KVShareRanges:
+    def start(self, spec: RenderSpec, job: SegmentJob, reporter: Reporter) -> KVShareRanges | None:
         if self.pipe is None:
             raise RuntimeError("call encoder_pipeline() first: the local executor's pipeline also generates")
         self.job = job
@@ -45,16 +44,16 @@ class LocalExecutor:
         if self.renderer is None or self.job is None:
             raise RuntimeError("call start() before run()")
         job = self.job
-        pose, hand = FrameSource(job.pose_video, job.frame_shape), FrameSource(job.hand_video, job.frame_shape)
+        sources = job.open_sources()
         try:
             return render_segments(
-                job.plan, self.renderer, (pose, hand), WorkDir(job.work_path, job.work_settings), total_frames=job.total_frames,
+                job.plan, self.renderer, sources, WorkDir(job.work_path, job.work_settings), total_frames=job.total_frames,
                 frame_shape=job.frame_shape, overlap=(job.head, job.tail), reporter=reporter, compat_mp4=job.compat_mp4,
                 after_segment=after_segment,
             )  # fmt: skip
         finally:
-            pose.close()
-            hand.close()
+            for source in sources:
+                source.close()
 
     @property
     def attention(self) -> Any:

@@ -35,7 +35,6 @@ from posegen_cli.longvideo.plan import ANCHOR, BASE, TRANSITION, Segment
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.renderer import JobEmbeddings, PipelineRenderer, RenderSpec
 from posegen_cli.longvideo.segments import SegmentStats, generate_segment, stored_frames
-from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.report import Reporter
@@ -108,8 +107,7 @@ class SegmentWorker:
         if models.device == "cpu":
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.work = WorkDir(job.work_path, job.work_settings)
-        self.pose = FrameSource(job.pose_video, job.frame_shape)
-        self.hand = FrameSource(job.hand_video, job.frame_shape)
+        self.sources = job.open_sources()
         self.renderer: PipelineRenderer | None = None
         self.attention: Any = None
         try:
@@ -153,7 +151,7 @@ class SegmentWorker:
 
         job = self.job
         return generate_segment(
-            seg, self.renderer, (self.pose, self.hand), self.work, total_frames=job.total_frames, overlap=(job.head, job.tail),
+            seg, self.renderer, self.sources, self.work, total_frames=job.total_frames, overlap=(job.head, job.tail),
             on_step=on_step, record_kv=record_kv, frames_needed=frames_needed,
         )  # fmt: skip
 
@@ -167,7 +165,7 @@ class SegmentWorker:
         started = time.time()
         rebuild_seconds = 0.0
         assert self.renderer is not None, "run() after a failed start"
-        if seg.kind == BASE and self.renderer.cache is None:
+        if seg.kind == BASE and self.renderer.kv is not None and self.renderer.cache is None:
             began = time.perf_counter()
             anchor = next(s for s in self.job.plan if s.kind == ANCHOR)
             self._generate(anchor, f"rebuilding K/V of segment {anchor.index}", False, record_kv=True, frames_needed=False)
@@ -209,6 +207,7 @@ class RayExecutor:
         self.nodes: list[str] = []
         self.job: SegmentJob | None = None
         self.num_steps = 0
+        self.kv: KVShareRanges | None = None
         self.pending: dict[Any, tuple[Segment, int]] = {}
         self.done_by: dict[int, list[dict[str, Any]]] = {}
         self.log = contextlib.ExitStack()
@@ -250,7 +249,7 @@ class RayExecutor:
             )
         return available if self.gpus is None else min(self.gpus, available)
 
-    def start(self, spec: RenderSpec, job: SegmentJob, reporter: Reporter) -> KVShareRanges:
+    def start(self, spec: RenderSpec, job: SegmentJob, reporter: Reporter) -> KVShareRanges | None:
         ray = self.ray
         self.job = job
         self.num_steps = spec.num_steps
@@ -275,7 +274,8 @@ class RayExecutor:
         kvs = {info["kv"] for info in infos}
         if len(kvs) != 1:
             raise InputError("the Ray workers loaded models of different depths (install the same models on every node)")
-        return kvs.pop()
+        self.kv = kvs.pop()
+        return self.kv
 
     def _check_shared_storage(self, path: Path) -> None:
         """Every worker must read a token the driver just wrote into the work folder (the same path on every node)."""
@@ -328,6 +328,8 @@ class RayExecutor:
             return self.ray.wait(refs, num_returns=1, timeout=POLL_SECONDS)[0]
 
         def shared_steps_ready() -> bool:
+            if self.kv is None:  # nothing shared: bases need no anchor
+                return True
             return work.anchor_inputs_path.exists() or any(seg.kind == ANCHOR and seg.index in stored for seg in job.plan)
 
         def on_done(ref: Any, seg: Segment, worker: int) -> None:
