@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from animate_inputs import DRIVING_FRAMES, PIPELINE_SIZE, make_driving_clip
@@ -44,6 +50,34 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def driving_clip(tmp_path_factory: pytest.TempPathFactory, reference_image_path: Path) -> Path:
     """The reference photo moving, with a tone: a driving video with a person and audio."""
     return make_driving_clip(reference_image_path, tmp_path_factory.mktemp("driving") / "driving.mp4", DRIVING_FRAMES)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """The one Ray runtime of the test run: 2 CPUs and 2 declared GPUs that do not exist (performance spec §C.4).
+
+    Started on first use only. Its files live in a fresh short /tmp folder (Ray's socket paths must stay under
+    107 characters), token auth is off so nothing is written to ``~/.ray``, and all of it is removed at the end.
+    """
+    import ray
+
+    temp = Path(tempfile.mkdtemp(prefix="pgray-"))
+    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_TMPDIR")}
+    os.environ.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(temp))
+    ray.init(
+        num_cpus=2, num_gpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, _temp_dir=str(temp),
+        log_to_driver=False, logging_level=logging.ERROR,
+    )  # fmt: skip
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

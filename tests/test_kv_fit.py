@@ -24,7 +24,7 @@ from posegen_cli.longvideo.memory import (
     plan_kv,
 )
 from posegen_cli.longvideo.presets import SHOT_PRESETS, kv_share_ranges
-from posegen_cli.longvideo.renderer import PipelineRenderer
+from posegen_cli.longvideo.renderer import JobEmbeddings, PipelineRenderer
 from posegen_cli.models import PoseGenTransformer3DModel, tiny_transformer_config
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.pose import extract as extract_module
@@ -189,10 +189,10 @@ def test_renderer_placements_give_the_same_base_segment(pipe: PoseGenPipeline, t
     pose = [rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8) for _ in range(2)]
     hand = np.zeros((frames, height, width, 3), np.uint8)
     results = {}
+    embeddings = JobEmbeddings.encode(pipe, "a man dancing", reference, height, width)
     for name, plan in {"stored": None, **plans}.items():
         renderer = PipelineRenderer(
-            pipe, prompt="a man dancing", subject_positions=[1], reference=reference, height=height, width=width,
-            kv=kv, num_steps=2, guidance=5.0, seed=1,
+            pipe, embeddings, subject_positions=[1], kv=kv, num_steps=2, guidance=5.0, seed=1,
         )  # fmt: skip
         renderer.place_kv(plan, tmp_path / "kv")
         renderer.render_anchor(pose[0], hand, lambda n: None, record=True)

@@ -118,7 +118,7 @@ def _errors(reporter: Reporter, debug: bool, interrupted: str) -> Iterator[None]
             raise
         if type(exc).__name__ == "OutOfMemoryError":
             message = str(ResourceError("the GPU ran out of memory (try --offload model, or --offload group on GPUs under 40 GB; --preview for a quick check)"))
-            reporter.console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            reporter.console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(ResourceError.exit_code) from None
         reporter.console.print(
             f"[red]error:[/red] {escape(f'{type(exc).__name__}: {exc}')} (run again with --debug for the traceback)", highlight=False, soft_wrap=True
@@ -183,6 +183,8 @@ def animate(
     gpu: Annotated[str | None, typer.Option("--gpu", help="With --dry-run: estimate for this GPU (H200, H100, A100-80GB, L40S, 'RTX 4090') instead of the one present.")] = None,
     work_dir: Annotated[Path | None, typer.Option("--work-dir", help="Where finished segments are kept for resuming (default: the posegen cache).")] = None,
     keep_intermediates: Annotated[bool, flag("--keep-intermediates", help="Keep the segment files and conditioning videos after success.")] = False,
+    gpus: Annotated[int | None, typer.Option("--gpus", min=1, help="Generate segments in parallel on this many GPUs (a local Ray runtime; with --device cpu, that many one-thread CPU workers). With --ray-address: at most this many of the cluster's GPUs.")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Run the segments on a Ray cluster: auto, HOST:PORT or ray://HOST:PORT (needs posegen[ray]; --work-dir on storage every node sees).")] = None,
     models_dir: ModelsDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -220,6 +222,7 @@ def animate(
             camera=None if camera is None else camera.value, camera_speed=camera_speed,
             person=person, background=background, person_check=not no_person_check,
             attention=attention.value, compile=compile_blocks, quantize=quantize.value, gpu=gpu,
+            gpus=gpus, ray_address=ray_address,
             keep_intermediates=keep_intermediates, models_dir=models_dir, device=device, dtype=dtype,
         )
         if dry_run:

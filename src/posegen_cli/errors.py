@@ -9,9 +9,11 @@ leading dashes); ``cli.py`` passes its own table for the flags it names differen
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 _OPTION_REF = re.compile(r"\{@([a-z][a-z0-9_]*)\}")
 
@@ -73,6 +75,10 @@ class OptionError(InputError):
         else:
             message = f"{option(option_name)} {value!r} is not known (use {', '.join(self.choices)})"
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by the constructor's own arguments (a Ray worker's error reaches the driver pickled)."""
+        return functools.partial(OptionError, problem=self.problem), (self.option, self.value, self.choices or None), self.__dict__
 
 
 class MissingModelError(PosegenError):

@@ -30,6 +30,8 @@ from posegen_cli.cache import cache_root
 from posegen_cli.device import available_host_bytes, free_device_bytes
 from posegen_cli.errors import InputError, MissingModelError, ResourceError, option
 from posegen_cli.fsutil import copy_file
+from posegen_cli.longvideo.executors import Executor, ModelSpec, SegmentJob
+from posegen_cli.longvideo.executors.local import LocalExecutor
 from posegen_cli.longvideo.memory import (
     WAN_I2V_14B,
     JobShape,
@@ -54,8 +56,8 @@ from posegen_cli.longvideo.plan import (
 )
 from posegen_cli.longvideo.planner import JobPlan, JobSpec, expected_kernel, find_gpu, plan_job
 from posegen_cli.longvideo.presets import DEFAULT_SHOT, SHOT_PRESETS, KVShareRanges, classify_shot, kv_share_ranges
-from posegen_cli.longvideo.segments import SegmentStats, render_segments
-from posegen_cli.longvideo.sources import BlankFrames, CameraFrames, FrameReader, FrameSource
+from posegen_cli.longvideo.segments import SegmentStats
+from posegen_cli.longvideo.sources import CameraFrames, FrameReader
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION, quantization_config, resolve_attention
 from posegen_cli.pose.backends import resolve_backend, resolve_hand_normals
@@ -138,6 +140,8 @@ class AnimateResult:
     hand_video: Path | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
     """How the inputs were read: reference framing and background, people seen, alignment anchors."""
+    workers: dict[str, dict[str, Any]] | None = None
+    """Per Ray worker: node, segments made, seconds (None for a single-process run)."""
 
     def summary(self) -> dict[str, Any]:
         """Plain values for ``Reporter.summary`` (and the JSON output)."""
@@ -171,6 +175,7 @@ class AnimateResult:
             "pose_video": None if self.pose_video is None else str(self.pose_video),
             "hand_video": None if self.hand_video is None else str(self.hand_video),
             **self.inputs,
+            **({"workers": self.workers} if self.workers is not None else {}),
         }
 
 
@@ -420,6 +425,19 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def make_executor(options: AnimateOptions, job: JobSettings) -> Executor:
+    """This process for a plain run; Ray workers with ``options.gpus`` or ``options.ray_address`` (Ray is imported only then)."""
+    models = ModelSpec(
+        options.models_dir, job.device.type, job.dtype, options.offload, options.attention, options.compile, options.quantize,
+        options.vae_tiling,
+    )  # fmt: skip
+    if options.gpus is None and options.ray_address is None:
+        return LocalExecutor(models)
+    from posegen_cli.longvideo.executors.ray import RayExecutor
+
+    return RayExecutor(models, gpus=options.gpus, address=options.ray_address)
+
+
 def model_shape(models_dir: Path | None) -> tuple[ModelShape, str]:
     """The DiT's shape (:func:`read_model_shape`) when the posegen checkpoints are on disk, else the release's 14B
     shape; and where it came from."""
@@ -535,6 +553,7 @@ def _animate(
     quantization_config(options.quantize, device)
     timer = PhaseTimer(device)
     size = (job.height, job.width)
+    executor = make_executor(options, job)  # before any work: a missing Ray fails here
 
     with timer("inputs"):
         from posegen_cli.hub import model_path
@@ -590,8 +609,7 @@ def _animate(
                 raise InputError(
                     f"pose extraction of {motion} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)"
                 )
-            pose_source: FrameReader = FrameSource(poses.pose_video, size)
-            hand_source: FrameReader = FrameSource(poses.hand_video, size)
+            pose_video, hand_condition = poses.pose_video, poses.hand_video
             has_alignment = poses.alignment_png is not None and poses.alignment_png.is_file()
             if has_alignment:
                 reporter.info(f"pose alignment preview: {poses.alignment_png} (the driving skeleton drawn on the reference)")
@@ -599,13 +617,13 @@ def _animate(
             pose_notes = poses.input_notes()
         else:
             poses, has_alignment = None, False
-            pose_source = FrameSource(motion, size)
-            hand_source = FrameSource(hand_video, size) if hand_video is not None else BlankFrames(size)
+            pose_video, hand_condition = motion, hand_video
             hands = hand_video.name if hand_video is not None else "black hands"
             conditions = f"{motion.name} + {hands}, used as given: no extraction, no alignment"
             pose_notes = {}
             reporter.info(f"conditions: {conditions}")
-    camera = None if options.camera is None else CameraFrames(CameraMotion(options.camera, options.camera_speed, info.fps), size)
+    camera_motion = None if options.camera is None else CameraMotion(options.camera, options.camera_speed, info.fps)
+    camera = None if camera_motion is None else CameraFrames(camera_motion, size)
     if camera is not None:
         warn_on_long_zoom(camera.motion, length, reporter)
 
@@ -618,41 +636,35 @@ def _animate(
         )  # fmt: skip
         prompt = run_prompt(ref, work.stage_dir("prompt"), prompt_options, reporter=reporter)
 
-    with timer("load models"):
-        from posegen_cli.longvideo.loading import load_pipeline
-        from posegen_cli.longvideo.renderer import PipelineRenderer
-
-        pipe = load_pipeline(
-            options.models_dir, device=device, dtype=job.dtype, offload=options.offload, attention=options.attention,
-            compile=options.compile, quantize=options.quantize, reporter=reporter,
-        )  # fmt: skip
-        if options.vae_tiling == "untiled":
-            pipe.vae_tiles = None
-        if pipe.attention is not None:
-            reporter.info(f"attention: {pipe.attention.describe()}")
-        renderer = PipelineRenderer(
-            pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
-            height=job.height, width=job.width, kv=kv, num_steps=job.steps, guidance=job.guidance, seed=job.seed,
-        )  # fmt: skip
-        renderer.place_kv(kv_plan, work.path / "kv")
-        pipe.release_encoders()
-    if kv is None:
-        reporter.info(f"camera {options.camera} (experimental) in the negative guidance branch; background K/V sharing is off")
-    else:
-        reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
-
-    sources = (pose_source, hand_source) if camera is None else (pose_source, hand_source, camera)
     try:
-        with timer("segments"):
-            stats: SegmentStats = render_segments(
-                plan, renderer, sources, work, total_frames=info.frame_count, frame_shape=size,
-                overlap=(options.head, options.tail), reporter=reporter, compat_mp4=options.compat_mp4,
-                after_segment=after_segment,
+        with timer("load models"):
+            from posegen_cli.longvideo.renderer import JobEmbeddings, RenderSpec
+
+            encoders = executor.encoder_pipeline(reporter)
+            spec = RenderSpec(
+                JobEmbeddings.encode(encoders, prompt.prompt, framed, job.height, job.width).to("cpu"),
+                subject_positions=tuple(prompt.token_positions), kv=kv, kv_plan=kv_plan, num_steps=job.steps,
+                guidance=job.guidance, seed=job.seed,
             )  # fmt: skip
+            del encoders
+            executor.release_encoders()
+            segment_job = SegmentJob(
+                plan=plan, work_path=work.path, work_settings=work.settings, pose_video=pose_video, hand_video=hand_condition,
+                frame_shape=size, total_frames=info.frame_count, head=options.head, tail=options.tail, compat_mp4=options.compat_mp4,
+                camera=camera_motion,
+            )  # fmt: skip
+            executor.start(spec, segment_job, reporter)
+        if executor.attention is not None:
+            reporter.info(f"attention: {executor.attention.describe()}")
+        if kv is None:
+            reporter.info(f"camera {options.camera} (experimental) in the negative guidance branch; background K/V sharing is off")
+        else:
+            reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
+        with timer("segments"):
+            stats: SegmentStats = executor.run(reporter, after_segment)
+        workers = executor.worker_summary()
     finally:
-        pose_source.close()
-        hand_source.close()
-        del renderer, pipe
+        executor.close()
     transitions = sum(1 for seg in plan if seg.kind == TRANSITION)
     if stats.reused:
         reporter.info(f"reused {plural(len(stats.reused), 'finished segment')} from {work.path}")
@@ -685,5 +697,5 @@ def _animate(
         pose_video=poses.pose_video if kept and poses is not None else None,
         hand_video=poses.hand_video if kept and poses is not None else None,
         conditions=conditions, camera=None if options.camera is None else f"{options.camera} at {options.camera_speed:g}",
-        camera_video=camera_video, inputs={**reference_notes, **pose_notes},
+        camera_video=camera_video, inputs={**reference_notes, **pose_notes}, workers=workers,
     )  # fmt: skip

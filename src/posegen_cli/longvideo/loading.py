@@ -45,7 +45,8 @@ def load_pipeline(
     """Load every component once from the model registry (a models folder, or the Hugging Face cache when None).
 
     The DiT is read from the release folders ``posegen/720p-81f-base`` and ``720p-81f-cond`` into one model holding
-    both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed embeddings.
+    both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed embeddings
+    (:func:`load_encoder_pipeline` is the opposite: encoders without the DiT, for a driver that only encodes).
     ``offload``: "model" moves whole components to the GPU in turn, "group" streams every resident component from
     pinned host memory (the DiT block by block, the encoders and the VAE layer by layer); both need CUDA.
     ``checkpoints="converted"`` (default) converts each release folder once into the posegen cache (merged
@@ -61,6 +62,46 @@ def load_pipeline(
         MissingModelError: a component folder is missing.
         ResourceError: the GPU ran out of memory while loading.
     """
+    return _load_components(
+        models_dir, device, dtype, offload, load_encoders=load_encoders, load_transformer=True, checkpoints=checkpoints,
+        attention=attention, compile=compile, quantize=quantize, reporter=reporter,
+    )  # fmt: skip
+
+
+def load_encoder_pipeline(
+    models_dir: str | Path | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    offload: str = "none",
+    reporter: Reporter | None = None,
+) -> PoseGenPipeline:
+    """The text and image encoders and the VAE without the DiT: what a Ray driver needs to compute a job's embeddings.
+
+    The pipeline can encode (``encode_prompt``, ``encode_reference``), not generate; ``model_dtype`` is the VAE's.
+    Raises what :func:`load_pipeline` raises.
+    """
+    return _load_components(
+        models_dir, device, dtype, offload, load_encoders=True, load_transformer=False, checkpoints="release",
+        attention="auto", compile=False, quantize="none", reporter=reporter,
+    )  # fmt: skip
+
+
+def _load_components(
+    models_dir: str | Path | None,
+    device: str | torch.device,
+    dtype: str | torch.dtype,
+    offload: str,
+    *,
+    load_encoders: bool,
+    load_transformer: bool,
+    checkpoints: str,
+    attention: str,
+    compile: bool,
+    quantize: str,
+    reporter: Reporter | None,
+) -> PoseGenPipeline:
+    """:func:`load_pipeline` with the DiT optional (``load_transformer``)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if offload not in OFFLOAD_MODES:
@@ -75,7 +116,7 @@ def load_pipeline(
     for sub in needed:
         if not (wan / sub).is_dir():
             raise MissingModelError(f"{wan / sub} is missing (re-run `posegen download wan-i2v-720p`)")
-    for sub in (BASE_FOLDER, TRANSITION_FOLDER):
+    for sub in (BASE_FOLDER, TRANSITION_FOLDER) if load_transformer else ():
         if not (posegen / sub).is_dir():
             raise MissingModelError(f"{posegen / sub} is missing (re-run `posegen download posegen`)")
     attention_choice = resolve_attention(attention, dev, dt)
@@ -84,25 +125,27 @@ def load_pipeline(
     if reporter is not None:
         reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
     with out_of_memory_as(oom_message("loading the models")):
-        variants = _load_variants(posegen, dt, place, checkpoints, reporter)
+        variants = _load_variants(posegen, dt, place, checkpoints, reporter) if load_transformer else None
         pipe = PoseGenPipeline(
             tokenizer=load_tokenizer(wan / "tokenizer") if load_encoders else None,
             text_encoder=load_text_encoder(wan / "text_encoder", dt, place) if load_encoders else None,
             image_encoder=load_image_encoder(wan / "image_encoder", dt, place) if load_encoders else None,
             vae=load_vae(wan / "vae", dt, place),
-            transformer=variants.model,
+            transformer=variants.model if variants is not None else None,
             scheduler=make_scheduler(),
         )
         pipe.variants = variants
-        if quantization is not None:
+        if quantization is not None and variants is not None:
             variants.quantize(quantization)
         if offload == "model":
             pipe.enable_model_cpu_offload(device=dev)
         elif offload == "group":
             pipe.enable_group_offload_all(dev)
-        set_attention(pipe.transformer, attention_choice)
-        pipe.attention = attention_choice
-        if compile:
+        pipe.attention = None
+        if variants is not None:
+            set_attention(pipe.transformer, attention_choice)
+            pipe.attention = attention_choice
+        if compile and variants is not None:
             # group offloading's hooks run eagerly inside each block (graph breaks), so only then allow breaks
             compile_blocks(pipe.transformer, fullgraph=offload == "none")
     return pipe

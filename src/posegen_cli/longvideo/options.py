@@ -88,6 +88,10 @@ class AnimateOptions:
     head: int = 21
     tail: int = 20
     """Segment geometry: the release's checkpoints were trained on 81/21/20; other 4k+1 lengths are for tests."""
+    gpus: int | None = None
+    """Ray workers, one per GPU: a local runtime with this many, or the cap on a cluster's (None: no Ray)."""
+    ray_address: str | None = None
+    """Join this Ray cluster ("auto", "HOST:PORT", "ray://HOST:PORT") instead of running in this process."""
     pose_video: Path | None = None
     """A pose condition video used as it is (no extraction, no alignment) instead of a driving video."""
     hand_video: Path | None = None
@@ -178,6 +182,8 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
     ):
         if value not in choices:
             raise OptionError(name, value, choices)
+    if options.gpus is not None and options.gpus < 1:
+        raise OptionError("gpus", options.gpus, problem=f"{options.gpus}: need at least one worker")
     if not 0 <= options.crf <= 51:
         raise OptionError("crf", options.crf, problem=f"{options.crf} is out of range (use 0..51; 18 is visually lossless)")
     check_conditioning(options)

@@ -9,6 +9,7 @@ the cache, its frames being on disk already.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,15 +85,22 @@ def release_mp4_roundtrip(frames: np.ndarray, folder: Path) -> np.ndarray:
     The release conditions each transition on, and merges, the decoded mp4 files of its segments (port spec §6,
     §7.11); ``compat_mp4`` stores these lossy frames instead of the exact ones.
     """
-    path = write_video(folder / "roundtrip.mp4", frames, RELEASE_FPS, crf=RELEASE_CRF)
+    path = write_video(folder / f"roundtrip-{os.getpid()}.mp4", frames, RELEASE_FPS, crf=RELEASE_CRF)  # one per process
     try:
         return np.stack(list(iter_frames(path)))
     finally:
         path.unlink(missing_ok=True)
 
 
+def stored_frames(frames: np.ndarray, compat_mp4: bool, folder: Path) -> np.ndarray:
+    """What the work folder keeps of a generated segment: the frames, or their release mp4 round trip."""
+    return release_mp4_roundtrip(frames, folder) if compat_mp4 else frames
+
+
 @dataclass
 class SegmentStats:
+    """What a run of the segment phase did: indices generated and reused, and seconds per generated segment."""
+
     computed: list[int] = field(default_factory=list)
     reused: list[int] = field(default_factory=list)
     rebuilt_anchor: bool = False
@@ -186,6 +194,101 @@ class _SegmentProgress:
         self.show(f"denoising {count}/{self.steps}" if count < self.steps or self.rebuild else "decoding")
 
 
+class PhaseReport(Protocol):
+    """Where :func:`generate_segment` reports a segment's progress: the phase it enters, each unit done, each step."""
+
+    def show(self, phase: str) -> None: ...
+
+    def advance(self) -> None: ...
+
+    def on_step(self, count: int) -> None: ...
+
+
+def generate_segment(
+    seg: Segment,
+    renderer: SegmentRenderer,
+    sources: tuple[FrameReader, FrameReader] | tuple[FrameReader, FrameReader, FrameReader],
+    work: WorkDir,
+    *,
+    total_frames: int,
+    overlap: tuple[int, int],
+    record_kv: bool,
+    rebuild: bool,
+    compat_mp4: bool,
+    phases: PhaseReport,
+) -> np.ndarray | None:
+    """Run one segment through every phase (:data:`PHASES`) and write its file; the stored uint8 frames [F, H, W, 3],
+    or None for a K/V rebuild (the anchor re-run to its last shared step: nothing decoded or written).
+
+    ``sources``: the pose and hand conditioning frames (by driving-frame index) and, optionally third, the negative
+    guidance branch's pose frames (the camera pattern, by timeline position ``seg.start`` … ``seg.stop - 1``);
+    ``overlap``: (head, tail). The anchor records its K/V when ``record_kv``; a transition reads its neighbours'
+    frames from ``work``, so both must be stored. The file is written atomically but not recorded: the caller records
+    it (``WorkDir.record_segment``), since only one process may write the record. Every executor (this process or a
+    Ray worker) generates a segment through this one function; ``phases`` gets one unit per phase and per step.
+    """
+    pose, hand, *negative_source = sources
+    camera = negative_source[0] if negative_source else None
+    head, tail = overlap
+    phases.show(PHASES[0])
+    indices = segment_frame_indices(seg, total_frames)
+    pose_frames, hand_frames = pose.read(indices), hand.read(indices)
+    negative = None if camera is None else camera.read(np.arange(seg.start, seg.stop))
+    phases.advance()  # the conditions are encoded inside the renderer's call, before its first step
+    if seg.kind == ANCHOR:
+        frames = renderer.render_anchor(
+            pose_frames, hand_frames, phases.on_step, record=record_kv, frames_needed=not rebuild, negative_pose=negative
+        )
+    elif seg.kind == BASE:
+        frames = renderer.render_base(pose_frames, hand_frames, phases.on_step, negative_pose=negative)
+    else:
+        before = work.load_segment(seg.index - 1)[-head:]
+        after = work.load_segment(seg.index + 1)[:tail]
+        frames = renderer.render_transition(
+            pose_frames, hand_frames, np.asarray(before), np.asarray(after), phases.on_step, negative_pose=negative
+        )
+    if rebuild:
+        return None
+    phases.advance()  # decoded
+    phases.show(PHASES[3])
+    assert frames is not None
+    frames = stored_frames(frames, compat_mp4, work.path)
+    work.write_segment(seg.index, frames)
+    phases.advance()
+    return frames
+
+
+def finished_segments(plan: list[Segment], work: WorkDir, frame_shape: tuple[int, int]) -> set[int]:
+    """Indices of ``plan`` stored complete, unchanged and of the right shape in ``work`` (``frame_shape``: (H, W))."""
+    shape_of = {seg.index: (seg.frames, *frame_shape, 3) for seg in plan}
+    return {index for index, shape in work.finished().items() if shape_of.get(index) == shape}
+
+
+def bases_pending(plan: list[Segment], done: set[int]) -> bool:
+    """Whether some base segment (not the anchor) is not stored yet: the anchor's K/V is still needed."""
+    return any(seg.kind == BASE and seg.index not in done for seg in plan)
+
+
+def seeded_clock(work: WorkDir, done: set[int]) -> SegmentClock:
+    """A :class:`SegmentClock` that already knows the times an earlier run of this job measured for ``done``."""
+    clock = SegmentClock()
+    measured = work.segment_seconds()
+    for index in done:
+        if index in measured:
+            clock.record(1.0, measured[index])
+    return clock
+
+
+def report_resume(plan: list[Segment], done: set[int], work: WorkDir, anchor_steps: int, num_steps: int, reporter: Reporter) -> None:
+    """Say what a resumed job reuses and what its K/V rebuild costs (:func:`resume_notice`); nothing for a fresh job."""
+    if not done:
+        return
+    anchor = next((seg for seg in plan if seg.kind == ANCHOR), None)
+    rebuild_steps = anchor_steps if anchor is not None and anchor.index in done and bases_pending(plan, done) else 0
+    seconds = work.segment_seconds().get(anchor.index) if anchor is not None else None
+    reporter.info(resume_notice(len(done), len(plan), rebuild_steps, num_steps, seconds))
+
+
 def resume_notice(done: int, total: int, rebuild_steps: int, num_steps: int, anchor_seconds: float | None) -> str:
     """What a resumed job reuses, and what rebuilding the anchor's K/V (never stored: it is gigabytes) costs."""
     text = f"resuming: {done} of {total} segments are finished and reused"
@@ -224,30 +327,19 @@ def render_segments(
     a :class:`SegmentClock` seeded with the segment times an earlier run of the same job stored.
     """
     stats = SegmentStats()
-    pose, hand, *negative_source = sources
-    camera = negative_source[0] if negative_source else None
-    head, tail = overlap
-    shape_of = {seg.index: (seg.frames, *frame_shape, 3) for seg in plan}
-    done = {index for index, shape in work.finished().items() if shape_of.get(index) == shape}
-    bases_left = any(seg.kind == BASE and seg.index not in done for seg in plan)
+    done = finished_segments(plan, work, frame_shape)
+    anchor_needed = bases_pending(plan, done)
     num_steps = renderer.num_steps
 
     def steps_to_run(seg: Segment) -> int:
         """Denoising steps ``seg`` still needs: all, the anchor's shared ones to rebuild the K/V, or none."""
         if seg.index not in done:
             return num_steps
-        return renderer.anchor_steps() if seg.kind == ANCHOR and bases_left else 0
+        return renderer.anchor_steps() if seg.kind == ANCHOR and anchor_needed else 0
 
     todo = [seg for seg in plan if steps_to_run(seg)]
-    clock = SegmentClock()
-    measured = work.segment_seconds()
-    for index in done:
-        if index in measured:
-            clock.record(1.0, measured[index])
-    if done:
-        anchor = next((seg for seg in plan if seg.kind == ANCHOR), None)
-        rebuild_steps = steps_to_run(anchor) if anchor is not None and anchor.index in done else 0
-        reporter.info(resume_notice(len(done), len(plan), rebuild_steps, num_steps, measured.get(anchor.index) if anchor else None))
+    clock = seeded_clock(work, done)
+    report_resume(plan, done, work, renderer.anchor_steps(), num_steps, reporter)
 
     try:
         with reporter.progress() as progress:
@@ -264,40 +356,17 @@ def render_segments(
                 task = progress.add_task(label, total=segment_units(steps, rebuild), unit="")
                 tracker = _SegmentProgress(progress, overall, task, label, clock, steps, num_steps, rebuild,
                                            weights[position], sum(weights[position + 1 :]), f"{position + 1}/{len(todo)}")  # fmt: skip
-                show, advance, on_step, began = tracker.show, tracker.advance, tracker.on_step, tracker.began
-
-                show(PHASES[0])
-                indices = segment_frame_indices(seg, total_frames)
-                pose_frames, hand_frames = pose.read(indices), hand.read(indices)
-                negative = None if camera is None else camera.read(np.arange(seg.start, seg.stop))
-                advance()  # the conditions are encoded inside the renderer's call, before its first step
-                if seg.kind == ANCHOR:
-                    frames = renderer.render_anchor(
-                        pose_frames, hand_frames, on_step, record=bases_left, frames_needed=not rebuild, negative_pose=negative
-                    )
-                elif seg.kind == BASE:
-                    frames = renderer.render_base(pose_frames, hand_frames, on_step, negative_pose=negative)
-                else:
-                    before = work.load_segment(seg.index - 1)[-head:]
-                    after = work.load_segment(seg.index + 1)[:tail]
-                    frames = renderer.render_transition(
-                        pose_frames, hand_frames, np.asarray(before), np.asarray(after), on_step, negative_pose=negative
-                    )
-                if rebuild:
-                    clock.record(weights[position], time.perf_counter() - began)
-                    progress.remove_task(task)
+                frames = generate_segment(
+                    seg, renderer, sources, work, total_frames=total_frames, overlap=overlap, record_kv=anchor_needed,
+                    rebuild=rebuild, compat_mp4=compat_mp4, phases=tracker,
+                )  # fmt: skip
+                seconds = time.perf_counter() - tracker.began
+                clock.record(weights[position], seconds)
+                progress.remove_task(task)
+                if frames is None:
                     stats.rebuilt_anchor = True
                     continue
-                advance()  # decoded
-                show(PHASES[3])
-                assert frames is not None
-                if compat_mp4:
-                    frames = release_mp4_roundtrip(frames, work.path)
-                seconds = time.perf_counter() - began
-                work.save_segment(seg.index, frames, seconds)
-                advance()
-                clock.record(weights[position], time.perf_counter() - began)
-                progress.remove_task(task)
+                work.record_segment(seg.index, frames.shape, seconds)
                 reporter.info(f"{label}: done in {duration_text(seconds)}")
                 stats.computed.append(seg.index)
                 stats.seconds[seg.index] = seconds

@@ -81,14 +81,32 @@ class WorkDir:
                 done[index] = tuple(entry["shape"])
         return done
 
+    @property
+    def embeddings_path(self) -> Path:
+        """The job's prompt and reference embeddings (safetensors), written by a Ray driver for its workers."""
+        return self.path / "embeddings.safetensors"
+
+    @property
+    def anchor_inputs_path(self) -> Path:
+        """The anchor's latents at its shared K/V steps (safetensors), from which any worker rebuilds the anchor's K/V."""
+        return self.path / "anchor-inputs.safetensors"
+
     def save_segment(self, index: int, frames: np.ndarray, seconds: float) -> None:
         """Store a finished segment, then record it with its digest; a crash between the two only costs recomputing it."""
+        self.write_segment(index, frames)
+        self.record_segment(index, frames.shape, seconds)
+
+    def write_segment(self, index: int, frames: np.ndarray) -> None:
+        """Write a segment's file atomically, without recording it (a Ray worker's half of :meth:`save_segment`)."""
         target = self.segment_path(index)
         with disk_errors(target), atomic_path(target) as tmp, open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(frames, dtype=np.uint8))
+
+    def record_segment(self, index: int, shape: tuple[int, ...], seconds: float) -> None:
+        """Mark a written segment finished in the record, with its digest; only one process (the driver) may call this."""
         record = self._read_record()
-        record.data.setdefault("segments", {})[str(index)] = {"shape": list(frames.shape), "seconds": round(seconds, 3)}
-        record.add(self.path, target.name)
+        record.data.setdefault("segments", {})[str(index)] = {"shape": list(shape), "seconds": round(seconds, 3)}
+        record.add(self.path, self.segment_path(index).name)
         self._write_record(record)
 
     def segment_seconds(self) -> dict[int, float]:

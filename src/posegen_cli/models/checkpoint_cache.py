@@ -17,6 +17,7 @@ keeps a file's size and time (rare outside deliberate tampering) is not seen.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
@@ -65,13 +66,19 @@ def converted_checkpoint(
     target = base / f"{folder.name}-{source_key(folder, dtype)}"
     if (target / DIGESTS_NAME).is_file():
         return target
-    if reporter is not None:
-        reporter.info(f"converting {folder} once into {target} (later jobs load it directly)")
-    model = load_release_model(folder, dtype, reporter)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
-        digests = {name: tensor_digest(t) for name, t in model.state_dict().items()}
-        (tmp / DIGESTS_NAME).write_text(json.dumps(digests, indent=0, sort_keys=True))
+    base.mkdir(parents=True, exist_ok=True)
+    # several processes of one machine (Ray workers) may start at once: one converts, the others wait and reuse it
+    with open(base / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / DIGESTS_NAME).is_file():
+            return target
+        if reporter is not None:
+            reporter.info(f"converting {folder} once into {target} (later jobs load it directly)")
+        model = load_release_model(folder, dtype, reporter)
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+            digests = {name: tensor_digest(t) for name, t in model.state_dict().items()}
+            (tmp / DIGESTS_NAME).write_text(json.dumps(digests, indent=0, sort_keys=True))
     for stale in base.glob(f"{folder.name}-*"):
         if stale != target and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)

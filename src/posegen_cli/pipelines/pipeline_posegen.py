@@ -79,12 +79,12 @@ class PoseGenPipeline(DiffusionPipeline):
 
     Components: umT5 ``tokenizer``/``text_encoder`` (optional: workers that get precomputed embeddings skip the
     11 GB encoder), CLIP ``image_encoder``, Wan ``vae``, the PoseGen ``transformer`` and a flow-match ``scheduler``
-    configured with the release's sigmas. All numerics follow the release (bf16 update, bf16 timesteps, CPU float32
+    configured with the release's sigmas (the transformer is optional too: a Ray driver only encodes). All numerics follow the release (bf16 update, bf16 timesteps, CPU float32
     noise from the seed, DiffSynth VAE tiling, squashed CLIP input, truncating output).
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
-    _optional_components: ClassVar[list[str]] = ["tokenizer", "text_encoder", "image_encoder"]
+    _optional_components: ClassVar[list[str]] = ["tokenizer", "text_encoder", "image_encoder", "transformer"]
 
     def __init__(
         self,
@@ -92,7 +92,7 @@ class PoseGenPipeline(DiffusionPipeline):
         text_encoder: UMT5EncoderModel | None,
         image_encoder: CLIPVisionModel | None,
         vae: AutoencoderKLWan,
-        transformer: PoseGenTransformer3DModel,
+        transformer: PoseGenTransformer3DModel | None,
         scheduler: FlowMatchEulerDiscreteScheduler,
     ) -> None:
         super().__init__()
@@ -118,7 +118,8 @@ class PoseGenPipeline(DiffusionPipeline):
         leaf by leaf (they have no block list diffusers could group).
         """
         self.enable_group_offload(onload_device=device, offload_type="leaf_level", use_stream=use_stream, exclude_modules=["transformer"])
-        self.transformer.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream)
+        if self.transformer is not None:  # an encoders-only pipeline has none
+            self.transformer.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream)
 
     def release_encoders(self) -> None:
         """Drop umT5, CLIP and the tokenizer once the job's embeddings exist: off the GPU and out of host memory.
@@ -146,7 +147,8 @@ class PoseGenPipeline(DiffusionPipeline):
 
     @property
     def model_dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        """The DiT's dtype (the VAE's in an encoders-only pipeline, ``loading.load_encoder_pipeline``)."""
+        return (self.transformer if self.transformer is not None else self.vae).dtype
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str = DEFAULT_NEGATIVE) -> tuple[torch.Tensor, torch.Tensor]:
