@@ -12,6 +12,10 @@ reloads a second model. Two forms:
   the own tensors: nothing extra in host memory and near-instant switches, but W·x + B·(A·x) rounds differently
   from (W + B·A)·x in bf16 (the tests state the bound).
 
+A step-distillation LoRA (:mod:`posegen_cli.models.distill`) joins either form as one more peft adapter,
+``"distill"``, with its own weight; ``activate`` keeps it on across variant switches (exact mode writes the merged
+PoseGen weights into the wrapped layers' ``base_layer``, under the adapter).
+
 Under diffusers' group offloading (``--offload group``) a switch stays correct: the hooks offload every group when
 they are applied, so the parameters ``activate`` writes into are the host copies each group is onloaded from (the
 pinned copies with ``use_stream=True``); a swapped-in hand embedding gets the hooks rebuilt around it.
@@ -46,6 +50,7 @@ from posegen_cli.models.convert import (
     release_module_to_diffusers,
     to_diffusers_names,
 )
+from posegen_cli.models.distill import DISTILL_ADAPTER, DistillLora
 from posegen_cli.models.transformer import PoseGenTransformer3DModel
 from posegen_cli.report import Reporter
 
@@ -132,6 +137,11 @@ def _swap_hand(model: PoseGenTransformer3DModel, hand: nn.Module) -> None:
     _apply_group_offloading(model, top.config)
 
 
+def _weights_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's own parameters under their diffusers names, also where peft wrapped a layer (``.base_layer.``)."""
+    return {name.replace(".base_layer.", "."): p for name, p in model.named_parameters() if ".lora_" not in name}
+
+
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -164,6 +174,7 @@ class PoseGenVariants:
         self.mode = mode
         self.memory = memory
         self.active: str | None = None
+        self.distill_weight: float | None = None
 
     @classmethod
     def from_release(
@@ -237,6 +248,37 @@ class PoseGenVariants:
         out.activate("base")
         return out
 
+    def load_distill(self, lora: DistillLora, weight: float = 1.0) -> None:
+        """Add a distillation LoRA as the peft adapter ``"distill"`` at ``weight`` beside the PoseGen variants.
+
+        Call before group offloading is enabled (its hooks bind the modules present then). Raises InputError when
+        the LoRA targets layers this model does not have.
+        """
+        if self.distill_weight is not None:
+            raise RuntimeError("a distillation LoRA is already loaded")
+        model = self.model
+        names = {name for name, _ in model.named_modules()}
+        missing = sorted({k.removeprefix("transformer.").split(".lora_")[0] for k in lora.state_dict} - names)
+        if missing:
+            raise InputError(f"{lora.source}: LoRA targets {', '.join(missing[:3])}, which the PoseGen DiT does not have (is it a Wan2.1-14B LoRA?)")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            model.load_lora_adapter(lora.state_dict, prefix="transformer", adapter_name=DISTILL_ADAPTER)
+        self.distill_weight = float(weight)
+        self._set_adapters()
+
+    def _set_adapters(self) -> None:
+        """The active peft adapters: the variant's (adapter mode) and the distillation LoRA, if any."""
+        names, weights = [], []
+        if self.mode == "adapter" and self.active is not None:
+            names.append(self.active)
+            weights.append(1.0)
+        if self.distill_weight is not None:
+            names.append(DISTILL_ADAPTER)
+            weights.append(self.distill_weight)
+        if names:
+            self.model.set_adapters(names, weights)
+
     @torch.no_grad()
     def activate(self, name: VariantName) -> PoseGenTransformer3DModel:
         """Make ``model`` compute as the ``name`` checkpoint: its LoRA, its own tensors, its RoPE and hand flags."""
@@ -247,10 +289,8 @@ class PoseGenVariants:
         start = time.perf_counter()
         variant = self.variants[name]
         model = self.model
-        params = dict(model.named_parameters())
-        if self.mode == "adapter":
-            model.set_adapters([name])
-        else:
+        params = _weights_by_name(model)
+        if self.mode == "exact":
             for key in {*self.pristine, *variant.raw_targets}:
                 weight = variant.raw_targets.get(key, self.pristine.get(key))
                 if key in variant.lora:
@@ -263,5 +303,6 @@ class PoseGenVariants:
             _swap_hand(model, variant.hand)
         model.register_to_config(**variant.config)
         self.active = name
+        self._set_adapters()
         self.memory.switch_seconds.append(time.perf_counter() - start)
         return model

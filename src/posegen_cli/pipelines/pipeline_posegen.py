@@ -21,6 +21,7 @@ from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import InputError, MissingModelError, out_of_memory_as
 from posegen_cli.hub import model_path
 from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, PoseGenVariants
+from posegen_cli.models.distill import get_distill_preset, read_distill_lora
 from posegen_cli.pipelines.conditioning import check_segment_frames, condition_mask, paste_head_tail
 from posegen_cli.pipelines.image import encode_clip, load_image_encoder
 from posegen_cli.pipelines.scheduling import (
@@ -100,6 +101,8 @@ class PoseGenPipeline(DiffusionPipeline):
         dtype: str | torch.dtype = "auto",
         offload: Offload = "none",
         load_encoders: bool = True,
+        distill: str | None = None,
+        distill_weight: float = 1.0,
         reporter: Reporter | None = None,
     ) -> PoseGenPipeline:
         """Load every component once from the model registry (``--models-dir`` layout or the HF cache).
@@ -117,6 +120,10 @@ class PoseGenPipeline(DiffusionPipeline):
             raise InputError(f"--offload {offload} needs a CUDA device (got {dev}); use --offload none on the CPU")
         wan = model_path("wan-i2v-720p", models_dir)
         posegen = model_path("posegen", models_dir)
+        lora = None
+        if distill is not None:
+            preset = get_distill_preset(distill)
+            lora = read_distill_lora(model_path(preset.model, models_dir) / preset.weight_name)
         needed = ["vae"] + (["tokenizer", "text_encoder", "image_encoder"] if load_encoders else [])
         for sub in needed:
             if not (wan / sub).is_dir():
@@ -131,6 +138,8 @@ class PoseGenPipeline(DiffusionPipeline):
             variants = PoseGenVariants.from_release(
                 posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER, dtype=dt, device=place, reporter=reporter
             )
+            if lora is not None:
+                variants.load_distill(lora, distill_weight)
             pipe = cls(
                 tokenizer=load_tokenizer(wan / "tokenizer") if load_encoders else None,
                 text_encoder=load_text_encoder(wan / "text_encoder", dt, place) if load_encoders else None,
@@ -245,6 +254,7 @@ class PoseGenPipeline(DiffusionPipeline):
         seed: int = DEFAULT_SEED,
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
+        sigmas: torch.Tensor | None = None,
         kv_share: KVShareCache | None = None,
         callback_on_step_end: StepCallback | None = None,
     ) -> np.ndarray:
@@ -252,6 +262,8 @@ class PoseGenPipeline(DiffusionPipeline):
 
         ``pose_frames``/``hand_frames`` are uint8 [F, H, W, 3] (F = 81; other sizes are cropped and resized like the
         release); ``head_frames``/``tail_frames`` are the neighbouring segments' frames for transition segments.
+        ``sigmas``: unshifted float32 sigmas [num_inference_steps] replacing the release's ``linspace(1, 0, N + 1)[:-1]``
+        (a distilled model's schedule); the scheduler's shift 5 applies to them as to the release's.
         ``kv_share`` is the background-sharing cache (recording for the anchor, replaying for other base segments).
         ``callback_on_step_end(pipe, step, timestep, {"latents": ...})`` may return a dict with new ``latents``.
         """
@@ -268,6 +280,7 @@ class PoseGenPipeline(DiffusionPipeline):
                 seed,
                 num_inference_steps,
                 guidance_scale,
+                sigmas,
                 kv_share,
                 callback_on_step_end,
             )
@@ -286,6 +299,7 @@ class PoseGenPipeline(DiffusionPipeline):
         seed: int,
         num_inference_steps: int,
         guidance_scale: float,
+        sigmas: torch.Tensor | None,
         kv_share: KVShareCache | None,
         callback_on_step_end: StepCallback | None,
     ) -> torch.Tensor:
@@ -295,8 +309,8 @@ class PoseGenPipeline(DiffusionPipeline):
         shape = (1, LATENT_CHANNELS, *control_latents.shape[2:])
         noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
         latents = noise.to(dt).to(device)
-        set_release_timesteps(self.scheduler, num_inference_steps)
-        sigmas = self.scheduler.sigmas
+        set_release_timesteps(self.scheduler, num_inference_steps, sigmas)
+        schedule = self.scheduler.sigmas
         shared: dict[str, Any] = {
             "encoder_hidden_states_image": image_embeds.to(device, dt),
             "control_latents": control_latents.to(device, dt),
@@ -311,7 +325,7 @@ class PoseGenPipeline(DiffusionPipeline):
             if guidance_scale != 1.0:
                 velocity_negative = forward(encoder_hidden_states=negative, kv_share=_branch_view(kv_share, step, "uncond")).sample
                 velocity = guided_velocity(velocity, velocity_negative, guidance_scale)
-            latents = euler_step(latents, velocity, sigmas[step], sigmas[step + 1])
+            latents = euler_step(latents, velocity, schedule[step], schedule[step + 1])
             if callback_on_step_end is not None:
                 update = callback_on_step_end(self, step, t, {"latents": latents})
                 if update and "latents" in update:

@@ -1,0 +1,120 @@
+"""The step-distillation LoRA beside PoseGen's: LightX2V's key layout, stacking with each variant, the schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from posegen_reference import make_inputs, reference_from_inputs, release_config
+from safetensors.torch import save_file
+from test_convert import two_variant_folders
+
+from posegen_cli.errors import InputError
+from posegen_cli.models import PoseGenVariants
+from posegen_cli.models.distill import DISTILL_ADAPTER, LIGHTX2V, distill_unshifted_sigmas, read_distill_lora
+
+torch.set_num_threads(1)
+
+RANK = 3
+WEIGHT = 0.7
+# Release (Wan original) module names the LightX2V file carries per block, and the ones given an alpha / a bias delta.
+BLOCK_MODULES = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
+                 "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")  # fmt: skip
+WITH_ALPHA = ("self_attn.q", "ffn.2")
+WITH_BIAS = ("self_attn.o", "cross_attn.k_img", "ffn.0")
+
+
+def lightx2v_lora(merged: dict[str, torch.Tensor], num_layers: int, seed: int) -> dict[str, torch.Tensor]:
+    """A random LoRA in LightX2V's layout: ``diffusion_model.`` + Wan names, lora_down/lora_up, alpha, diff_b, norm diffs."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    modules = [f"blocks.{i}.{m}" for i in range(num_layers) for m in BLOCK_MODULES] + ["time_projection.1", "head.head"]
+    for module in modules:
+        rows, cols = merged[f"{module}.weight"].shape
+        out[f"diffusion_model.{module}.lora_down.weight"] = torch.randn(RANK, cols, generator=g) * 0.2
+        out[f"diffusion_model.{module}.lora_up.weight"] = torch.randn(rows, RANK, generator=g) * 0.2
+        if module.endswith(WITH_ALPHA):
+            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(2 * RANK))
+        if module.endswith(WITH_BIAS):
+            out[f"diffusion_model.{module}.diff_b"] = torch.randn(rows, generator=g) * 0.1
+    for i in range(num_layers):  # zero norm deltas, as LightX2V ships them; diffusers drops them
+        out[f"diffusion_model.blocks.{i}.norm3.diff"] = torch.zeros_like(merged[f"blocks.{i}.norm3.weight"])
+    return out
+
+
+def merge_lora(merged: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
+    """Reference: fold the LoRA into release-named weights, W += weight * alpha/r * up @ down, b += weight * diff_b."""
+    out = dict(merged)
+    for key, down in lora.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        module = key.removeprefix("diffusion_model.").removesuffix(".lora_down.weight")
+        up = lora[f"diffusion_model.{module}.lora_up.weight"]
+        alpha = lora.get(f"diffusion_model.{module}.alpha")
+        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+        out[f"{module}.weight"] = out[f"{module}.weight"] + weight * scale * (up @ down)
+        bias = lora.get(f"diffusion_model.{module}.diff_b")
+        if bias is not None:
+            out[f"{module}.bias"] = out[f"{module}.bias"] + weight * bias
+    return out
+
+
+@pytest.fixture
+def folders(tmp_path: Path):
+    return two_variant_folders(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["exact", "adapter"])
+def test_lightx2v_lora_stacks_with_each_variant_like_merging_both(tmp_path: Path, folders, mode: str) -> None:
+    merged_base, cfg_base, merged_cond, cfg_cond = folders
+    raw = lightx2v_lora(merged_base, cfg_base["num_layers"], 21)
+    save_file(raw, tmp_path / "distill.safetensors")
+    lora = read_distill_lora(tmp_path / "distill.safetensors")
+    assert lora.ignored == tuple(f"diffusion_model.blocks.{i}.norm3.diff" for i in range(cfg_base["num_layers"]))
+
+    variants = PoseGenVariants.from_release(tmp_path / "base", tmp_path / "cond", dtype=torch.float32, mode=mode)
+    inputs = make_inputs(12, variants.model.config)
+    with torch.no_grad():
+        plain = {name: variants.activate(name)(**inputs).sample for name in ("transition", "base")}
+        variants.load_distill(lora, WEIGHT)
+        for name, merged, cfg in (("transition", merged_cond, cfg_cond), ("base", merged_base, cfg_base), ("transition", merged_cond, cfg_cond)):
+            out = variants.activate(name)(**inputs).sample
+            ref = reference_from_inputs(merge_lora(merged, raw, WEIGHT), release_config(cfg), inputs)
+            assert (out - ref).abs().max().item() <= 2e-5 * ref.abs().max().item(), (mode, name)
+            assert (out - plain[name]).abs().max().item() > 1e-2, "the distillation LoRA must change the output"
+            assert DISTILL_ADAPTER in variants.model.active_adapters(), "a variant switch must keep the distillation adapter"
+
+
+def test_distill_weight_zero_is_the_plain_variant(tmp_path: Path, folders) -> None:
+    merged_base, cfg_base, _, _ = folders
+    lora = read_distill_lora(lightx2v_lora(merged_base, cfg_base["num_layers"], 22))
+    variants = PoseGenVariants.from_release(tmp_path / "base", tmp_path / "cond", dtype=torch.float32)
+    inputs = make_inputs(12, variants.model.config)
+    with torch.no_grad():
+        plain = variants.activate("base")(**inputs).sample
+        variants.load_distill(lora, 0.0)
+        assert torch.equal(variants.activate("base")(**inputs).sample, plain)
+
+
+def test_foreign_or_broken_lora_files_are_input_errors(tmp_path: Path, folders) -> None:
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="broken.safetensors: not a readable safetensors LoRA"):
+        read_distill_lora(tmp_path / "broken.safetensors")
+    with pytest.raises(InputError, match="holds no LoRA pairs"):
+        read_distill_lora({"transformer.blocks.0.attn1.to_q.weight": torch.zeros(2, 2)})
+    variants = PoseGenVariants.from_release(tmp_path / "base", tmp_path / "cond", dtype=torch.float32)
+    too_deep = {"diffusion_model.blocks.7.self_attn.q.lora_down.weight": torch.zeros(2, 24),
+                "diffusion_model.blocks.7.self_attn.q.lora_up.weight": torch.zeros(24, 2)}  # fmt: skip
+    with pytest.raises(InputError, match=r"blocks\.7\.attn1\.to_q, which the PoseGen DiT does not have"):
+        variants.load_distill(read_distill_lora(too_deep))
+
+
+def test_lightx2v_schedule_is_the_authors_four_steps() -> None:
+    sigmas = distill_unshifted_sigmas(LIGHTX2V.denoising_step_list)
+    assert sigmas.tolist() == [1.0, 0.75, 0.5, 0.25]
+    shifted = LIGHTX2V.shift * sigmas / (1 + (LIGHTX2V.shift - 1) * sigmas)
+    assert torch.allclose(shifted, torch.tensor([1.0, 0.9375, 5 / 6, 0.625]))
+    assert LIGHTX2V.guidance_scale == 1.0
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        distill_unshifted_sigmas((500, 750))
