@@ -7,8 +7,9 @@ and transition checkpoints share one in-memory DiT and are switched with :meth:`
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -22,6 +23,7 @@ from posegen_cli.errors import InputError, MissingModelError, out_of_memory_as
 from posegen_cli.hub import model_path
 from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, PoseGenVariants
 from posegen_cli.models.distill import get_distill_preset, read_distill_lora
+from posegen_cli.models.feature_cache import FeatureCache, cache_settings
 from posegen_cli.pipelines.conditioning import check_segment_frames, condition_mask, paste_head_tail
 from posegen_cli.pipelines.image import encode_clip, load_image_encoder
 from posegen_cli.pipelines.scheduling import (
@@ -91,6 +93,7 @@ class PoseGenPipeline(DiffusionPipeline):
             scheduler=scheduler,
         )
         self.variants: PoseGenVariants | None = None
+        self.feature_cache: FeatureCache | None = None
 
     @classmethod
     def from_models(
@@ -166,6 +169,25 @@ class PoseGenPipeline(DiffusionPipeline):
         if self.variants is None:
             raise RuntimeError("this pipeline was built without variants; load it with PoseGenPipeline.from_models")
         self.variants.activate(name)
+
+    def enable_feature_cache(
+        self, name: str, threshold: float | None, num_inference_steps: int, kv_steps: Sequence[int] = ()
+    ) -> FeatureCache | None:
+        """Put diffusers' ``name`` cache hook ("fbc", "magcache"; "none" removes it) on the DiT for this schedule.
+
+        The first and last steps and ``kv_steps`` (where segments record or replay background K/V) always run every
+        block; each guidance branch keeps its own cached state. Raises ValueError for an unknown cache or threshold.
+        """
+        if self.feature_cache is not None:
+            self.feature_cache.disable()
+            self.feature_cache = None
+        settings = cache_settings(name, threshold, num_inference_steps, kv_steps)
+        if settings.name != "none":
+            self.feature_cache = FeatureCache(self.transformer, settings)
+        return self.feature_cache
+
+    def _cache_context(self, step: int, branch: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self.feature_cache is None else self.feature_cache.context(step, branch)
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -310,6 +332,13 @@ class PoseGenPipeline(DiffusionPipeline):
         noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
         latents = noise.to(dt).to(device)
         set_release_timesteps(self.scheduler, num_inference_steps, sigmas)
+        if self.feature_cache is not None:
+            settings = self.feature_cache.settings
+            if settings.num_inference_steps != num_inference_steps:
+                raise ValueError(f"the feature cache was built for {settings.num_inference_steps} steps, not {num_inference_steps}")
+            unguarded = sorted(kv_share.steps - settings.guarded_steps) if kv_share is not None else []
+            if unguarded:
+                raise ValueError(f"K/V-sharing steps {unguarded} are not guarded by the feature cache (pass them as kv_steps)")
         schedule = self.scheduler.sigmas
         shared: dict[str, Any] = {
             "encoder_hidden_states_image": image_embeds.to(device, dt),
@@ -321,9 +350,11 @@ class PoseGenPipeline(DiffusionPipeline):
         for step, t in enumerate(self.scheduler.timesteps):
             forward = functools.partial(self.transformer, hidden_states=latents, timestep=model_timestep(t, dt, device), **shared)
             # positive first: in base segments the negative branch reads the maps the positive one just made
-            velocity = forward(encoder_hidden_states=positive, kv_share=_branch_view(kv_share, step, "cond")).sample
+            with self._cache_context(step, "cond"):
+                velocity = forward(encoder_hidden_states=positive, kv_share=_branch_view(kv_share, step, "cond")).sample
             if guidance_scale != 1.0:
-                velocity_negative = forward(encoder_hidden_states=negative, kv_share=_branch_view(kv_share, step, "uncond")).sample
+                with self._cache_context(step, "uncond"):
+                    velocity_negative = forward(encoder_hidden_states=negative, kv_share=_branch_view(kv_share, step, "uncond")).sample
                 velocity = guided_velocity(velocity, velocity_negative, guidance_scale)
             latents = euler_step(latents, velocity, schedule[step], schedule[step + 1])
             if callback_on_step_end is not None:
