@@ -13,34 +13,11 @@ from test_convert import two_variant_folders
 from posegen_cli.errors import InputError
 from posegen_cli.models import PoseGenVariants
 from posegen_cli.models.distill import DISTILL_ADAPTER, LIGHTX2V, distill_unshifted_sigmas, read_distill_lora
+from posegen_cli.testing import lightx2v_lora
 
 torch.set_num_threads(1)
 
-RANK = 3
 WEIGHT = 0.7
-# Release (Wan original) module names the LightX2V file carries per block, and the ones given an alpha / a bias delta.
-BLOCK_MODULES = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
-                 "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")  # fmt: skip
-WITH_ALPHA = ("self_attn.q", "ffn.2")
-WITH_BIAS = ("self_attn.o", "cross_attn.k_img", "ffn.0")
-
-
-def lightx2v_lora(merged: dict[str, torch.Tensor], num_layers: int, seed: int) -> dict[str, torch.Tensor]:
-    """A random LoRA in LightX2V's layout: ``diffusion_model.`` + Wan names, lora_down/lora_up, alpha, diff_b, norm diffs."""
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    modules = [f"blocks.{i}.{m}" for i in range(num_layers) for m in BLOCK_MODULES] + ["time_projection.1", "head.head"]
-    for module in modules:
-        rows, cols = merged[f"{module}.weight"].shape
-        out[f"diffusion_model.{module}.lora_down.weight"] = torch.randn(RANK, cols, generator=g) * 0.2
-        out[f"diffusion_model.{module}.lora_up.weight"] = torch.randn(rows, RANK, generator=g) * 0.2
-        if module.endswith(WITH_ALPHA):
-            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(2 * RANK))
-        if module.endswith(WITH_BIAS):
-            out[f"diffusion_model.{module}.diff_b"] = torch.randn(rows, generator=g) * 0.1
-    for i in range(num_layers):  # zero norm deltas, as LightX2V ships them; diffusers drops them
-        out[f"diffusion_model.blocks.{i}.norm3.diff"] = torch.zeros_like(merged[f"blocks.{i}.norm3.weight"])
-    return out
 
 
 def merge_lora(merged: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:

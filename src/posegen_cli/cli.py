@@ -15,6 +15,7 @@ import typer
 from posegen_cli import __version__
 from posegen_cli.errors import PosegenError, ResourceError
 from posegen_cli.report import Reporter
+from posegen_cli.speed import SPEED_PRESETS
 
 app = typer.Typer(
     name="posegen",
@@ -61,6 +62,47 @@ class ShotType(str, Enum):
     half_body = "half-body"
     full_body = "full-body"
     distant = "distant"
+
+
+class Speed(str, Enum):
+    exact = "exact"
+    fast = "fast"
+    turbo = "turbo"
+
+
+class Distill(str, Enum):
+    none = "none"
+    lightx2v = "lightx2v"
+
+
+class CacheMode(str, Enum):
+    none = "none"
+    fbc = "fbc"
+    magcache = "magcache"
+
+
+class Attention(str, Enum):
+    auto = "auto"
+    native = "native"
+    cudnn = "cudnn"
+    flash = "flash"
+    flash3 = "flash3"
+    sage = "sage"
+
+
+class Quantize(str, Enum):
+    none = "none"
+    fp8 = "fp8"
+    int8 = "int8"
+
+
+SPEED_HELP = "Speed preset; explicit flags override its parts. " + " ".join(
+    f"[bold]{p.name}[/bold]: {p.speedup}; risk: {p.quality_risk}." for p in SPEED_PRESETS.values()
+)
+
+
+def _value(choice: Enum | None) -> str | None:
+    return None if choice is None else choice.value
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but warnings and errors.")]
@@ -127,8 +169,15 @@ def animate(
     prompt: Annotated[str | None, typer.Option("--prompt", help="Caption of the reference; skips automatic captioning.")] = None,
     subject: Annotated[str | None, typer.Option("--subject", help="Subject word of the caption (woman, man, ...) used for background K/V sharing.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Noise seed, the same for every segment as in the release.")] = 42,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps per segment.")] = 25,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 5.0,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps per segment (default: 25, the release's; 4 with --distill).", show_default=False)] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale (default: 5, the release's; 1 with --distill: one pass per step).", show_default=False)] = None,
+    speed: Annotated[Speed, typer.Option("--speed", help=SPEED_HELP)] = Speed.exact,
+    distill: Annotated[Distill | None, typer.Option("--distill", help="Step-distillation LoRA beside PoseGen's: lightx2v = LightX2V's 4-step Wan2.1-I2V LoRA (its schedule, guidance 1); none turns turbo's off.", show_default=False)] = None,
+    distill_weight: Annotated[float, typer.Option("--distill-weight", min=0.0, help="Strength of the distillation LoRA (1 is the authors').")] = 1.0,
+    cache: Annotated[CacheMode | None, typer.Option("--cache", help="Reuse DiT block residuals between steps: fbc (First Block Cache) or magcache (published Wan2.1-I2V-720P ratios); first, last and K/V-sharing steps always run.", show_default=False)] = None,
+    cache_threshold: Annotated[float | None, typer.Option("--cache-threshold", min=0.0, help="Cache threshold: higher skips more (default: fbc 0.05, magcache 0.12; 0 never skips).", show_default=False)] = None,
+    attention: Annotated[Attention | None, typer.Option("--attention", help="Attention backend (default: the preset's; sage is approximate).", show_default=False)] = None,
+    quantize: Annotated[Quantize | None, typer.Option("--quantize", help="Weight quantization of the DiT's linear layers (default: the preset's).", show_default=False)] = None,
     resolution: Annotated[str, typer.Option("--resolution", help="Output size WxH, multiples of 16 (the model was trained at 720x1280).")] = "720x1280",
     shot: Annotated[ShotType, typer.Option("--shot", help="K/V-sharing preset; auto picks it from the subject's size in the reference.")] = ShotType.auto,
     kv_steps: Annotated[str | None, typer.Option("--kv-steps", help="Override the preset's shared steps, e.g. '0-2' (start-end, end exclusive).")] = None,
@@ -161,6 +210,8 @@ def animate(
 
         options = AnimateOptions(
             prompt=prompt, subject=subject, seed=seed, steps=steps, guidance=guidance, resolution=resolution,
+            speed=speed.value, distill=_value(distill), distill_weight=distill_weight, cache=_value(cache),
+            cache_threshold=cache_threshold, attention=_value(attention), quantize=_value(quantize),
             shot=shot.value, kv_steps=kv_steps, kv_blocks=kv_blocks, align=align.value, pose_backend=pose_backend.value,
             offload=offload.value, preview=preview, audio=not no_audio, crf=crf, compat_mp4=compat_mp4, anchor=anchor,
             work_dir=work_dir,

@@ -33,13 +33,22 @@ from posegen_cli.longvideo.plan import (
     plan_segments,
     timeline_order,
 )
-from posegen_cli.longvideo.presets import DEFAULT_SHOT, KVShareRanges, classify_shot, kv_share_ranges
+from posegen_cli.longvideo.presets import (
+    DEFAULT_SHOT,
+    KV_STEP_RULE,
+    SHOT_PRESETS,
+    KVShareRanges,
+    classify_shot,
+    kv_share_ranges,
+    map_kv_steps,
+)
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
+from posegen_cli.speed import RELEASE_STEPS, SpeedSettings
 from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
 
 ENGINE_VERSION = 2
@@ -94,6 +103,9 @@ class AnimateResult:
     segment_seconds: dict[int, float]
     shot: str
     kv: KVShareRanges
+    kv_rule: str | None
+    speed: SpeedSettings
+    steps: int
     prompt: str
     subject: str
     phases: dict[str, float]
@@ -119,6 +131,11 @@ class AnimateResult:
             "shot": self.shot,
             "kv_steps": "{}-{}".format(*self.kv.steps),
             "kv_blocks": "{}-{}".format(*self.kv.blocks),
+            "kv_steps_rule": self.kv_rule,
+            "speed": self.speed.speed,
+            "steps": self.steps,
+            "guidance": self.speed.guidance,
+            "approximations": list(self.speed.approximations) or "none (release-exact)",
             "subject": self.subject,
             "seconds": {name: round(value, 2) for name, value in self.phases.items()},
             "total_seconds": round(sum(self.phases.values()), 2),
@@ -267,6 +284,24 @@ def animate(
         return _animate(reference, driving, output, options=options, reporter=reporter, after_segment=after_segment)
 
 
+def kv_steps_for(shot: str, job: JobSettings) -> tuple[tuple[int, int] | None, str | None]:
+    """The K/V steps a job shares and how they were chosen: explicit ``--kv-steps`` as given, the shot preset on the
+    release's schedule, or the preset moved onto a distilled schedule by :data:`KV_STEP_RULE` (then also the rule)."""
+    if job.kv_steps is not None or job.speed.sigmas is None or shot not in SHOT_PRESETS:
+        return job.kv_steps, None
+    from posegen_cli.pipelines.scheduling import shifted_sigmas, unshifted_sigmas
+
+    release_levels = shifted_sigmas(unshifted_sigmas(RELEASE_STEPS)).tolist()
+    levels = shifted_sigmas(torch.tensor(job.speed.sigmas)).tolist()
+    preset = SHOT_PRESETS[shot][0]
+    steps = map_kv_steps(preset, release_levels, levels)
+    rule = (
+        f"release steps {preset[0]}-{preset[1]} of {RELEASE_STEPS} (sigma {release_levels[preset[0]]:.4f}-"
+        f"{release_levels[preset[1] - 1]:.4f}) -> steps {steps[0]}-{steps[1]} of {len(levels)}: {KV_STEP_RULE}"
+    )
+    return steps, rule
+
+
 def _animate(
     reference: Path,
     driving: Path,
@@ -328,13 +363,25 @@ def _animate(
         from posegen_cli.longvideo.renderer import PipelineRenderer
         from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 
-        pipe = PoseGenPipeline.from_models(options.models_dir, device=device, dtype=dtype, offload=options.offload, reporter=reporter)
-        kv = kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, job.kv_steps, job.kv_blocks)
+        speed = job.speed
+        pipe = PoseGenPipeline.from_models(
+            options.models_dir, device=device, dtype=dtype, offload=options.offload, distill=speed.distill,
+            distill_weight=speed.distill_weight, reporter=reporter,
+        )  # fmt: skip
+        kv_steps, kv_rule = kv_steps_for(shot, job)
+        kv = kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, kv_steps, job.kv_blocks)
         renderer = PipelineRenderer(
             pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
             height=job.height, width=job.width, kv=kv, num_steps=job.steps, guidance=job.guidance, seed=job.seed,
+            sigmas=speed.sigmas, cache=speed.cache, cache_threshold=speed.cache_threshold,
         )  # fmt: skip
     reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
+    if kv_rule is not None:
+        reporter.info(f"K/V steps on the distilled schedule: {kv_rule}")
+    for line in speed.approximations:
+        reporter.info(f"approximation ({speed.speed}): {line}")
+    if speed.attention not in ("auto", "native") or speed.quantize != "none":
+        reporter.warn(f"attention {speed.attention} and quantize {speed.quantize} are not applied by this build; the DiT runs native bf16")
 
     pose_source, hand_source = FrameSource(poses.pose_video, size), FrameSource(poses.hand_video, size)
     try:
@@ -364,7 +411,7 @@ def _animate(
     return AnimateResult(
         output=output, frames=length, fps=info.fps, width=job.width, height=job.height, audio=audio,
         segments=len(plan), computed=stats.computed, reused=stats.reused, kv_rebuilt=stats.rebuilt_anchor,
-        segment_seconds=stats.seconds, shot=shot, kv=kv,
+        segment_seconds=stats.seconds, shot=shot, kv=kv, kv_rule=kv_rule, speed=job.speed, steps=job.steps,
         prompt=prompt.prompt, subject=prompt.subject, phases=timer.seconds, phase_memory=timer.memory,
         peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept,
     )  # fmt: skip

@@ -12,6 +12,7 @@ from typing import Any
 from posegen_cli.errors import InputError
 from posegen_cli.pipelines import check_model_size
 from posegen_cli.pose.align import ALIGN_MODES
+from posegen_cli.speed import DEFAULT_SPEED, SpeedSettings, resolve_speed
 
 PREVIEW_SIZE = (512, 288)
 """(height, width) of ``--preview`` for the 720x1280 default: 9:16, multiples of 16, 0.4x each side."""
@@ -21,13 +22,28 @@ OFFLOAD_MODES = ("none", "model", "group")
 
 @dataclass
 class AnimateOptions:
-    """Every ``posegen animate`` flag; defaults are the release's settings."""
+    """Every ``posegen animate`` flag; defaults are the release's settings.
+
+    The speed-related fields left as None (steps, guidance, distill, cache, cache_threshold, attention, quantize) take
+    the ``speed`` preset's value (:mod:`posegen_cli.speed`); a value given here wins over the preset.
+    """
 
     prompt: str | None = None
     subject: str | None = None
     seed: int = 42
-    steps: int = 25
-    guidance: float = 5.0
+    steps: int | None = None
+    """None: the preset's (25, the release's; 4 with a distillation)."""
+    guidance: float | None = None
+    """None: the preset's (5.0, the release's; 1 with a distillation)."""
+    speed: str = DEFAULT_SPEED
+    distill: str | None = None
+    distill_weight: float = 1.0
+    cache: str | None = None
+    cache_threshold: float | None = None
+    attention: str | None = None
+    """Attention backend (auto, native, cudnn, flash, flash3, sage); None: the preset's."""
+    quantize: str | None = None
+    """Weight quantization (none, fp8, int8); None: the preset's."""
     resolution: str = "720x1280"
     shot: str = "auto"
     kv_steps: str | None = None
@@ -95,6 +111,7 @@ class JobSettings:
     seed: int
     kv_steps: tuple[int, int] | None
     kv_blocks: tuple[int, int] | None
+    speed: SpeedSettings
 
     def key_fields(self) -> dict[str, Any]:
         return {
@@ -103,18 +120,25 @@ class JobSettings:
             "steps": self.steps,
             "guidance": self.guidance,
             "seed": self.seed,
+            **self.speed.key_fields(),
         }
 
 
 def resolve_settings(options: AnimateOptions) -> JobSettings:
     """Check every option that needs no file or model; ``--preview`` caps size and steps."""
     height, width = parse_resolution(options.resolution)
-    steps = options.steps
-    if steps < 1:
-        raise InputError(f"--steps {steps}: need at least 1")
+    if options.steps is not None and options.steps < 1:
+        raise InputError(f"--steps {options.steps}: need at least 1")
+    speed = resolve_speed(
+        options.speed, steps=options.steps, guidance=options.guidance, distill=options.distill,
+        distill_weight=options.distill_weight, cache=options.cache, cache_threshold=options.cache_threshold,
+        attention=options.attention, quantize=options.quantize,
+    )  # fmt: skip
+    steps = speed.steps
     if options.preview:
         height, width = preview_size(height, width)
-        steps = min(steps, PREVIEW_STEPS)
+        if speed.sigmas is None:
+            steps = min(steps, PREVIEW_STEPS)
     if options.offload not in OFFLOAD_MODES:
         raise InputError(f"--offload {options.offload!r} is not known (use {', '.join(OFFLOAD_MODES)})")
     if options.align not in ALIGN_MODES:
@@ -125,10 +149,11 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         height=height,
         width=width,
         steps=steps,
-        guidance=float(options.guidance),
+        guidance=speed.guidance,
         seed=int(options.seed),
         kv_steps=parse_range(options.kv_steps, "--kv-steps"),
         kv_blocks=parse_range(options.kv_blocks, "--kv-blocks"),
+        speed=speed,
     )
 
 

@@ -37,10 +37,16 @@ class PipelineRenderer:
         num_steps: int,
         guidance: float,
         seed: int,
+        sigmas: Sequence[float] | None = None,
+        cache: str = "none",
+        cache_threshold: float | None = None,
     ) -> None:
+        """``sigmas``: unshifted schedule of a distilled model (None: the release's); ``cache``: diffusers' feature
+        cache for every segment, never skipping the anchor's K/V steps (``kv.step_list``) nor the first and last."""
         self.pipe = pipe
         self.num_steps = num_steps
         self.guidance = guidance
+        self.sigmas = None if sigmas is None else torch.tensor(sigmas, dtype=torch.float32)
         self.seed = seed
         self.kv = kv
         self.subject_positions = list(subject_positions)
@@ -48,6 +54,7 @@ class PipelineRenderer:
         self.image_embeds, self.reference_latents = pipe.encode_reference(reference, height, width)
         self.cache: KVShareCache | None = None
         self._variant: str | None = None
+        pipe.enable_feature_cache(cache, cache_threshold, num_steps, kv.step_list)
 
     def _use(self, variant: str) -> None:
         if self._variant != variant:
@@ -82,6 +89,7 @@ class PipelineRenderer:
             seed=self.seed,
             num_inference_steps=self.num_steps,
             guidance_scale=self.guidance,
+            sigmas=self.sigmas,
             kv_share=kv_share,
             callback_on_step_end=callback,
         )
