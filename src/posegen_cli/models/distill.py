@@ -125,5 +125,11 @@ def read_distill_lora(path_or_state_dict: str | Path | dict[str, torch.Tensor]) 
         raise InputError(f"{source}: not a Wan LoRA diffusers can convert ({exc or type(exc).__name__})") from None
     if not any(".lora_A." in key for key in converted):
         raise InputError(f"{source}: holds no LoRA pairs (lora_down/lora_up or lora_A/lora_B)")
+    if any(key.endswith(".lora_B.bias") for key in converted):
+        # peft then gives every adapted layer a bias; layers without a delta in the file get an explicit zero one.
+        for key in [k for k in converted if k.endswith(".lora_B.weight")]:
+            bias = key.removesuffix(".weight") + ".bias"
+            if bias not in converted:
+                converted[bias] = converted[key].new_zeros(converted[key].shape[0])
     ignored = tuple(sorted(k for k in raw if _unconverted(k)))
     return DistillLora(converted, ignored, source)
