@@ -55,14 +55,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _pipeline(scale: str, device: torch.device, dtype: torch.dtype, layers: int, work: Path) -> tuple[PoseGenPipeline, dict]:
+def _pipeline(
+    scale: str, device: torch.device, dtype: torch.dtype, layers: int, work: Path, models_dir: Path | None
+) -> tuple[PoseGenPipeline, dict]:
     """The pipeline and a LightX2V-layout LoRA state dict (raw) for its DiT."""
     if scale == "full":
         from animate import full_size_pipeline
 
         pipe = full_size_pipeline(device, dtype, layers)
     else:
-        pipe = PoseGenPipeline.from_models(make_tiny_models(work / "models"), device=device, dtype=dtype)
+        pipe = PoseGenPipeline.from_models(models_dir or make_tiny_models(work / "models"), device=device, dtype=dtype)
     model = pipe.transformer
     shapes = {diffusers_key_to_release(k): v for k, v in model.state_dict().items() if ".lora_" not in k}
     return pipe, lightx2v_lora(shapes, model.config.num_layers, seed=5, rank=64 if scale == "full" else 3)
@@ -108,8 +110,12 @@ def run(
     presets: tuple[str, ...] = ("exact", "fast", "turbo"),
     layers: int = 40,
     seed: int = 42,
+    models_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Time one segment per preset on one pipeline; returns per-preset figures, ratios to exact and the targets."""
+    """Time one segment per preset on one pipeline; returns per-preset figures, ratios to exact and the targets.
+
+    ``models_dir``: an existing tiny model set for ``scale="tiny"`` (made afresh otherwise).
+    """
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     scale = scale or ("full" if dev.type == "cuda" else "tiny")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -118,7 +124,7 @@ def run(
         presets = ("exact", *presets)
     with tempfile.TemporaryDirectory(prefix="posegen-segment-speed-") as tmp:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        pipe, raw_lora = _pipeline(scale, dev, dtype, layers, Path(tmp))
+        pipe, raw_lora = _pipeline(scale, dev, dtype, layers, Path(tmp), models_dir)
         prompt, negative = pipe.encode_prompt(PROMPT)
         image, reference = pipe.encode_reference(load_image(REFERENCE), size["height"], size["width"])
         rng = np.random.default_rng(seed)

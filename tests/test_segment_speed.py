@@ -10,8 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import segment_speed
 
 
-def test_tiny_mode_times_one_segment_per_preset() -> None:
-    figures = segment_speed.run("tiny", "cpu", presets=("turbo",))
+def test_tiny_mode_times_one_segment_per_preset(tiny_models: Path) -> None:
+    figures = segment_speed.run("tiny", "cpu", presets=("turbo",), models_dir=tiny_models)
     rows = figures["presets"]
     assert list(rows) == ["exact", "turbo"] and figures["scale"] == "tiny"
     assert (rows["exact"]["steps"], rows["exact"]["guidance"], rows["turbo"]["steps"], rows["turbo"]["guidance"]) == (6, 5.0, 4, 1.0)
