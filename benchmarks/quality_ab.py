@@ -107,7 +107,9 @@ def _keypoints(video: Path, out_dir: Path, options: dict[str, Any]) -> Path | No
 
     extra = {k: options[k] for k in ("device", "models_dir") if k in options}
     try:
-        result = extract_pose(video, out_dir, backend=options.get("pose_backend", "auto"), use_cache=False, reporter=Reporter(quiet=True), **extra)
+        result = extract_pose(
+            video, out_dir, backend=options.get("pose_backend", "auto"), use_cache=False, reporter=Reporter(quiet=True), **extra
+        )
     except InputError:
         return None
     return result.keypoints

@@ -174,9 +174,12 @@ def run(
 
 def markdown(figures: dict[str, Any]) -> str:
     """A ``benchmarks/RESULTS.md`` section for ``figures`` (one row per preset)."""
-    lines = [
+    title = (
         f"### Segment time per speed preset ({figures['device']}, {figures['scale']}, {figures['size']}, "
-        f"{figures['dit_layers']} DiT layers, {figures['dtype']})",
+        f"{figures['dit_layers']} DiT layers, {figures['dtype']})"
+    )
+    lines = [
+        title,
         "",
         "| preset | steps | guidance | segment s | ratio to exact | target | met | not applied |",
         "|---|---|---|---|---|---|---|---|",

@@ -73,3 +73,12 @@ TEST_OPTIONS = {
     "pose_backend": "mediapipe",
 }
 """Tiny-run settings: 13-frame segments with head 5 / tail 4 (the 81/21/20 schedule scaled down), 2 steps, 64x112."""
+
+
+def segment_embeds(pipe, reference: Path, height: int, width: int) -> dict:
+    """The per-job embeddings a ``PoseGenPipeline`` call takes, for the reference photo and a fixed prompt."""
+    from posegen_cli.video import load_image
+
+    prompt, negative = pipe.encode_prompt("a woman dancing in a red dress")
+    image, latents = pipe.encode_reference(load_image(reference), height, width)
+    return {"prompt_embeds": prompt, "negative_prompt_embeds": negative, "image_embeds": image, "reference_latents": latents}

@@ -55,7 +55,11 @@ def test_lightx2v_lora_stacks_with_each_variant_like_merging_both(tmp_path: Path
     with torch.no_grad():
         plain = {name: variants.activate(name)(**inputs).sample for name in ("transition", "base")}
         variants.load_distill(lora, WEIGHT)
-        for name, merged, cfg in (("transition", merged_cond, cfg_cond), ("base", merged_base, cfg_base), ("transition", merged_cond, cfg_cond)):
+        for name, merged, cfg in (
+            ("transition", merged_cond, cfg_cond),
+            ("base", merged_base, cfg_base),
+            ("transition", merged_cond, cfg_cond),
+        ):
             out = variants.activate(name)(**inputs).sample
             ref = reference_from_inputs(merge_lora(merged, raw, WEIGHT), release_config(cfg), inputs)
             assert (out - ref).abs().max().item() <= 2e-5 * ref.abs().max().item(), (mode, name)

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
+from animate_inputs import segment_embeds
 
 from posegen_cli.models import KVShareCache
 from posegen_cli.models.feature_cache import (
@@ -18,7 +18,6 @@ from posegen_cli.models.feature_cache import (
 )
 from posegen_cli.models.transformer import PoseGenTransformerBlock
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
-from posegen_cli.video import load_image
 
 H, W, FRAMES = 64, 32, 9
 KV_STEP = 2
@@ -30,10 +29,8 @@ def pipe(tiny_models, block_passes) -> PoseGenPipeline:
 
 
 @pytest.fixture(scope="module")
-def embeds(pipe, shared_data):
-    prompt, negative = pipe.encode_prompt("a woman dancing in a red dress")
-    image, reference = pipe.encode_reference(load_image(shared_data / "reference_person.png"), H, W)
-    return {"prompt_embeds": prompt, "negative_prompt_embeds": negative, "image_embeds": image, "reference_latents": reference}
+def embeds(pipe, reference_image_path):
+    return segment_embeds(pipe, reference_image_path, H, W)
 
 
 def frames(seed: int) -> np.ndarray:
@@ -149,7 +146,7 @@ def test_cache_state_does_not_leak_between_segments_or_branches(pipe, embeds, co
     first, per_step = run(pipe, embeds, steps, counted)
     again, per_step_again = run(pipe, embeds, steps, counted)
     assert np.array_equal(first, again) and per_step == per_step_again
-    single, per_step_single = run(pipe, embeds, steps, counted, guidance=1.0)
+    _, per_step_single = run(pipe, embeds, steps, counted, guidance=1.0)
     assert per_step_single == [n // 2 for n in per_step], "one branch alone skips what it skipped beside the other"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from animate_inputs import segment_embeds
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from safetensors.torch import load_file
 
@@ -18,7 +19,6 @@ from posegen_cli.pipelines.text import DEFAULT_NEGATIVE
 from posegen_cli.pipelines.vae import decode_latents, encode_video, frames_to_tensor, tensor_to_frames
 from posegen_cli.pose.framing import frame_to_model
 from posegen_cli.testing import make_tiny_models
-from posegen_cli.video import load_image
 
 H, W = 64, 32
 STEPS = 2
@@ -30,10 +30,8 @@ def pipe(tiny_models) -> PoseGenPipeline:
 
 
 @pytest.fixture(scope="module")
-def embeds(pipe, shared_data):
-    prompt, negative = pipe.encode_prompt("a woman dancing in a red dress")
-    image, reference = pipe.encode_reference(load_image(shared_data / "reference_person.png"), H, W)
-    return {"prompt_embeds": prompt, "negative_prompt_embeds": negative, "image_embeds": image, "reference_latents": reference}
+def embeds(pipe, reference_image_path):
+    return segment_embeds(pipe, reference_image_path, H, W)
 
 
 def driving(seed: int, n: int = 81, h: int = H, w: int = W) -> np.ndarray:

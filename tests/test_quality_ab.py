@@ -19,7 +19,9 @@ from posegen_cli.pose.extract import extract_pose
 from posegen_cli.pose.keypoints import load_npz, save_npz
 
 
-def test_quality_ab_reports_time_and_difference_per_preset(tmp_path: Path, reference_image_path: Path, driving_clip: Path, tiny_models: Path) -> None:
+def test_quality_ab_reports_time_and_difference_per_preset(
+    tmp_path: Path, reference_image_path: Path, driving_clip: Path, tiny_models: Path
+) -> None:
     options = {k: v for k, v in TEST_OPTIONS.items() if k != "steps"} | {"models_dir": tiny_models, "work_dir": tmp_path / "work"}
     figures = quality_ab.run(reference_image_path, driving_clip, presets=("fast", "turbo"), work=tmp_path, steps=6, options=options)
     rows = figures["presets"]

@@ -12,6 +12,7 @@ per entry in :data:`DISTILL_PRESETS`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def distill_unshifted_sigmas(denoising_step_list: tuple[int, ...], num_train_tim
     decreasing list; source: LightX2V's ``WanStepDistillScheduler.set_denoising_timesteps``).
     """
     steps = list(denoising_step_list)
-    if not steps or any(not 0 < t <= num_train_timesteps for t in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
+    if not steps or any(not 0 < t <= num_train_timesteps for t in steps) or any(a <= b for a, b in itertools.pairwise(steps)):
         raise ValueError(f"denoising_step_list {steps} must be strictly decreasing timesteps in 1..{num_train_timesteps}")
     grid = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float32)[:-1]
     return grid[[num_train_timesteps - t for t in steps]]
