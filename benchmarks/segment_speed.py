@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from posegen_cli.longvideo.speed import resolve_speed
 from posegen_cli.models.convert import diffusers_key_to_release
 from posegen_cli.models.distill import DISTILL_ADAPTER, LIGHTX2V, read_distill_lora
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
-from posegen_cli.speed import resolve_speed
 from posegen_cli.testing import lightx2v_lora, make_tiny_models
 from posegen_cli.video import load_image
 

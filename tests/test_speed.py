@@ -12,7 +12,8 @@ from posegen_cli.longvideo.presets import SHOT_PRESETS, map_kv_steps
 from posegen_cli.models.distill import LIGHTX2V
 from posegen_cli.models.feature_cache import DEFAULT_THRESHOLDS
 from posegen_cli.pipelines.scheduling import shifted_sigmas, unshifted_sigmas
-from posegen_cli.speed import SPEED_PRESETS, resolve_speed
+from posegen_cli.longvideo.speed import resolve_speed
+from posegen_cli.speed import SPEED_PRESETS
 
 
 def test_exact_is_the_release_path_with_nothing_approximated() -> None:

@@ -44,11 +44,11 @@ from posegen_cli.longvideo.presets import (
 )
 from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
+from posegen_cli.longvideo.speed import RELEASE_STEPS, SpeedSettings
 from posegen_cli.longvideo.workdir import WorkDir
 from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
-from posegen_cli.speed import RELEASE_STEPS, SpeedSettings
 from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
 
 ENGINE_VERSION = 2

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from posegen_cli.errors import InputError
+from posegen_cli.longvideo.speed import SpeedSettings, resolve_speed
 from posegen_cli.pipelines import check_model_size
 from posegen_cli.pose.align import ALIGN_MODES
-from posegen_cli.speed import DEFAULT_SPEED, SpeedSettings, resolve_speed
+from posegen_cli.speed import DEFAULT_SPEED
 
 PREVIEW_SIZE = (512, 288)
 """(height, width) of ``--preview`` for the 720x1280 default: 9:16, multiples of 16, 0.4x each side."""

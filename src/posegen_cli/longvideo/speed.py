@@ -1,0 +1,138 @@
+"""A job's speed settings: the ``--speed`` preset filled in with the flags given explicitly (they always win).
+
+Pure: no model is loaded. The resolved :class:`SpeedSettings` lists every approximation in effect, for the run
+summary and ``--json``; the presets themselves are the data table in :mod:`posegen_cli.speed`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from posegen_cli.errors import InputError
+from posegen_cli.models.distill import DISTILL_PRESETS, distill_unshifted_sigmas, get_distill_preset
+from posegen_cli.models.feature_cache import CACHES, DEFAULT_THRESHOLDS
+from posegen_cli.speed import DEFAULT_SPEED, SPEED_PRESETS
+
+RELEASE_STEPS = 25
+RELEASE_GUIDANCE = 5.0
+
+
+def _choice(value: str | None, choices: tuple[str, ...] | dict, flag: str) -> None:
+    if value is not None and value not in choices:
+        raise InputError(f"{flag} {value!r} is not known (use {', '.join(choices)})")
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """Every speed-related setting of a job, resolved; ``sigmas`` are unshifted (None: the release's linspace)."""
+
+    speed: str
+    steps: int
+    guidance: float
+    sigmas: tuple[float, ...] | None
+    distill: str | None
+    distill_weight: float
+    cache: str
+    cache_threshold: float | None
+    attention: str
+    quantize: str
+    approximations: tuple[str, ...]
+
+    def key_fields(self) -> dict[str, object]:
+        """What changes a segment's pixels (the work folder's key)."""
+        return {
+            "sigmas": self.sigmas,
+            "distill": self.distill,
+            "distill_weight": self.distill_weight if self.distill else None,
+            "cache": self.cache,
+            "cache_threshold": self.cache_threshold,
+            "attention": self.attention,
+            "quantize": self.quantize,
+        }
+
+
+def resolve_speed(
+    speed: str = DEFAULT_SPEED,
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    distill: str | None = None,
+    distill_weight: float = 1.0,
+    cache: str | None = None,
+    cache_threshold: float | None = None,
+    attention: str | None = None,
+    quantize: str | None = None,
+) -> SpeedSettings:
+    """Fill the settings left as None from the ``speed`` preset; an explicit value always wins.
+
+    A distillation sets the step count, guidance 1 and the schedule it was trained for, unless ``guidance`` is given;
+    an explicit ``steps`` that differs from the distilled count is an error (its schedule has fixed timesteps).
+    Raises InputError naming the offending setting.
+    """
+    _choice(speed, SPEED_PRESETS, "--speed")
+    _choice(distill, ("none", *DISTILL_PRESETS), "--distill")
+    _choice(cache, CACHES, "--cache")
+    preset = SPEED_PRESETS[speed]
+    chosen_distill = preset.distill if distill is None else (None if distill == "none" else distill)
+    chosen_cache = preset.cache if cache is None else cache
+    if cache_threshold is not None and (cache_threshold < 0 or math.isnan(cache_threshold)):
+        raise InputError(f"--cache-threshold {cache_threshold}: use 0 or more (0 never skips)")
+    if chosen_cache == "none":
+        threshold = None
+    elif cache_threshold is not None:
+        threshold = float(cache_threshold)
+    elif cache is None and preset.cache_threshold is not None:
+        threshold = preset.cache_threshold
+    else:  # the cache's own default (diffusers' for fbc, the MagCache authors' for magcache)
+        threshold = DEFAULT_THRESHOLDS[chosen_cache]
+    chosen_attention = attention or preset.attention or "auto"
+    chosen_quantize = quantize or preset.quantize
+    if not distill_weight >= 0:
+        raise InputError(f"--distill-weight {distill_weight}: use 0 or more (1 is the authors' strength)")
+
+    sigmas = None
+    approximations: list[str] = []
+    if chosen_distill is not None:
+        spec = get_distill_preset(chosen_distill)
+        trained = len(spec.denoising_step_list)
+        if steps is not None and steps != trained:
+            raise InputError(f"--steps {steps} does not fit --distill {chosen_distill}, trained for {trained} steps (drop --steps)")
+        if chosen_cache == "magcache":
+            raise InputError(
+                f"--cache magcache is calibrated on undistilled Wan2.1 and does not fit --distill {chosen_distill} (use --cache fbc or none)"
+            )
+        sigmas = tuple(distill_unshifted_sigmas(spec.denoising_step_list).tolist())
+        final_steps = trained
+        final_guidance = spec.guidance_scale if guidance is None else float(guidance)
+        approximations.append(
+            f"distillation: {chosen_distill} LoRA at weight {distill_weight:g} over PoseGen's, {trained} steps at timesteps "
+            f"{list(spec.denoising_step_list)} (from {spec.source.split(' (')[0]})"
+        )
+        if final_guidance == 1.0:
+            approximations.append("guidance: 1, one model pass per step (guidance distilled into the LoRA)")
+    else:
+        final_steps = RELEASE_STEPS if steps is None else steps
+        final_guidance = RELEASE_GUIDANCE if guidance is None else float(guidance)
+    if chosen_cache != "none":
+        approximations.append(
+            f"cache: {chosen_cache} at threshold {threshold:g} reuses block residuals between steps "
+            "(first, last and K/V-sharing steps always computed)"
+        )
+    if chosen_attention == "sage":
+        approximations.append("attention: SageAttention (8-bit Q·K), not bit-exact")
+    if chosen_quantize != "none":
+        approximations.append(f"weights: {chosen_quantize} linear layers")
+    return SpeedSettings(
+        speed=speed,
+        steps=final_steps,
+        guidance=final_guidance,
+        sigmas=sigmas,
+        distill=chosen_distill,
+        distill_weight=float(distill_weight),
+        cache=chosen_cache,
+        cache_threshold=threshold,
+        attention=chosen_attention,
+        quantize=chosen_quantize,
+        approximations=tuple(approximations),
+    )
