@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from animate_inputs import make_driving_clip
 from transformer_step import FULL, build_model
 
-from posegen_cli.longvideo import AnimateOptions, animate
+from posegen_cli.longvideo import AnimateOptions, animate, loading
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.report import Reporter
 from posegen_cli.testing import make_tiny_models
@@ -127,14 +127,14 @@ def main() -> None:
         torch.set_num_threads(max(1, torch.get_num_threads() // 2))
 
     clock = TransformerClock(device)
-    load_models = PoseGenPipeline.from_models.__func__
+    load_models = loading.load_pipeline
 
-    def from_models(cls: type[PoseGenPipeline], *a: Any, **kw: Any) -> PoseGenPipeline:
-        pipe = full_size_pipeline(device, dtype, args.layers) if full else load_models(cls, *a, **kw)
+    def load_pipeline(*a: Any, **kw: Any) -> PoseGenPipeline:
+        pipe = full_size_pipeline(device, dtype, args.layers) if full else load_models(*a, **kw)
         clock.attach(pipe)
         return pipe
 
-    PoseGenPipeline.from_models = classmethod(from_models)  # type: ignore[method-assign]
+    loading.load_pipeline = load_pipeline
     with tempfile.TemporaryDirectory(prefix="posegen-bench-") as tmp:
         work = Path(tmp)
         os.environ["POSEGEN_CACHE_DIR"] = str(work / "cache")

@@ -22,7 +22,10 @@ import numpy as np
 import torch
 
 from posegen_cli.errors import PosegenError
-from posegen_cli.pose.extract import extract_pose, make_pose_backend
+from posegen_cli.device import resolve_device
+from posegen_cli.pose.backends import make_pose_backend
+from posegen_cli.pose.extract import extract_pose
+from posegen_cli.pose.settings import PoseOptions
 from posegen_cli.report import Reporter
 from posegen_cli.video import iter_frames, load_image, write_video
 
@@ -45,7 +48,7 @@ def make_clip(path: Path, width: int, height: int, frames: int) -> Path:
 def time_detector(backend: str, clip: Path, models_dir: Path | None) -> float:
     """Frames/s of the detector alone on frames already in memory."""
     frames = list(iter_frames(clip))
-    detector = make_pose_backend(backend, models_dir=models_dir)
+    detector = make_pose_backend(backend, device=resolve_device("auto"), models_dir=models_dir)
     try:
         detector.detect(frames[:2])  # warm-up: graph/model initialisation
         start = time.perf_counter()
@@ -60,7 +63,7 @@ def time_detector(backend: str, clip: Path, models_dir: Path | None) -> float:
 
 def time_end_to_end(backend: str, clip: Path, out: Path, models_dir: Path | None) -> tuple[float, int]:
     start = time.perf_counter()
-    result = extract_pose(clip, out, backend=backend, use_cache=False, models_dir=models_dir, reporter=Reporter(quiet=True))
+    result = extract_pose(clip, out, PoseOptions(backend=backend, use_cache=False, models_dir=models_dir), reporter=Reporter(quiet=True))
     return result.frame_count / (time.perf_counter() - start), result.frame_count
 
 

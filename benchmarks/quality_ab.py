@@ -27,10 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from posegen_cli.choices import SPEED_PRESETS
 from posegen_cli.longvideo import AnimateOptions, animate
 from posegen_cli.pose.keypoints import load_npz
 from posegen_cli.report import Reporter
-from posegen_cli.speed import SPEED_PRESETS
 from posegen_cli.video import iter_frames, probe_video, write_video
 
 BODY = slice(0, 17)

@@ -33,10 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from posegen_cli.longvideo.loading import load_pipeline
 from posegen_cli.longvideo.speed import resolve_speed
 from posegen_cli.models.convert import diffusers_key_to_release
 from posegen_cli.models.distill import DISTILL_ADAPTER, LIGHTX2V, read_distill_lora
-from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, release_generator
 from posegen_cli.testing import lightx2v_lora, make_tiny_models
 from posegen_cli.video import load_image
 
@@ -64,7 +65,7 @@ def _pipeline(
 
         pipe = full_size_pipeline(device, dtype, layers)
     else:
-        pipe = PoseGenPipeline.from_models(models_dir or make_tiny_models(work / "models"), device=device, dtype=dtype)
+        pipe = load_pipeline(models_dir or make_tiny_models(work / "models"), device=device, dtype=dtype)
     model = pipe.transformer
     shapes = {diffusers_key_to_release(k): v for k, v in model.state_dict().items() if ".lora_" not in k}
     return pipe, lightx2v_lora(shapes, model.config.num_layers, seed=5, rank=64 if scale == "full" else 3)
@@ -91,7 +92,7 @@ def _time_segment(pipe: PoseGenPipeline, inputs: dict, device: torch.device, **c
 
     _sync(device)
     start = time.perf_counter()
-    frames = pipe(**inputs, callback_on_step_end=callback, **call)
+    frames = pipe(**inputs, callback_on_step_end=callback, **call).frames
     _sync(device)
     total = time.perf_counter() - start
     steps = np.diff([start, *step_ends]) if step_ends else np.array([])
@@ -132,7 +133,6 @@ def run(
         inputs = {
             "prompt_embeds": prompt, "negative_prompt_embeds": negative, "image_embeds": image, "reference_latents": reference,
             "pose_frames": rng.integers(0, 256, shape, dtype=np.uint8), "hand_frames": rng.integers(0, 256, shape, dtype=np.uint8),
-            "seed": seed,
         }  # fmt: skip
         rows: dict[str, dict[str, Any]] = {}
         distill_loaded = False
@@ -150,7 +150,10 @@ def run(
                 pipe.transformer.set_adapters([DISTILL_ADAPTER], [speed.distill_weight if speed.distill else 0.0])
             pipe.enable_feature_cache(speed.cache, speed.cache_threshold, speed.steps, KV_STEPS)
             sigmas = None if speed.sigmas is None else torch.tensor(speed.sigmas)
-            row = _time_segment(pipe, inputs, dev, num_inference_steps=speed.steps, guidance_scale=speed.guidance, sigmas=sigmas)
+            row = _time_segment(
+                pipe, inputs, dev, num_inference_steps=speed.steps, guidance_scale=speed.guidance, sigmas=sigmas,
+                generator=release_generator(seed),
+            )  # fmt: skip
             row.update(steps=speed.steps, guidance=speed.guidance, cache=speed.cache, attention=speed.attention,
                        distill=speed.distill, not_applied=not_applied)  # fmt: skip
             rows[preset] = row

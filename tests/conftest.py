@@ -15,7 +15,10 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(autouse=True)
 def _offline_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """No test may download, and every test gets its own posegen cache."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import by is_offline_mode
     monkeypatch.setenv("POSEGEN_CACHE_DIR", str(tmp_path_factory.mktemp("posegen-cache")))
     monkeypatch.delenv("POSEGEN_MODELS_DIR", raising=False)
 

@@ -15,12 +15,12 @@ from posegen_cli.pose.align import (
     apply_alignment,
     body_statistics,
     fit_alignment,
-    write_alignment_png,
 )
-from posegen_cli.pose.framing import crop_box_9x16, map_points_to_model
 from posegen_cli.pose.render import render_pose
+from posegen_cli.pose.stream import write_alignment_png, write_alignment_preview
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
+from posegen_cli.video.framing import crop_box_9x16, map_points_to_model
 
 REF_PROPORTIONS = {
     "shoulders": 160.0, "torso": 240.0, "hips": 100.0, "upper_arm": 120.0, "forearm": 110.0,
@@ -270,9 +270,8 @@ def test_align_driving_poses_frames_aligns_and_draws(tmp_path) -> None:
     reporter = Reporter(quiet=False)
     reporter.console.begin_capture()
     png = tmp_path / "alignment.png"
-    result = align_driving_poses(
-        reference_frame, native, scores, (1920, 1080), mode="auto", reporter=reporter, reference_pose=REFERENCE, png_path=png
-    )
+    result = align_driving_poses(reference_frame, native, scores, (1920, 1080), mode="auto", reporter=reporter, reference_pose=REFERENCE)
+    write_alignment_preview(png, reference_frame, result)
     text = reporter.console.end_capture()
     assert "alignment (auto): scale x1.600 from shoulders, torso, legs, head" in text
     assert np.allclose(result.keypoints, truth, atol=5e-3)
@@ -310,7 +309,7 @@ def test_write_alignment_png_is_atomic_and_decodes(tmp_path) -> None:
 def test_reference_photo_against_a_shifted_scaled_copy(shared_data) -> None:
     """MediaPipe on the real photo and on a copy shrunk by 0.8 and moved: the fit undoes the warp."""
     pytest.importorskip("mediapipe")
-    from posegen_cli.pose.extract import extract_reference_pose
+    from posegen_cli.pose.backends import extract_reference_pose
 
     photo = cv2.cvtColor(cv2.imread(str(shared_data / "reference_person.png")), cv2.COLOR_BGR2RGB)
     s, tx, ty = 0.8, 70.0, 200.0
@@ -333,11 +332,15 @@ def test_reference_without_a_person_warns_and_leaves_poses_framed() -> None:
     pytest.importorskip("mediapipe")
     truth, scores = clip(REF_PROPORTIONS, motion(3, legs=False))
     native = _native_landscape(truth)
+    from posegen_cli.pose.backends import extract_reference_pose
+
     reporter = Reporter(quiet=True)
     reporter.console.begin_capture()
+    frame = np.zeros((1280, 720, 3), np.uint8)
+    person = extract_reference_pose(frame, "mediapipe")  # alignment never detects: the caller does
     result = align_driving_poses(
-        np.zeros((1280, 720, 3), np.uint8), native, scores, (1920, 1080), mode="limbs", reporter=reporter,
-        backend="mediapipe", reference_name="reference image empty.png",
+        frame, native, scores, (1920, 1080), mode="limbs", reporter=reporter, reference_pose=person,
+        reference_name="reference image empty.png",
     )  # fmt: skip
     text = reporter.console.end_capture()
     assert "no person found in reference image empty.png" in text

@@ -20,6 +20,7 @@ from posegen_cli.longvideo.merge import merge_segments
 from posegen_cli.longvideo.options import PREVIEW_SIZE, PREVIEW_STEPS, resolve_settings
 from posegen_cli.longvideo.plan import overlap_before, plan_segments, timeline_order
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pose import backends as backends_module
 from posegen_cli.pose import extract as extract_module
 from posegen_cli.report import Reporter
 from posegen_cli.video import iter_frames, probe_video, write_video
@@ -47,7 +48,7 @@ def test_animate_end_to_end(
     output = tmp_path / "result.mp4"
     options = AnimateOptions(**TEST_OPTIONS, models_dir=tiny_models, keep_intermediates=True, crf=1)
     # --shot auto and pose alignment both need the reference person; the driving video is decoded to count its frames
-    detections = counted(monkeypatch, [extract_module], "extract_reference_pose")
+    detections = counted(monkeypatch, [backends_module, extract_module], "extract_reference_pose")
     probes = counted(monkeypatch, [engine, extract_module], "probe_video")
     result = animate(reference_image_path, driving_clip, output, options=options, reporter=Reporter(quiet=True))
     assert len(detections) == 1 and probes == [driving_clip]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -14,10 +16,18 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from posegen_cli.errors import InputError
-from posegen_cli.prompting import TextTokenizer, clean_prompt, run_prompt
+from posegen_cli import prompting
+from posegen_cli.prompting import PromptOptions, TextTokenizer, clean_prompt
 from posegen_cli.prompting.caption import CAPTION_INSTRUCTION, CAPTION_REQUEST, Captioner, caption_image
 from posegen_cli.testing.tokenizer import make_tiny_tokenizer
 from posegen_cli.video import load_image
+
+
+def run_prompt(image, out_dir=None, **kwargs):
+    """``prompting.run_prompt`` with the :class:`PromptOptions` fields given as keywords beside its own."""
+    fields = {f.name for f in dataclasses.fields(PromptOptions)}
+    options = PromptOptions(**{k: v for k, v in kwargs.items() if k in fields})
+    return prompting.run_prompt(image, out_dir, options, **{k: v for k, v in kwargs.items() if k not in fields})
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 48 * 28 * 28

@@ -96,8 +96,11 @@ def test_a_stage_needs_only_its_parts(tmp_path: Path) -> None:
 def test_download_fetches_what_a_partial_cache_lacks(monkeypatch) -> None:
     from posegen_cli import hub
 
+    import huggingface_hub.constants
+
     fetched = []
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "fetch", lambda spec: fetched.append(spec.name) or Path("/cache") / spec.name)
     result = runner.invoke(app, ["download", "--json", "posegen", "sapiens-detector"])
     assert result.exit_code == 0, result.output

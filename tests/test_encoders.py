@@ -9,15 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from posegen_cli.pipelines.image import clip_pixels, encode_clip, load_image_encoder
-from posegen_cli.pipelines.text import (
-    DEFAULT_NEGATIVE,
-    TEXT_LEN,
-    encode_text,
-    load_text_encoder,
-    load_tokenizer,
-    match_release_dtype,
-    tokenize,
-)
+from posegen_cli.pipelines.text import DEFAULT_NEGATIVE, encode_text, load_text_encoder, match_release_dtype
+from posegen_cli.prompting.umt5 import TEXT_LEN, load_tokenizer, tokenize
 from posegen_cli.testing import tiny_image_encoder, tiny_text_encoder
 from posegen_cli.testing.tokenizer import make_tiny_tokenizer
 

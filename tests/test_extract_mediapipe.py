@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sys
@@ -15,13 +16,23 @@ from rich.console import Console
 
 from posegen_cli.errors import InputError, MissingModelError
 from posegen_cli.pose import extract as extract_module
-from posegen_cli.pose.extract import ExtractResult, extract_pose, extract_reference_pose, resolve_backend, resolve_hand_normals
+from posegen_cli.pose import stream as stream_module
+from posegen_cli.pose.backends import extract_reference_pose, resolve_backend, resolve_hand_normals
+from posegen_cli.pose.extract import ExtractResult
+from posegen_cli.pose.settings import PoseOptions
 from posegen_cli.pose.keypoints import KeypointTrack, load_npz, save_npz
 from posegen_cli.pose.mediapipe_backend import MediaPipePoseBackend, assign_hands, coco_from_mediapipe
 from posegen_cli.pose.render import render_pose
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
 from posegen_cli.video import iter_frames, load_image, probe_video, write_video
+
+
+def extract_pose(video: Path, out_dir: Path | None = None, **kwargs) -> ExtractResult:
+    """``extract_module.extract_pose`` with the :class:`PoseOptions` fields given as keywords beside its own."""
+    fields = {f.name for f in dataclasses.fields(PoseOptions)}
+    options = PoseOptions(**{k: v for k, v in kwargs.items() if k in fields})
+    return extract_module.extract_pose(video, out_dir, options, **{k: v for k, v in kwargs.items() if k not in fields})
 
 SIZE = (360, 640)  # W, H: the reference photo at half size keeps the test fast
 HOLD = 5  # frames per pose of the clip; MediaPipe's video tracker settles within a hold
@@ -216,7 +227,7 @@ def test_cache_returns_the_same_files_without_detecting(small_clip, tmp_path, mo
     def no_detection(*args, **kwargs):
         raise AssertionError("the cached run must not build a detector")
 
-    monkeypatch.setattr(extract_module, "make_pose_backend", no_detection)
+    monkeypatch.setattr(stream_module, "make_pose_backend", no_detection)
     second = extract_pose(small_clip, tmp_path / "b", backend="mediapipe", reporter=quiet())
     assert second.cached and second.frames_without_person == first.frames_without_person
     for a, b in ((first.pose_video, second.pose_video), (first.keypoints, second.keypoints), (first.hand_video, second.hand_video)):
@@ -296,7 +307,7 @@ class StripeNormals:
 def test_hand_video_comes_from_the_normal_backend(extracted, moving_clip, tmp_path, monkeypatch):
     from posegen_cli.pose.render import render_hand_normals
 
-    monkeypatch.setattr(extract_module, "make_normal_backend", lambda **kwargs: StripeNormals())
+    monkeypatch.setattr(stream_module, "make_normal_backend", lambda **kwargs: StripeNormals())
     result = extract_pose(
         moving_clip, tmp_path / "o", from_keypoints=extracted.keypoints, hand_normals="sapiens", lossless=True, reporter=quiet()
     )
@@ -332,7 +343,7 @@ class TwoPeople:
 
 @pytest.mark.parametrize("track", [False, True])
 def test_track_follows_one_person_across_frames(moving_clip, tmp_path, monkeypatch, track):
-    monkeypatch.setattr(extract_module, "make_pose_backend", lambda *args, **kwargs: TwoPeople())
+    monkeypatch.setattr(stream_module, "make_pose_backend", lambda *args, **kwargs: TwoPeople())
     result = extract_pose(
         moving_clip, tmp_path / "o", backend="sapiens", hand_normals="none", track=track, use_cache=False, reporter=quiet()
     )
@@ -359,7 +370,7 @@ class FailsOnSecondBatch:
 def test_a_failing_backend_stops_cleanly(moving_clip, tmp_path, monkeypatch):
     import threading
 
-    monkeypatch.setattr(extract_module, "make_pose_backend", lambda *args, **kwargs: FailsOnSecondBatch())
+    monkeypatch.setattr(stream_module, "make_pose_backend", lambda *args, **kwargs: FailsOnSecondBatch())
     with pytest.raises(RuntimeError, match="detector crashed"):
         extract_pose(moving_clip, tmp_path / "o", backend="sapiens", hand_normals="none", batch_size=4, use_cache=False, reporter=quiet())
     assert not [t for t in threading.enumerate() if t.name.startswith(("posegen-decode", "posegen-encode"))]
@@ -380,7 +391,7 @@ def test_large_sources_get_a_half_size_overlay(tmp_path):
 
 
 def test_align_to_renders_the_retargeted_skeleton_on_the_model_canvas(extracted, moving_clip, reference_image_path, tmp_path):
-    from posegen_cli.pose.framing import frame_to_model, map_points_to_model
+    from posegen_cli.video.framing import frame_to_model, map_points_to_model
 
     kwargs = {"from_keypoints": extracted.keypoints, "align_to": reference_image_path, "lossless": True, "reporter": quiet()}
     none = extract_pose(moving_clip, tmp_path / "none", align="none", **kwargs)
@@ -414,7 +425,7 @@ def test_align_to_renders_the_retargeted_skeleton_on_the_model_canvas(extracted,
 
 def test_align_to_uses_a_given_reference_pose_and_video_info(extracted, moving_clip, reference_image_path, tmp_path, monkeypatch):
     """``animate`` has already detected the reference and probed the video; neither is done again."""
-    from posegen_cli.pose.framing import frame_to_model
+    from posegen_cli.video.framing import frame_to_model
 
     kwargs = {"from_keypoints": extracted.keypoints, "align_to": reference_image_path, "use_cache": False, "reporter": quiet()}
     detected = extract_pose(moving_clip, tmp_path / "detected", **kwargs)
@@ -441,10 +452,10 @@ def test_align_to_checks_its_inputs(moving_clip, tmp_path):
 
 
 def test_align_to_frames_the_hand_video_too(extracted, moving_clip, reference_image_path, tmp_path, monkeypatch):
-    from posegen_cli.pose.framing import frame_to_model
+    from posegen_cli.video.framing import frame_to_model
     from posegen_cli.pose.render import render_hand_normals
 
-    monkeypatch.setattr(extract_module, "make_normal_backend", lambda **kwargs: StripeNormals())
+    monkeypatch.setattr(stream_module, "make_normal_backend", lambda **kwargs: StripeNormals())
     result = extract_pose(
         moving_clip, tmp_path / "o", from_keypoints=extracted.keypoints, hand_normals="sapiens", align_to=reference_image_path,
         align="none", lossless=True, reporter=quiet(),

@@ -17,7 +17,8 @@ from posegen_cli.models.feature_cache import (
     magcache_ratios,
 )
 from posegen_cli.models.transformer import PoseGenTransformerBlock
-from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.longvideo.loading import load_pipeline
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, release_generator
 
 H, W, FRAMES = 64, 32, 9
 KV_STEP = 2
@@ -25,7 +26,7 @@ KV_STEP = 2
 
 @pytest.fixture(scope="module")
 def pipe(tiny_models, block_passes) -> PoseGenPipeline:
-    return PoseGenPipeline.from_models(tiny_models, device="cpu", dtype="float32")
+    return load_pipeline(tiny_models, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def run(pipe, embeds, steps: int, calls: list[int], *, kv: KVShareCache | None =
         per_step.append(len(calls) - start - sum(per_step))
 
     out = pipe(**embeds, pose_frames=frames(1), hand_frames=frames(2), num_inference_steps=steps, guidance_scale=guidance,
-               seed=3, kv_share=kv, callback_on_step_end=callback)  # fmt: skip
+               generator=release_generator(3), kv_share=kv, callback_on_step_end=callback).frames  # fmt: skip
     return out, per_step
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from posegen_cli.pose.framing import crop_box_9x16, crop_warning, frame_to_model, map_points_to_model, warn_if_cropped
+from posegen_cli.video.framing import crop_box_9x16, crop_warning, frame_to_model, map_points_to_model, warn_if_cropped
 from posegen_cli.report import Reporter
 
 

@@ -12,12 +12,14 @@ from safetensors.torch import load_file
 from posegen_cli import hub
 from posegen_cli.errors import InputError, MissingModelError
 from posegen_cli.models import KVShareCache, load_release_model
+from posegen_cli.longvideo import renderer as renderer_module
+from posegen_cli.longvideo.loading import load_pipeline
 from posegen_cli.pipelines.conditioning import condition_mask
-from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, check_model_size
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, check_model_size, release_generator
 from posegen_cli.pipelines.scheduling import make_scheduler
 from posegen_cli.pipelines.text import DEFAULT_NEGATIVE
 from posegen_cli.pipelines.vae import decode_latents, encode_video, frames_to_tensor, tensor_to_frames
-from posegen_cli.pose.framing import frame_to_model
+from posegen_cli.video.framing import frame_to_model
 from posegen_cli.testing import make_tiny_models
 
 H, W = 64, 32
@@ -26,7 +28,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def pipe(tiny_models) -> PoseGenPipeline:
-    return PoseGenPipeline.from_models(tiny_models, device="cpu", dtype="float32")
+    return load_pipeline(tiny_models, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_tiny_models_are_reproducible(tiny_models, tmp_path):
 
 def test_missing_models_are_reported(tmp_path):
     with pytest.raises(MissingModelError, match="wan-i2v-720p"):
-        PoseGenPipeline.from_models(tmp_path, device="cpu")
+        load_pipeline(tmp_path, device="cpu")
 
 
 def test_embeddings_have_the_model_shapes(embeds):
@@ -82,17 +84,17 @@ def test_embeddings_have_the_model_shapes(embeds):
 def test_segment_is_deterministic_per_seed(pipe, embeds):
     pipe.use_variant("base")
     pose, hand = driving(1), driving(2)
-    first = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, seed=7)
-    again = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, seed=7)
-    other = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, seed=8)
+    first = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, generator=release_generator(7)).frames
+    again = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, generator=release_generator(7)).frames
+    other = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, generator=release_generator(8)).frames
     assert first.shape == (81, H, W, 3) and first.dtype == np.uint8
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
     pipe.use_variant("transition")
-    switched = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, seed=7)
+    switched = pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, generator=release_generator(7)).frames
     pipe.use_variant("base")
     assert not np.array_equal(first, switched)
-    assert np.array_equal(pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, seed=7), first)
+    assert np.array_equal(pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, generator=release_generator(7)).frames, first)
 
 
 class RecordingTransformer(torch.nn.Module):
@@ -137,10 +139,10 @@ def test_sampling_loop_follows_the_release(pipe, embeds):
             pose_frames=pose,
             hand_frames=hand,
             num_inference_steps=3,
-            seed=42,
+            generator=release_generator(42),
             guidance_scale=5.0,
             callback_on_step_end=lambda p, i, t, d: seen.append((i, d["latents"].clone())),
-        )
+        ).frames
         # Two forwards per step, positive prompt first; timesteps rounded to bf16.
         assert len(recorder.calls) == 6
         for i, call in enumerate(recorder.calls):
@@ -277,3 +279,52 @@ def test_pipeline_variants_hold_the_release_merged_weights(pipe, tiny_models):
             assert all(torch.equal(ours[k], v) for k, v in merged.state_dict().items()), name
     finally:
         pipe.use_variant("base")
+
+
+def test_generator_gives_the_release_seed_noise_and_diffusers_outputs(pipe, embeds):
+    """A CPU generator seeded like the release draws the release's float32 noise: bit-identical to passing it as latents."""
+    pipe.use_variant("base")
+    pose, hand = driving(1), driving(2)
+    common = {**embeds, "pose_frames": pose, "hand_frames": hand, "num_inference_steps": STEPS}
+    noise = torch.randn((1, 16, 21, H // 8, W // 8), generator=torch.Generator("cpu").manual_seed(7), dtype=torch.float32)
+    from_generator = pipe(**common, generator=release_generator(7), output_type="latent").frames
+    (from_latents,) = pipe(**common, latents=noise, output_type="latent", return_dict=False)
+    assert torch.equal(from_generator, from_latents)
+    frames = pipe(**common, generator=release_generator(7)).frames
+    assert np.array_equal(frames, tensor_to_frames(decode_latents(pipe.vae, from_generator)))
+    with pytest.raises(ValueError, match="output_type 'pil'"):
+        pipe(**common, generator=release_generator(7), output_type="pil")
+
+
+def test_renderer_starts_every_segment_from_the_same_noise():
+    """The release seeds a fresh CPU generator per segment; the renderer hands each call its own, seeded alike."""
+    from posegen_cli.longvideo.presets import KVShareRanges
+    from posegen_cli.longvideo.renderer import PipelineRenderer
+    from posegen_cli.pipelines.pipeline_posegen import PoseGenPipelineOutput
+
+    draws: list[torch.Tensor] = []
+
+    class FakePipe:
+        def encode_prompt(self, prompt):
+            return torch.zeros(1), torch.zeros(1)
+
+        def encode_reference(self, image, height, width):
+            return torch.zeros(1), torch.zeros(1)
+
+        def use_variant(self, name):
+            pass
+
+        def __call__(self, **kwargs):
+            draws.append(torch.randn(4, generator=kwargs["generator"]))
+            return PoseGenPipelineOutput(frames=np.zeros((1, 2, 2, 3), np.uint8))
+
+    kv = KVShareRanges(steps=(0, 1), blocks=(1, 2), max_map_block=0)
+    renderer = PipelineRenderer(
+        FakePipe(), prompt="a man", subject_positions=[1], reference=np.zeros((2, 2, 3), np.uint8), height=16, width=16,
+        kv=kv, num_steps=1, guidance=5.0, seed=11,
+    )  # fmt: skip
+    frames = np.zeros((1, 2, 2, 3), np.uint8)
+    renderer.render_anchor(frames, frames, lambda step: None, record=False)
+    renderer.render_transition(frames, frames, frames, frames, lambda step: None)
+    expected = torch.randn(4, generator=torch.Generator("cpu").manual_seed(11))
+    assert len(draws) == 2 and all(torch.equal(d, expected) for d in draws)

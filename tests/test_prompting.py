@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import string
 from pathlib import Path
@@ -11,11 +13,19 @@ from tokenizers import pre_tokenizers
 from transformers import T5Tokenizer
 
 from posegen_cli.errors import InputError
-from posegen_cli.pipelines.text import tokenize as encoder_tokenize
-from posegen_cli.prompting import TextTokenizer, clean_prompt, locate_subject, prompt_line, run_prompt
+from posegen_cli import prompting
+from posegen_cli.prompting import PromptOptions, TextTokenizer, clean_prompt, locate_subject, prompt_line
 from posegen_cli.prompting.tokens import candidate_nouns, find_subject, overlapping_positions, release_choice
+from posegen_cli.prompting.umt5 import tokenize as encoder_tokenize
 from posegen_cli.report import Reporter
 from posegen_cli.testing.tokenizer import make_tiny_tokenizer
+
+
+def run_prompt(image, out_dir=None, **kwargs):
+    """``prompting.run_prompt`` with the :class:`PromptOptions` fields given as keywords beside its own."""
+    fields = {f.name for f in dataclasses.fields(PromptOptions)}
+    options = PromptOptions(**{k: v for k, v in kwargs.items() if k in fields})
+    return prompting.run_prompt(image, out_dir, options, **{k: v for k, v in kwargs.items() if k not in fields})
 
 SP = "\u2581"
 WORD_PIECES = [

@@ -252,7 +252,7 @@ def test_compat_mp4_conditions_and_merges_decoded_segments(tmp_path: Path, compa
     renderer = NoiseRenderer()
     sources = FrameSource(pose_video, size), FrameSource(pose_video, size)
     render_segments(
-        plan, renderer, *sources, work, total_frames=40, frame_shape=size, head=5, tail=4, reporter=Reporter(quiet=True),
+        plan, renderer, sources, work, total_frames=40, frame_shape=size, overlap=(5, 4), reporter=Reporter(quiet=True),
         compat_mp4=compat_mp4,
     )  # fmt: skip
     stored = {index: np.asarray(work.load_segment(index)) for index in range(5)}
@@ -295,7 +295,7 @@ def test_overall_progress_counts_only_the_work_left(tmp_path: Path) -> None:
     def run(renderer: NoiseRenderer) -> tuple[float | None, float]:
         reporter = RecordingReporter()
         sources = FrameSource(pose_video, size), FrameSource(pose_video, size)
-        render_segments(plan, renderer, *sources, work, total_frames=40, frame_shape=size, head=5, tail=4, reporter=reporter)
+        render_segments(plan, renderer, sources, work, total_frames=40, frame_shape=size, overlap=(5, 4), reporter=reporter)
         overall = reporter.displays[-1].tasks[0]
         return overall.total, overall.completed
 

@@ -264,19 +264,20 @@ class SwappingBoxes:
 @pytest.mark.parametrize("track", [False, True])
 def test_sapiens_backend_with_track_follows_one_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, track: bool) -> None:
     from posegen_cli.pose import extract as extract_module
+    from posegen_cli.pose import stream as stream_module
+    from posegen_cli.pose.settings import PoseOptions
     from posegen_cli.pose.keypoints import load_npz
     from posegen_cli.video import write_video
 
     maps = gaussian_maps(np.full((133, 2), (95.5, 127.5)), np.full(133, 0.9), sigma=2.0)
     script = save_script(PlantedHeatmaps(torch.from_numpy(maps)), tmp_path / "pose.pt2")
     backend = sp.SapiensPoseBackend(device="cpu", checkpoint=script, detector=SwappingBoxes(), reporter=Reporter(quiet=True))
-    monkeypatch.setattr(extract_module, "make_pose_backend", lambda *args, **kwargs: backend)
+    monkeypatch.setattr(stream_module, "make_pose_backend", lambda *args, **kwargs: backend)
     clip = write_video(tmp_path / "clip.mp4", [np.zeros((120, 96, 3), np.uint8)] * 6, 25, lossless=True)
     reporter = Reporter(quiet=True)
     reporter.console.begin_capture()
-    result = extract_module.extract_pose(
-        clip, tmp_path / "out", backend="sapiens", hand_normals="none", track=track, use_cache=False, reporter=reporter
-    )
+    options = PoseOptions(backend="sapiens", hand_normals="none", track=track, use_cache=False)
+    result = extract_module.extract_pose(clip, tmp_path / "out", options, reporter=reporter)
     reporter.console.end_capture()
     on_left = load_npz(result.keypoints).keypoints[:, 0, 0] < 48
     # Tracking keeps the left person of frame 0; the release's choice, the top score, alternates.
@@ -286,6 +287,7 @@ def test_sapiens_backend_with_track_follows_one_box(tmp_path: Path, monkeypatch:
 def test_batch_size_reaches_both_sapiens_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--batch-size`` goes from extract_pose through the backend factories into the Sapiens constructors."""
     from posegen_cli.pose import extract as extract_module
+    from posegen_cli.pose.settings import PoseOptions
     from posegen_cli.pose.types import PersonPose
     from posegen_cli.video import write_video
 
@@ -309,9 +311,8 @@ def test_batch_size_reaches_both_sapiens_backends(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(sp, "SapiensPoseBackend", PoseStandIn)
     monkeypatch.setattr(sp, "SapiensNormalBackend", NormalStandIn)
     clip = write_video(tmp_path / "clip.mp4", [np.zeros((64, 48, 3), np.uint8)] * 4, 25)
-    extract_module.extract_pose(
-        clip, tmp_path / "out", backend="sapiens", hand_normals="sapiens", batch_size=3, use_cache=False, reporter=Reporter(quiet=True)
-    )
+    options = PoseOptions(backend="sapiens", hand_normals="sapiens", batch_size=3, use_cache=False)
+    extract_module.extract_pose(clip, tmp_path / "out", options, reporter=Reporter(quiet=True))
     assert batch_sizes == {"pose": 3, "normal": 3}
 
 

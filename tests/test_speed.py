@@ -13,7 +13,7 @@ from posegen_cli.models.distill import LIGHTX2V
 from posegen_cli.models.feature_cache import DEFAULT_THRESHOLDS
 from posegen_cli.pipelines.scheduling import shifted_sigmas, unshifted_sigmas
 from posegen_cli.longvideo.speed import resolve_speed
-from posegen_cli.speed import SPEED_PRESETS
+from posegen_cli.choices import SPEED_PRESETS
 
 
 def test_exact_is_the_release_path_with_nothing_approximated() -> None:
@@ -92,3 +92,12 @@ def test_kv_steps_move_onto_the_distilled_schedule_by_noise_level() -> None:
     assert kv_steps_for("full-body", resolve_settings(AnimateOptions(speed="turbo", kv_steps="0-2"))) == ((0, 2), None)
     assert kv_steps_for("full-body", resolve_settings(AnimateOptions())) == (None, None)
     assert len(LIGHTX2V.denoising_step_list) == 4
+
+
+def test_choice_tuples_match_the_library_tables() -> None:
+    from posegen_cli import choices
+    from posegen_cli.models.distill import DISTILL_PRESETS
+
+    assert choices.DISTILLS == ("none", *DISTILL_PRESETS)
+    assert choices.SPEEDS == ("exact", "fast", "turbo") and choices.DEFAULT_SPEED == "exact"
+    assert set(DEFAULT_THRESHOLDS) == set(choices.CACHES) - {"none"}

@@ -12,10 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from posegen_cli import __version__
-from posegen_cli.errors import PosegenError, ResourceError
+from posegen_cli import __version__, choices
+from posegen_cli.errors import PosegenError, ResourceError, Spelling, command_line_spelling
 from posegen_cli.report import Reporter
-from posegen_cli.speed import SPEED_PRESETS
 
 app = typer.Typer(
     name="posegen",
@@ -27,77 +26,27 @@ app = typer.Typer(
 )
 
 
-class Backend(str, Enum):
-    auto = "auto"
-    sapiens = "sapiens"
-    mediapipe = "mediapipe"
+def _choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A Typer choice type whose members are the library's own choice tuple (member names are Python-safe)."""
+    return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-class HandNormals(str, Enum):
-    auto = "auto"
-    sapiens = "sapiens"
-    none = "none"
+Backend = _choice_enum("Backend", choices.BACKENDS)
+HandNormals = _choice_enum("HandNormals", choices.HAND_NORMAL_SOURCES)
+AlignMode = _choice_enum("AlignMode", choices.ALIGN_MODES)
+Offload = _choice_enum("Offload", choices.OFFLOAD_MODES)
+KeypointFormat = _choice_enum("KeypointFormat", choices.OUTPUT_FORMATS)
+ShotType = _choice_enum("ShotType", ("auto", *choices.SHOT_TYPES))
 
-
-class AlignMode(str, Enum):
-    auto = "auto"
-    limbs = "limbs"
-    none = "none"
-
-
-class Offload(str, Enum):
-    none = "none"
-    model = "model"
-    group = "group"
-
-
-class KeypointFormat(str, Enum):
-    npz = "npz"
-    openpose_json = "openpose-json"
-
-
-class ShotType(str, Enum):
-    auto = "auto"
-    close_up = "close-up"
-    half_body = "half-body"
-    full_body = "full-body"
-    distant = "distant"
-
-
-class Speed(str, Enum):
-    exact = "exact"
-    fast = "fast"
-    turbo = "turbo"
-
-
-class Distill(str, Enum):
-    none = "none"
-    lightx2v = "lightx2v"
-
-
-class CacheMode(str, Enum):
-    none = "none"
-    fbc = "fbc"
-    magcache = "magcache"
-
-
-class Attention(str, Enum):
-    auto = "auto"
-    native = "native"
-    cudnn = "cudnn"
-    flash = "flash"
-    flash3 = "flash3"
-    sage = "sage"
-
-
-class Quantize(str, Enum):
-    none = "none"
-    fp8 = "fp8"
-    int8 = "int8"
+Speed = _choice_enum("Speed", choices.SPEEDS)
+Distill = _choice_enum("Distill", choices.DISTILLS)
+CacheMode = _choice_enum("CacheMode", choices.CACHES)
+Attention = _choice_enum("Attention", choices.ATTENTION_BACKENDS)
+Quantize = _choice_enum("Quantize", choices.QUANTIZE_MODES)
 
 
 SPEED_HELP = "Speed preset; explicit flags override its parts. " + " ".join(
-    f"[bold]{p.name}[/bold]: {p.speedup}; risk: {p.quality_risk}." for p in SPEED_PRESETS.values()
+    f"[bold]{p.name}[/bold]: {p.speedup}; risk: {p.quality_risk}." for p in choices.SPEED_PRESETS.values()
 )
 
 
@@ -131,7 +80,10 @@ def main(
 
 @contextlib.contextmanager
 def _errors(reporter: Reporter, debug: bool) -> Iterator[None]:
-    """Expected failures become one line and an exit code; tracebacks only with --debug."""
+    """Expected failures become one line and an exit code; tracebacks only with --debug.
+
+    The library's messages name settings, not flags; they are spelled here with the command's own flag names.
+    """
     try:
         yield
     except (typer.Exit, typer.Abort):
@@ -139,7 +91,7 @@ def _errors(reporter: Reporter, debug: bool) -> Iterator[None]:
     except PosegenError as exc:
         if debug:
             raise
-        reporter.console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        reporter.console.print(f"[red]error:[/red] {exc.phrase(reporter.spell)}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         reporter.console.print("[red]interrupted[/red] (finished work is kept; run the same command again to continue)")
@@ -155,8 +107,17 @@ def _errors(reporter: Reporter, debug: bool) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _run(quiet: bool, json_output: bool, debug: bool, work: Callable[[Reporter], Any]) -> Any:
-    reporter = Reporter(quiet=quiet, json_output=json_output)
+def _flags(table: dict[str, str]) -> Spelling:
+    """How one command spells the library's settings: ``table`` for the flags named otherwise than the setting."""
+    return lambda name: command_line_spelling(name, table)
+
+
+ANIMATE_FLAGS = {"backend": "--pose-backend"}
+"""``animate`` flags whose names differ from the library setting they carry."""
+
+
+def _run(quiet: bool, json_output: bool, debug: bool, work: Callable[[Reporter], Any], flags: dict[str, str] | None = None) -> Any:
+    reporter = Reporter(quiet=quiet, json_output=json_output, spell=_flags(flags or {}))
     with _errors(reporter, debug):
         return work(reporter)
 
@@ -220,7 +181,7 @@ def animate(
         result = run_animate(reference, driving, output, options=options, reporter=reporter)
         reporter.summary(result.summary(), title="Done")
 
-    _run(quiet, json_output, debug, work)
+    _run(quiet, json_output, debug, work, ANIMATE_FLAGS)
 
 
 @app.command("extract-pose")
@@ -251,15 +212,16 @@ def extract_pose(
     """Skeleton video, hand-normal video, keypoints file and an overlay preview of a driving video."""
 
     def work(reporter: Reporter) -> None:
+        from posegen_cli.pose.settings import PoseOptions
         from posegen_cli.pose.extract import extract_pose as run_extract
 
-        result = run_extract(
-            video, out_dir, backend=backend.value, hand_normals=hand_normals.value, track=track, lossless=lossless,
-            output_format=fmt.value, from_keypoints=from_keypoints, align_to=align_to, align=align.value,
-            device=device, models_dir=models_dir, use_cache=not no_cache, reporter=reporter,
-            body_threshold=body_threshold, hand_threshold=hand_threshold, model_size=model_size, seg_size=seg_size,
-            normal_size=normal_size, batch_size=batch_size,
+        options = PoseOptions(
+            backend=backend.value, hand_normals=hand_normals.value, track=track, lossless=lossless, output_format=fmt.value,
+            align=align.value, body_threshold=body_threshold, hand_threshold=hand_threshold, model_size=model_size,
+            seg_size=seg_size, normal_size=normal_size, batch_size=batch_size, device=device, models_dir=models_dir,
+            use_cache=not no_cache,
         )
+        result = run_extract(video, out_dir, options, from_keypoints=from_keypoints, align_to=align_to, reporter=reporter)
         reporter.summary(result.summary(), title="Pose extracted")
 
     _run(quiet, json_output, debug, work)
@@ -276,6 +238,7 @@ def prompt(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Caption again even if this image was captioned with the same settings.")] = False,
     models_dir: ModelsDir = None,
     device: Device = "auto",
+    dtype: Dtype = "auto",
     quiet: Quiet = False,
     json_output: Json = False,
     debug: Debug = False,
@@ -283,12 +246,13 @@ def prompt(
     """Wan-style caption of the reference (Qwen2.5-VL) and the subject word's text-encoder token positions."""
 
     def work(reporter: Reporter) -> None:
-        from posegen_cli.prompting import run_prompt
+        from posegen_cli.prompting import PromptOptions, run_prompt
 
-        result = run_prompt(
-            image, out_dir, prompt=text, subject=subject, seed=seed, max_new_tokens=max_new_tokens,
-            device=device, models_dir=models_dir, use_cache=not no_cache, reporter=reporter,
+        options = PromptOptions(
+            prompt=text, subject=subject, seed=seed, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
+            models_dir=models_dir, use_cache=not no_cache,
         )
+        result = run_prompt(image, out_dir, options, reporter=reporter)
         reporter.summary(result.summary(), title="Prompt")
 
     _run(quiet, json_output, debug, work)

@@ -1,6 +1,6 @@
 """Everything posegen downloads, in one table, and how a stage finds it on disk.
 
-Lookup order for a model ``name``: ``--models-dir`` (or ``$POSEGEN_MODELS_DIR``) holding ``<dir>/<name>/``
+Lookup order for a model ``name``: a models folder (``models_dir``, or ``$POSEGEN_MODELS_DIR``) holding ``<dir>/<name>/``
 in the repository's own layout, then the Hugging Face cache, then a download (unless offline).
 Only the files a stage needs are fetched: never the stock Wan transformer, since each PoseGen
 checkpoint folder already holds a complete DiT.
@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from posegen_cli.errors import InputError, MissingModelError
+from posegen_cli.errors import InputError, MissingModelError, option
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _registry() -> dict[str, ModelSpec]:
         ),
         ModelSpec(
             "lightx2v-wan21-i2v-distill", "lightx2v/Wan2.1-Distill-Loras", ("wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors",),
-            size_gb=0.74, licence="Apache-2.0 (LightX2V)", used_by="animate --distill lightx2v / --speed turbo: 4-step, guidance-distilled LoRA",
+            size_gb=0.74, licence="Apache-2.0 (LightX2V)", used_by="animate with the lightx2v distillation (speed turbo): 4-step, guidance-distilled LoRA",
         ),
         ModelSpec(
             "qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct",
@@ -99,7 +99,7 @@ DEFAULT_DOWNLOADS: tuple[str, ...] = (
     "wan-i2v-720p", "posegen", "qwen2.5-vl-7b", "sapiens-detector", "sapiens-pose-2b", "sapiens-seg-1b", "sapiens-normal-2b",
     "lightx2v-wan21-i2v-distill",
 )
-"""What ``posegen download`` fetches with no names: everything ``animate`` needs (``--speed turbo`` included), with the release's Sapiens sizes."""
+"""What ``posegen download`` fetches with no names: everything ``animate`` needs (the turbo speed preset included), with the release's Sapiens sizes."""
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -115,7 +115,10 @@ def models_dir_from_env(models_dir: str | Path | None) -> Path | None:
 
 
 def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    """Whether the Hub is off limits: huggingface_hub's own reading of ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``."""
+    from huggingface_hub import is_offline_mode
+
+    return is_offline_mode()
 
 
 def _patterns(spec: ModelSpec, parts: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -159,7 +162,7 @@ def model_path(name: str, models_dir: str | Path | None = None, *, parts: tuple[
     root = models_dir_from_env(models_dir)
     if root is not None:
         raise MissingModelError(
-            f"model {name} not found in {root / name} (copy the {spec.repo_id} files there, or drop --models-dir to use the Hugging Face cache)"
+            f"model {name} not found in {root / name} (copy the {spec.repo_id} files there, or drop {option('models_dir')} to use the Hugging Face cache)"
         )
     if offline():
         raise MissingModelError(

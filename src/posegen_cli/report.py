@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from posegen_cli.errors import command_line_spelling, phrase
+
 LOG_INTERVAL = 30.0
 """Seconds between progress lines when stderr is a log file rather than a terminal."""
 
@@ -42,20 +44,24 @@ class RateColumn(ProgressColumn):
 
 @dataclass
 class Reporter:
-    """Human output goes to stderr (silenced by ``quiet``); ``summary`` is printed as JSON when ``json_output``."""
+    """Human output goes to stderr (silenced by ``quiet``); ``summary`` is printed as JSON when ``json_output``.
+
+    Messages may name settings with ``errors.option``; ``spell`` words them (the CLI passes its flag names).
+    """
 
     quiet: bool = False
     json_output: bool = False
     console: Console = field(default_factory=lambda: Console(stderr=True))
     log_interval: float = LOG_INTERVAL
+    spell: Callable[[str], str] = command_line_spelling
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(escape(message))
+            self.console.print(escape(phrase(message, self.spell)))
 
     def warn(self, message: str) -> None:
-        """Warnings show even with ``--quiet``: they change what the user gets."""
-        self.console.print(f"[yellow]warning:[/yellow] {escape(message)}")
+        """Warnings show even when quiet: they change what the user gets."""
+        self.console.print(f"[yellow]warning:[/yellow] {escape(phrase(message, self.spell))}")
 
     @contextlib.contextmanager
     def progress(self) -> Iterator[Progress]:

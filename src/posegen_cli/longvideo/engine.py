@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, ResourceError, require_file
+from posegen_cli.errors import InputError, ResourceError, option, require_file
 from posegen_cli.longvideo.merge import iter_merged
 from posegen_cli.longvideo.options import AnimateOptions, JobSettings, fps_text, resolve_settings
 from posegen_cli.longvideo.plan import (
@@ -46,10 +45,11 @@ from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.speed import RELEASE_STEPS, SpeedSettings
 from posegen_cli.longvideo.workdir import WorkDir
-from posegen_cli.pose.framing import frame_to_model, warn_if_cropped
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
-from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, load_image, probe_video
+from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, probe_video
+from posegen_cli.video.framing import frame_to_model, warn_if_cropped
+from posegen_cli.video.image import ReferenceImage
 
 ENGINE_VERSION = 2
 """Part of every work folder's key: bump when a change makes old finished segments wrong."""
@@ -114,7 +114,7 @@ class AnimateResult:
     work_dir: Path | None
 
     def summary(self) -> dict[str, Any]:
-        """Plain values for ``Reporter.summary`` (and ``--json``)."""
+        """Plain values for ``Reporter.summary`` (and the JSON output)."""
         return {
             "output": str(self.output),
             "frames": self.frames,
@@ -158,8 +158,8 @@ def check_output_path(output: Path, inputs: list[Path]) -> Path:
     return output
 
 
-def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter: Reporter) -> tuple[str, PersonPose | None]:
-    """``--shot auto`` reads the reference person's visible keypoints and height; an explicit shot is kept.
+def pick_shot(options: AnimateOptions, image: np.ndarray, device: torch.device, reporter: Reporter) -> tuple[str, PersonPose | None]:
+    """The ``auto`` shot reads the reference person's visible keypoints and height; an explicit shot is kept.
 
     The person is detected on the reference framed at the model's full 720x1280, whatever the job's size, so a
     preview picks the same preset as the real run. That is also the frame pose alignment detects on, so the
@@ -168,15 +168,15 @@ def pick_shot(options: AnimateOptions, image: np.ndarray, device: str, reporter:
     """
     if options.shot != "auto":
         return options.shot, None
-    from posegen_cli.pose.extract import extract_reference_pose
+    from posegen_cli.pose.backends import extract_reference_pose
 
     framed_reference = frame_to_model(image)
     person = extract_reference_pose(framed_reference, options.pose_backend, device=device, models_dir=options.models_dir)
     if person is None:
-        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set --shot to choose)")
+        reporter.warn(f"no person found in the reference image; using the {DEFAULT_SHOT} K/V preset (set {option('shot')} to choose)")
         return DEFAULT_SHOT, None
     shot = classify_shot(person.keypoints, person.scores, person.box, framed_reference.shape[0])
-    reporter.info(f"reference framing: {shot} (override with --shot)")
+    reporter.info(f"reference framing: {shot} (override with {option('shot')})")
     return shot, person
 
 
@@ -189,14 +189,12 @@ def check_disk_space(work: WorkDir, plan: list[Segment], size: tuple[int, int], 
     if needed > free:
         raise ResourceError(
             f"the segments need {needed / 1024**3:.1f} GB in {work.path} but only {free / 1024**3:.1f} GB are free "
-            f"(free some space, or pass --work-dir on a larger disk; the video {output.name} itself is small)"
+            f"(free some space, or pass {option('work_dir')} on a larger disk; the video {output.name} itself is small)"
         )
 
 
-def work_settings(
-    options: AnimateOptions, job: JobSettings, device: torch.device, dtype: torch.dtype, model_dirs: list[Path]
-) -> dict[str, Any]:
-    """Every setting that changes a segment's pixels, for the work folder's key (not --offload, --crf, audio).
+def work_settings(options: AnimateOptions, job: JobSettings, reference: ReferenceImage, model_dirs: list[Path]) -> dict[str, Any]:
+    """Every setting that changes a segment's pixels, for the work folder's key (not offloading, crf, audio).
 
     Model folders count by their resolved path: a Hugging Face snapshot path names the commit.
     """
@@ -215,8 +213,9 @@ def work_settings(
         "compat_mp4": options.compat_mp4,
         "segment": [options.segment_frames, options.head, options.tail],
         "models": [str(path.resolve()) for path in model_dirs],
-        "device": device.type,
-        "dtype": str(dtype),
+        "device": job.device.type,
+        "dtype": str(job.dtype),
+        "reference": reference.digest,
     }
 
 
@@ -285,7 +284,7 @@ def animate(
 
 
 def kv_steps_for(shot: str, job: JobSettings) -> tuple[tuple[int, int] | None, str | None]:
-    """The K/V steps a job shares and how they were chosen: explicit ``--kv-steps`` as given, the shot preset on the
+    """The K/V steps a job shares and how they were chosen: explicit ``kv_steps`` as given, the shot preset on the
     release's schedule, or the preset moved onto a distilled schedule by :data:`KV_STEP_RULE` (then also the rule)."""
     if job.kv_steps is not None or job.speed.sigmas is None or shot not in SHOT_PRESETS:
         return job.kv_steps, None
@@ -315,15 +314,15 @@ def _animate(
     reference = require_file(reference, "reference image")
     driving = require_file(driving, "driving video")
     output = check_output_path(output, [reference, driving])
-    device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, device)
+    device = job.device
     timer = PhaseTimer(device)
     size = (job.height, job.width)
 
     with timer("inputs"):
         from posegen_cli.hub import model_path
 
-        image = load_image(reference)
+        ref = ReferenceImage.load(reference)  # decoded and hashed once for the whole job
+        image = ref.pixels
         warn_if_cropped(reporter, image.shape[1], image.shape[0], f"reference image {reference.name}", size)
         framed = frame_to_model(image, size)
         info = probe_video(driving)
@@ -331,7 +330,7 @@ def _animate(
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
         length = output_frames(plan, info.frame_count)
         root = Path(options.work_dir) if options.work_dir is not None else None
-        work = WorkDir.for_job([reference, driving], work_settings(options, job, device, dtype, model_dirs), root)
+        work = WorkDir.for_job([driving], work_settings(options, job, ref, model_dirs), root)
         check_disk_space(work, plan, size, output)
     reporter.info(
         f"{info.frame_count} driving frames at {fps_text(info.fps)} fps -> {len(plan)} segments of {options.segment_frames} "
@@ -342,38 +341,38 @@ def _animate(
 
     with timer("pose"):
         from posegen_cli.pose.extract import extract_pose
+        from posegen_cli.pose.settings import PoseOptions
 
-        shot, reference_pose = pick_shot(options, image, options.device, reporter)
+        shot, reference_pose = pick_shot(options, image, device, reporter)
+        pose_options = PoseOptions(backend=options.pose_backend, align=options.align, device=device, models_dir=options.models_dir)
         poses = extract_pose(
-            driving, work.stage_dir("pose"), backend=options.pose_backend, align_to=reference, align=options.align,
-            device=options.device, models_dir=options.models_dir, reporter=reporter, info=info, reference_pose=reference_pose,
-        )  # fmt: skip
+            driving, work.stage_dir("pose"), pose_options, align_to=ref, reporter=reporter, info=info, reference_pose=reference_pose
+        )
         if poses.frame_count != info.frame_count:
             raise InputError(f"pose extraction of {driving} gave {poses.frame_count} frames, not {info.frame_count} (re-encode the video)")
 
     with timer("prompt"):
-        from posegen_cli.prompting import run_prompt
+        from posegen_cli.prompting import PromptOptions, run_prompt
 
-        prompt = run_prompt(
-            reference, work.stage_dir("prompt"), prompt=options.prompt, subject=options.subject, seed=options.seed,
-            device=options.device, models_dir=options.models_dir, reporter=reporter,
+        prompt_options = PromptOptions(
+            prompt=options.prompt, subject=options.subject, seed=options.seed, device=device, dtype=job.dtype,
+            models_dir=options.models_dir,
         )  # fmt: skip
+        prompt = run_prompt(ref, work.stage_dir("prompt"), prompt_options, reporter=reporter)
 
     with timer("load models"):
+        from posegen_cli.longvideo.loading import load_pipeline
         from posegen_cli.longvideo.renderer import PipelineRenderer
-        from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 
         speed = job.speed
-        pipe = PoseGenPipeline.from_models(
-            options.models_dir, device=device, dtype=dtype, offload=options.offload, distill=speed.distill,
+        pipe = load_pipeline(
+            options.models_dir, device=device, dtype=job.dtype, offload=options.offload, distill=speed.distill,
             distill_weight=speed.distill_weight, reporter=reporter,
         )  # fmt: skip
         kv_steps, kv_rule = kv_steps_for(shot, job)
         kv = kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, kv_steps, job.kv_blocks)
         renderer = PipelineRenderer(
-            pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed,
-            height=job.height, width=job.width, kv=kv, num_steps=job.steps, guidance=job.guidance, seed=job.seed,
-            sigmas=speed.sigmas, cache=speed.cache, cache_threshold=speed.cache_threshold,
+            pipe, prompt=prompt.prompt, subject_positions=prompt.token_positions, reference=framed, kv=kv, job=job,
         )  # fmt: skip
     reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
     if kv_rule is not None:
@@ -387,8 +386,8 @@ def _animate(
     try:
         with timer("segments"):
             stats: SegmentStats = render_segments(
-                plan, renderer, pose_source, hand_source, work, total_frames=info.frame_count, frame_shape=size,
-                head=options.head, tail=options.tail, reporter=reporter, compat_mp4=options.compat_mp4,
+                plan, renderer, (pose_source, hand_source), work, total_frames=info.frame_count, frame_shape=size,
+                overlap=(options.head, options.tail), reporter=reporter, compat_mp4=options.compat_mp4,
                 after_segment=after_segment,
             )  # fmt: skip
     finally:

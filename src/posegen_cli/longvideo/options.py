@@ -1,4 +1,8 @@
-"""What ``posegen animate`` accepts, checked and turned into concrete numbers before any model loads."""
+"""What ``posegen animate`` accepts, checked and turned into concrete numbers (and torch objects) before any model loads.
+
+:func:`resolve_settings` is the one place a job's options are validated and resolved; every stage after it gets the
+resulting :class:`JobSettings` values (a real ``torch.device`` and ``torch.dtype``, checked choices).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from posegen_cli.errors import InputError
+import torch
+
+from posegen_cli.choices import ALIGN_MODES, BACKENDS, DEFAULT_SPEED, OFFLOAD_MODES, SHOT_TYPES
+from posegen_cli.device import resolve_device, resolve_dtype
+from posegen_cli.errors import OptionError, option
 from posegen_cli.longvideo.speed import SpeedSettings, resolve_speed
 from posegen_cli.pipelines import check_model_size
-from posegen_cli.pose.align import ALIGN_MODES
-from posegen_cli.speed import DEFAULT_SPEED
 
 PREVIEW_SIZE = (512, 288)
-"""(height, width) of ``--preview`` for the 720x1280 default: 9:16, multiples of 16, 0.4x each side."""
+"""(height, width) of the preview for the 720x1280 default: 9:16, multiples of 16, 0.4x each side."""
 PREVIEW_STEPS = 8
-OFFLOAD_MODES = ("none", "model", "group")
 
 
 @dataclass
@@ -26,7 +31,7 @@ class AnimateOptions:
     """Every ``posegen animate`` flag; defaults are the release's settings.
 
     The speed-related fields left as None (steps, guidance, distill, cache, cache_threshold, attention, quantize) take
-    the ``speed`` preset's value (:mod:`posegen_cli.speed`); a value given here wins over the preset.
+    the ``speed`` preset's value (:data:`posegen_cli.choices.SPEED_PRESETS`); a value given here wins over the preset.
     """
 
     prompt: str | None = None
@@ -75,24 +80,24 @@ def parse_resolution(text: str) -> tuple[int, int]:
     """``WxH`` to (height, width); both must be positive multiples of 16 (the VAE's 8x and the 2x2 patches)."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
     if not match:
-        raise InputError(f"--resolution {text!r} is not WxH (e.g. 720x1280)")
+        raise OptionError("resolution", text, problem=f"{text!r} is not WxH (e.g. 720x1280)")
     width, height = int(match.group(1)), int(match.group(2))
-    check_model_size(height, width, "--resolution")
+    check_model_size(height, width, option("resolution"))
     return height, width
 
 
-def parse_range(text: str | None, flag: str) -> tuple[int, int] | None:
-    """``"0-2"`` (or ``"0 2"``, ``"0,2"``) to the half-open range (0, 2); None stays None."""
+def parse_range(text: str | None, name: str) -> tuple[int, int] | None:
+    """``"0-2"`` (or ``"0 2"``, ``"0,2"``) to the half-open range (0, 2); None stays None. ``name`` is the setting."""
     if text is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*[-, ]\s*(\d+)\s*", text)
     if not match:
-        raise InputError(f"{flag} {text!r} is not START-END (e.g. 0-2; END is exclusive)")
+        raise OptionError(name, text, problem=f"{text!r} is not START-END (e.g. 0-2; END is exclusive)")
     return int(match.group(1)), int(match.group(2))
 
 
 def preview_size(height: int, width: int) -> tuple[int, int]:
-    """``--preview`` keeps the requested shape (portrait or landscape) at about ``PREVIEW_SIZE``'s pixels, or fewer."""
+    """The preview keeps the requested shape (portrait or landscape) at about ``PREVIEW_SIZE``'s pixels, or fewer."""
     factor = min(1.0, math.sqrt(PREVIEW_SIZE[0] * PREVIEW_SIZE[1] / (height * width)))
 
     def fit(side: int) -> int:
@@ -103,7 +108,7 @@ def preview_size(height: int, width: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class JobSettings:
-    """The options made concrete: sizes, step count, ranges; what the work folder's key is built from."""
+    """The options made concrete: sizes, step count, ranges, the device and dtype; what the work folder's key is built from."""
 
     height: int
     width: int
@@ -113,6 +118,8 @@ class JobSettings:
     kv_steps: tuple[int, int] | None
     kv_blocks: tuple[int, int] | None
     speed: SpeedSettings
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
 
     def key_fields(self) -> dict[str, Any]:
         return {
@@ -126,10 +133,13 @@ class JobSettings:
 
 
 def resolve_settings(options: AnimateOptions) -> JobSettings:
-    """Check every option that needs no file or model; ``--preview`` caps size and steps."""
+    """Check every option that needs no file or model, resolve the device and dtype; the preview caps size and steps.
+
+    Raises OptionError naming the setting whose value cannot be used.
+    """
     height, width = parse_resolution(options.resolution)
     if options.steps is not None and options.steps < 1:
-        raise InputError(f"--steps {options.steps}: need at least 1")
+        raise OptionError("steps", options.steps, problem=f"{options.steps}: need at least 1")
     speed = resolve_speed(
         options.speed, steps=options.steps, guidance=options.guidance, distill=options.distill,
         distill_weight=options.distill_weight, cache=options.cache, cache_threshold=options.cache_threshold,
@@ -140,21 +150,32 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         height, width = preview_size(height, width)
         if speed.sigmas is None:
             steps = min(steps, PREVIEW_STEPS)
-    if options.offload not in OFFLOAD_MODES:
-        raise InputError(f"--offload {options.offload!r} is not known (use {', '.join(OFFLOAD_MODES)})")
-    if options.align not in ALIGN_MODES:
-        raise InputError(f"--align {options.align!r} is not known (use {', '.join(ALIGN_MODES)})")
+    for name, value, choices in (
+        ("offload", options.offload, OFFLOAD_MODES),
+        ("align", options.align, ALIGN_MODES),
+        ("pose_backend", options.pose_backend, BACKENDS),
+        ("shot", options.shot, ("auto", *SHOT_TYPES)),
+    ):
+        if value not in choices:
+            raise OptionError(name, value, choices)
     if not 0 <= options.crf <= 51:
-        raise InputError(f"--crf {options.crf} is out of range (use 0..51; 18 is visually lossless)")
+        raise OptionError("crf", options.crf, problem=f"{options.crf} is out of range (use 0..51; 18 is visually lossless)")
+    device = resolve_device(options.device)
+    if options.offload != "none" and device.type != "cuda":
+        raise OptionError(
+            "offload", options.offload, problem=f"{options.offload} needs a CUDA device (got {device}); use {option('offload')} none on the CPU"
+        )
     return JobSettings(
         height=height,
         width=width,
         steps=steps,
         guidance=speed.guidance,
         seed=int(options.seed),
-        kv_steps=parse_range(options.kv_steps, "--kv-steps"),
-        kv_blocks=parse_range(options.kv_blocks, "--kv-blocks"),
+        kv_steps=parse_range(options.kv_steps, "kv_steps"),
+        kv_blocks=parse_range(options.kv_blocks, "kv_blocks"),
         speed=speed,
+        device=device,
+        dtype=resolve_dtype(options.dtype, device),
     )
 
 

@@ -3,7 +3,7 @@
 Sharing more steps and blocks keeps the background steadier but spreads artefacts when the subject mask is
 wrong, and the mask is worse the smaller the subject, so wider shots share more. Ranges are half-open, as the
 release's ``-s``/``-b`` flags. Steps are denoising-step indices, as in the release, whatever the step count
-(``--steps 10`` still shares steps 0-1 for a half-body shot; fewer steps than the preset cut it short). Blocks
+(``steps=10`` still shares steps 0-1 for a half-body shot; fewer steps than the preset cut it short). Blocks
 are given for the 40-block model; shallower models (tiny test models) get the same fraction of their depth.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from posegen_cli.errors import InputError
+from posegen_cli.errors import OptionError
 
 REFERENCE_BLOCKS = 40
 MAX_MAP_BLOCK = 10
@@ -79,7 +79,7 @@ def kv_share_ranges(
 ) -> KVShareRanges:
     """The preset of ``shot`` fitted to this schedule and model depth; explicit ``steps``/``blocks`` win as given."""
     if shot not in SHOT_PRESETS:
-        raise InputError(f"--shot {shot!r} is not known (use auto, {', '.join(SHOT_PRESETS)})")
+        raise OptionError("shot", shot, ("auto", *SHOT_PRESETS))
     preset_steps, preset_blocks = SHOT_PRESETS[shot]
     max_map_block = MAX_MAP_BLOCK * num_blocks // REFERENCE_BLOCKS
     if steps is None:
@@ -88,11 +88,15 @@ def kv_share_ranges(
         first = max(max_map_block + 1, _scale(preset_blocks[0], REFERENCE_BLOCKS, num_blocks))
         blocks = (min(first, num_blocks - 1), _scale(preset_blocks[1], REFERENCE_BLOCKS, num_blocks))
     if not 0 <= steps[0] < steps[1] <= num_steps:
-        raise InputError(f"--kv-steps {steps[0]} {steps[1]}: need 0 <= start < stop <= {num_steps} (the number of steps)")
+        raise OptionError(
+            "kv_steps", steps, problem=f"{steps[0]} {steps[1]}: need 0 <= start < stop <= {num_steps} (the number of steps)"
+        )
     if not max_map_block < blocks[0] < blocks[1] <= num_blocks:
-        raise InputError(
-            f"--kv-blocks {blocks[0]} {blocks[1]}: need {max_map_block} < start < stop <= {num_blocks} "
-            f"(sharing blocks must come after the subject-map blocks 0-{max_map_block})"
+        raise OptionError(
+            "kv_blocks",
+            blocks,
+            problem=f"{blocks[0]} {blocks[1]}: need {max_map_block} < start < stop <= {num_blocks} "
+            f"(sharing blocks must come after the subject-map blocks 0-{max_map_block})",
         )
     return KVShareRanges(tuple(steps), tuple(blocks), max_map_block)
 

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from posegen_cli.longvideo.options import JobSettings
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.segments import ProgressCallback
 from posegen_cli.models import KVShareCache
-from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, release_generator
 
 
 class _Recorded(Exception):
@@ -31,30 +32,25 @@ class PipelineRenderer:
         prompt: str,
         subject_positions: Sequence[int],
         reference: np.ndarray,
-        height: int,
-        width: int,
         kv: KVShareRanges,
-        num_steps: int,
-        guidance: float,
-        seed: int,
-        sigmas: Sequence[float] | None = None,
-        cache: str = "none",
-        cache_threshold: float | None = None,
+        job: JobSettings,
     ) -> None:
-        """``sigmas``: unshifted schedule of a distilled model (None: the release's); ``cache``: diffusers' feature
-        cache for every segment, never skipping the anchor's K/V steps (``kv.step_list``) nor the first and last."""
+        """``job`` gives the size, steps, guidance, seed and speed settings: a distilled model's schedule (sigmas)
+        and diffusers' feature cache for every segment, which never skips the anchor's K/V steps (``kv.step_list``)
+        nor the first and last."""
         self.pipe = pipe
-        self.num_steps = num_steps
-        self.guidance = guidance
-        self.sigmas = None if sigmas is None else torch.tensor(sigmas, dtype=torch.float32)
-        self.seed = seed
+        self.num_steps = job.steps
+        self.guidance = job.guidance
+        self.seed = job.seed
+        speed = job.speed
+        self.sigmas = None if speed.sigmas is None else torch.tensor(speed.sigmas, dtype=torch.float32)
         self.kv = kv
         self.subject_positions = list(subject_positions)
         self.prompt_embeds, self.negative_embeds = pipe.encode_prompt(prompt)
-        self.image_embeds, self.reference_latents = pipe.encode_reference(reference, height, width)
+        self.image_embeds, self.reference_latents = pipe.encode_reference(reference, job.height, job.width)
         self.cache: KVShareCache | None = None
         self._variant: str | None = None
-        pipe.enable_feature_cache(cache, cache_threshold, num_steps, kv.step_list)
+        pipe.enable_feature_cache(speed.cache, speed.cache_threshold, job.steps, kv.step_list)
 
     def _use(self, variant: str) -> None:
         if self._variant != variant:
@@ -86,13 +82,13 @@ class PipelineRenderer:
             hand_frames=hand,
             head_frames=head,
             tail_frames=tail,
-            seed=self.seed,
             num_inference_steps=self.num_steps,
             guidance_scale=self.guidance,
             sigmas=self.sigmas,
+            generator=release_generator(self.seed),  # fresh per segment: every segment starts from the same noise
             kv_share=kv_share,
             callback_on_step_end=callback,
-        )
+        ).frames
 
     def anchor_steps(self) -> int:
         return self.kv.steps[1]

@@ -61,7 +61,7 @@ def release_mp4_roundtrip(frames: np.ndarray, folder: Path) -> np.ndarray:
     """``frames`` as the release's later stages see them: saved as its segment mp4, then decoded again.
 
     The release conditions each transition on, and merges, the decoded mp4 files of its segments (port spec §6,
-    §7.11); ``--compat-mp4`` stores these lossy frames instead of the exact ones.
+    §7.11); ``compat_mp4`` stores these lossy frames instead of the exact ones.
     """
     path = write_video(folder / "roundtrip.mp4", frames, RELEASE_FPS, crf=RELEASE_CRF)
     try:
@@ -81,24 +81,27 @@ class SegmentStats:
 def render_segments(
     plan: list[Segment],
     renderer: SegmentRenderer,
-    pose: FrameSource,
-    hand: FrameSource,
+    sources: tuple[FrameSource, FrameSource],
     work: WorkDir,
     *,
     total_frames: int,
     frame_shape: tuple[int, int],
-    head: int,
-    tail: int,
+    overlap: tuple[int, int],
     reporter: Reporter,
     compat_mp4: bool = False,
     after_segment: Callable[[Segment], None] | None = None,
 ) -> SegmentStats:
     """Make sure every segment of ``plan`` (in generation order) is in ``work``; returns what was done.
 
+    ``sources`` give the pose and hand conditioning frames; ``overlap`` is (head, tail), the frames a transition
+    takes from its neighbours; ``frame_shape`` is (height, width).
+
     ``compat_mp4`` stores each segment as the release's mp4 round trip would give it back. ``after_segment`` runs
     once each segment is safely stored (progress hooks, and crash injection in tests).
     """
     stats = SegmentStats()
+    pose, hand = sources
+    head, tail = overlap
     shape_of = {seg.index: (seg.frames, *frame_shape, 3) for seg in plan}
     done = {index for index, shape in work.finished().items() if shape_of.get(index) == shape}
     bases_left = any(seg.kind == BASE and seg.index not in done for seg in plan)

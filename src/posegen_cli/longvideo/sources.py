@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from posegen_cli.errors import InputError
-from posegen_cli.pose.framing import frame_to_model
+from posegen_cli.video.framing import frame_to_model
 from posegen_cli.video import iter_frames
 
 

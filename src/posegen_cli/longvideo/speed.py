@@ -1,7 +1,7 @@
-"""A job's speed settings: the ``--speed`` preset filled in with the flags given explicitly (they always win).
+"""A job's speed settings: the ``speed`` preset filled in with the flags given explicitly (they always win).
 
 Pure: no model is loaded. The resolved :class:`SpeedSettings` lists every approximation in effect, for the run
-summary and ``--json``; the presets themselves are the data table in :mod:`posegen_cli.speed`.
+summary and the JSON summary; the presets themselves are the data table :data:`posegen_cli.choices.SPEED_PRESETS`.
 """
 
 from __future__ import annotations
@@ -9,18 +9,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from posegen_cli.errors import InputError
+from posegen_cli.choices import DEFAULT_SPEED, SPEED_PRESETS
+from posegen_cli.errors import OptionError, option
 from posegen_cli.models.distill import DISTILL_PRESETS, distill_unshifted_sigmas, get_distill_preset
 from posegen_cli.models.feature_cache import CACHES, DEFAULT_THRESHOLDS
-from posegen_cli.speed import DEFAULT_SPEED, SPEED_PRESETS
 
 RELEASE_STEPS = 25
 RELEASE_GUIDANCE = 5.0
 
 
-def _choice(value: str | None, choices: tuple[str, ...] | dict, flag: str) -> None:
+def _choice(value: str | None, choices: tuple[str, ...], name: str) -> None:
     if value is not None and value not in choices:
-        raise InputError(f"{flag} {value!r} is not known (use {', '.join(choices)})")
+        raise OptionError(name, value, choices)
 
 
 @dataclass(frozen=True)
@@ -68,16 +68,16 @@ def resolve_speed(
 
     A distillation sets the step count, guidance 1 and the schedule it was trained for, unless ``guidance`` is given;
     an explicit ``steps`` that differs from the distilled count is an error (its schedule has fixed timesteps).
-    Raises InputError naming the offending setting.
+    Raises OptionError naming the offending setting.
     """
-    _choice(speed, SPEED_PRESETS, "--speed")
-    _choice(distill, ("none", *DISTILL_PRESETS), "--distill")
-    _choice(cache, CACHES, "--cache")
+    _choice(speed, tuple(SPEED_PRESETS), "speed")
+    _choice(distill, ("none", *DISTILL_PRESETS), "distill")
+    _choice(cache, CACHES, "cache")
     preset = SPEED_PRESETS[speed]
     chosen_distill = preset.distill if distill is None else (None if distill == "none" else distill)
     chosen_cache = preset.cache if cache is None else cache
     if cache_threshold is not None and (cache_threshold < 0 or math.isnan(cache_threshold)):
-        raise InputError(f"--cache-threshold {cache_threshold}: use 0 or more (0 never skips)")
+        raise OptionError("cache_threshold", cache_threshold, problem=f"{cache_threshold}: use 0 or more (0 never skips)")
     if chosen_cache == "none":
         threshold = None
     elif cache_threshold is not None:
@@ -89,7 +89,7 @@ def resolve_speed(
     chosen_attention = attention or preset.attention or "auto"
     chosen_quantize = quantize or preset.quantize
     if not distill_weight >= 0:
-        raise InputError(f"--distill-weight {distill_weight}: use 0 or more (1 is the authors' strength)")
+        raise OptionError("distill_weight", distill_weight, problem=f"{distill_weight}: use 0 or more (1 is the authors' strength)")
 
     sigmas = None
     approximations: list[str] = []
@@ -97,11 +97,16 @@ def resolve_speed(
         spec = get_distill_preset(chosen_distill)
         trained = len(spec.denoising_step_list)
         if steps is not None and steps != trained:
-            raise InputError(f"--steps {steps} does not fit --distill {chosen_distill}, trained for {trained} steps (drop --steps)")
+            raise OptionError(
+                "steps", steps,
+                problem=f"{steps} does not fit {option('distill')} {chosen_distill}, trained for {trained} steps (drop {option('steps')})",
+            )  # fmt: skip
         if chosen_cache == "magcache":
-            raise InputError(
-                f"--cache magcache is calibrated on undistilled Wan2.1 and does not fit --distill {chosen_distill} (use --cache fbc or none)"
-            )
+            raise OptionError(
+                "cache", chosen_cache,
+                problem=f"magcache is calibrated on undistilled Wan2.1 and does not fit {option('distill')} {chosen_distill} "
+                f"(use {option('cache')} fbc or none)",
+            )  # fmt: skip
         sigmas = tuple(distill_unshifted_sigmas(spec.denoising_step_list).tolist())
         final_steps = trained
         final_guidance = spec.guidance_scale if guidance is None else float(guidance)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from posegen_cli.cache import cache_dir, cache_key
-from posegen_cli.errors import ResourceError
+from posegen_cli.errors import ResourceError, option
 from posegen_cli.fsutil import atomic_path
 
 MANIFEST = "manifest.json"
@@ -33,7 +33,7 @@ def disk_errors(what: Path) -> Iterator[None]:
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ResourceError(
-                f"disk full while writing {what} (free some space, or pass --work-dir on a larger disk, and run again)"
+                f"disk full while writing {what} (free some space, or pass {option('work_dir')} on a larger disk, and run again)"
             ) from None
         raise
 

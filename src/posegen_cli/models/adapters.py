@@ -16,7 +16,7 @@ A step-distillation LoRA (:mod:`posegen_cli.models.distill`) joins either form a
 ``"distill"``, with its own weight; ``activate`` keeps it on across variant switches (exact mode writes the merged
 PoseGen weights into the wrapped layers' ``base_layer``, under the adapter).
 
-Under diffusers' group offloading (``--offload group``) a switch stays correct: the hooks offload every group when
+Under diffusers' group offloading (``offload="group"``) a switch stays correct: the hooks offload every group when
 they are applied, so the parameters ``activate`` writes into are the host copies each group is onloaded from (the
 pinned copies with ``use_stream=True``); a swapped-in hand embedding gets the hooks rebuilt around it.
 """

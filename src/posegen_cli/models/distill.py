@@ -1,4 +1,4 @@
-"""Step- and guidance-distillation LoRAs that run beside PoseGen's own weights (``--distill``).
+"""Step- and guidance-distillation LoRAs that run beside PoseGen's own weights (the ``distill`` setting).
 
 A distillation LoRA is trained on the plain Wan2.1-I2V-14B base; PoseGen is a LoRA on the same base, so the two
 stack: the distillation adapter is loaded as a second peft adapter (name :data:`DISTILL_ADAPTER`) on whichever
@@ -26,7 +26,7 @@ DISTILL_ADAPTER = "distill"
 
 @dataclass(frozen=True)
 class DistillPreset:
-    """What ``--distill NAME`` loads and how the distilled model must be sampled.
+    """What the ``distill`` setting NAME loads and how the distilled model must be sampled.
 
     ``denoising_step_list``: the training timesteps (0..1000) the student denoises at, in order; the sampler uses
     the unshifted sigmas ``linspace(1, 0, 1001)[1000 - t]`` for them and then applies ``shift``, exactly as the

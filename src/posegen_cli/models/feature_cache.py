@@ -1,4 +1,4 @@
-"""Feature caching on the PoseGen DiT through diffusers' cache hooks (``--cache``), kept clear of K/V sharing.
+"""Feature caching on the PoseGen DiT through diffusers' cache hooks (the ``cache`` setting), kept clear of K/V sharing.
 
 diffusers' First Block Cache and MagCache skip the transformer blocks of a step when the blocks' residual is
 predicted to change little, reusing the residual of the last computed step. Three PoseGen rules are added on top,
@@ -28,10 +28,10 @@ from typing import Literal
 
 import torch
 
+from posegen_cli.choices import CACHES
 from posegen_cli.models.transformer import PoseGenTransformer3DModel, PoseGenTransformerBlock
 
 CacheName = Literal["none", "fbc", "magcache"]
-CACHES: tuple[str, ...] = ("none", "fbc", "magcache")
 
 DEFAULT_THRESHOLDS: dict[str, float] = {"fbc": 0.05, "magcache": 0.12}
 """fbc: diffusers' ``FirstBlockCacheConfig`` default. magcache: the MagCache authors' conservative Wan2.1 I2V 720P
@@ -68,7 +68,7 @@ def register_posegen_block() -> None:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """A resolved ``--cache``: which hook, its threshold, and the steps it may never skip."""
+    """A resolved ``cache`` setting: which hook, its threshold, and the steps it may never skip."""
 
     name: CacheName
     threshold: float

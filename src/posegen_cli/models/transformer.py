@@ -234,6 +234,8 @@ class PoseGenTransformer3DModel(WanTransformer3DModel):
     """
 
     _keep_in_fp32_modules = None
+    _supports_gradient_checkpointing = False
+    """Inference only: the forward never checkpoints, so ``enable_gradient_checkpointing`` is refused, not ignored."""
     _no_split_modules: ClassVar[list[str]] = ["PoseGenTransformerBlock"]
     _repeated_blocks: ClassVar[list[str]] = ["PoseGenTransformerBlock"]
     _cp_plan = None

@@ -2,7 +2,8 @@
 
 The long-video engine calls it once per segment: text and reference embeddings are computed once per job
 (:meth:`PoseGenPipeline.encode_prompt`, :meth:`PoseGenPipeline.encode_reference`) and passed to every call; the base
-and transition checkpoints share one in-memory DiT and are switched with :meth:`PoseGenPipeline.use_variant`.
+and transition checkpoints share one in-memory DiT and are switched with :meth:`PoseGenPipeline.use_variant`. Loading
+from the model registry lives with the engine (``longvideo/loading.py``); this module knows no hub names.
 """
 
 from __future__ import annotations
@@ -10,30 +11,23 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPVisionModel, PreTrainedTokenizerBase, UMT5EncoderModel
 
-from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, MissingModelError, out_of_memory_as
-from posegen_cli.hub import model_path
+from posegen_cli.errors import InputError, MissingModelError, option, out_of_memory_as
 from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, PoseGenVariants
-from posegen_cli.models.distill import get_distill_preset, read_distill_lora
 from posegen_cli.models.feature_cache import FeatureCache, cache_settings
 from posegen_cli.pipelines.conditioning import check_segment_frames, condition_mask, paste_head_tail
-from posegen_cli.pipelines.image import encode_clip, load_image_encoder
-from posegen_cli.pipelines.scheduling import (
-    euler_step,
-    guided_velocity,
-    make_scheduler,
-    model_timestep,
-    set_release_timesteps,
-)
-from posegen_cli.pipelines.text import DEFAULT_NEGATIVE, encode_text, load_text_encoder, load_tokenizer
+from posegen_cli.pipelines.image import encode_clip
+from posegen_cli.pipelines.scheduling import euler_step, guided_velocity, model_timestep, set_release_timesteps
+from posegen_cli.pipelines.text import DEFAULT_NEGATIVE, encode_text
 from posegen_cli.pipelines.vae import (
     LATENT_CHANNELS,
     SPATIAL,
@@ -41,16 +35,12 @@ from posegen_cli.pipelines.vae import (
     encode_untiled,
     encode_video,
     frames_to_tensor,
-    load_vae,
     tensor_to_frames,
 )
-from posegen_cli.pose.framing import MODEL_SIZE, frame_to_model
-from posegen_cli.report import Reporter
+from posegen_cli.video.framing import MODEL_SIZE, frame_to_model
 
-Offload = Literal["none", "model", "group"]
 Variant = Literal["base", "transition"]
-BASE_FOLDER = "720p-81f-base"
-TRANSITION_FOLDER = "720p-81f-cond"
+OUTPUT_TYPES = ("np", "latent")
 DEFAULT_SEED = 42
 SIZE_MULTIPLE = 16
 """VAE (x8) and patchify (x2) strides: frame sides must be multiples of 16."""
@@ -58,8 +48,29 @@ SIZE_MULTIPLE = 16
 StepCallback = Callable[["PoseGenPipeline", int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
 
 
-def _oom_message(what: str) -> str:
-    return f"GPU out of memory while {what} (try --offload group, a smaller --preview size, or a GPU with more memory)"
+def oom_message(what: str) -> str:
+    """The advice when the GPU runs out of memory while ``what``."""
+    return (
+        f"GPU out of memory while {what} (try {option('offload')} group, a smaller {option('preview')} size, "
+        "or a GPU with more memory)"
+    )
+
+
+def release_generator(seed: int = DEFAULT_SEED) -> torch.Generator:
+    """The release's noise source: a CPU generator seeded with ``seed``, fresh for every segment (so every segment of
+    a job starts from the same float32 noise, as the release's per-segment ``torch.Generator("cpu").manual_seed``)."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+@dataclass
+class PoseGenPipelineOutput(BaseOutput):
+    """What :meth:`PoseGenPipeline.__call__` returns with ``return_dict=True``.
+
+    ``frames``: uint8 RGB [F, H, W, 3] for ``output_type="np"``, or the denoised latents [1, 16, T, H/8, W/8] in the
+    model dtype for ``output_type="latent"``.
+    """
+
+    frames: np.ndarray | torch.Tensor
 
 
 class PoseGenPipeline(DiffusionPipeline):
@@ -95,79 +106,10 @@ class PoseGenPipeline(DiffusionPipeline):
         self.variants: PoseGenVariants | None = None
         self.feature_cache: FeatureCache | None = None
 
-    @classmethod
-    def from_models(
-        cls,
-        models_dir: str | Path | None = None,
-        *,
-        device: str | torch.device = "auto",
-        dtype: str | torch.dtype = "auto",
-        offload: Offload = "none",
-        load_encoders: bool = True,
-        distill: str | None = None,
-        distill_weight: float = 1.0,
-        reporter: Reporter | None = None,
-    ) -> PoseGenPipeline:
-        """Load every component once from the model registry (``--models-dir`` layout or the HF cache).
-
-        The DiT is read from the release folders ``posegen/720p-81f-base`` and ``720p-81f-cond`` into one model
-        holding both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed
-        embeddings. ``offload``: "model" moves whole components to the GPU in turn, "group" streams the DiT's
-        blocks; both need CUDA.
-        """
-        dev = device if isinstance(device, torch.device) else resolve_device(device)
-        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
-        if offload not in ("none", "model", "group"):
-            raise InputError(f"--offload {offload!r} is not understood (use none, model or group)")
-        if offload != "none" and dev.type != "cuda":
-            raise InputError(f"--offload {offload} needs a CUDA device (got {dev}); use --offload none on the CPU")
-        wan = model_path("wan-i2v-720p", models_dir)
-        posegen = model_path("posegen", models_dir)
-        lora = None
-        if distill is not None:
-            preset = get_distill_preset(distill)
-            lora = read_distill_lora(model_path(preset.model, models_dir) / preset.weight_name)
-        needed = ["vae"] + (["tokenizer", "text_encoder", "image_encoder"] if load_encoders else [])
-        for sub in needed:
-            if not (wan / sub).is_dir():
-                raise MissingModelError(f"{wan / sub} is missing (re-run `posegen download wan-i2v-720p`)")
-        for sub in (BASE_FOLDER, TRANSITION_FOLDER):
-            if not (posegen / sub).is_dir():
-                raise MissingModelError(f"{posegen / sub} is missing (re-run `posegen download posegen`)")
-        place = "cpu" if offload != "none" else dev
-        if reporter is not None:
-            reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
-        with out_of_memory_as(_oom_message("loading the models")):
-            variants = PoseGenVariants.from_release(
-                posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER, dtype=dt, device=place, reporter=reporter
-            )
-            if lora is not None:
-                variants.load_distill(lora, distill_weight)
-            pipe = cls(
-                tokenizer=load_tokenizer(wan / "tokenizer") if load_encoders else None,
-                text_encoder=load_text_encoder(wan / "text_encoder", dt, place) if load_encoders else None,
-                image_encoder=load_image_encoder(wan / "image_encoder", dt, place) if load_encoders else None,
-                vae=load_vae(wan / "vae", dt, place),
-                transformer=variants.model,
-                scheduler=make_scheduler(),
-            )
-            pipe.variants = variants
-            if offload == "model":
-                pipe.enable_model_cpu_offload(device=dev)
-            elif offload == "group":
-                for name in ("text_encoder", "image_encoder", "vae"):
-                    module = getattr(pipe, name)
-                    if module is not None:
-                        module.to(dev)
-                pipe.transformer.enable_group_offload(
-                    onload_device=dev, offload_type="block_level", num_blocks_per_group=1, use_stream=True
-                )
-        return pipe
-
     def use_variant(self, name: Variant) -> None:
         """Switch the DiT to the "base" or "transition" checkpoint in place (no reload of the shared weights)."""
         if self.variants is None:
-            raise RuntimeError("this pipeline was built without variants; load it with PoseGenPipeline.from_models")
+            raise RuntimeError("this pipeline was built without variants; load it with posegen_cli.longvideo.loading.load_pipeline")
         self.variants.activate(name)
 
     def enable_feature_cache(
@@ -198,7 +140,7 @@ class PoseGenPipeline(DiffusionPipeline):
         """umT5 embeddings [1, 512, 4096] of the prompt and of the negative prompt (once per job)."""
         if self.text_encoder is None or self.tokenizer is None:
             raise MissingModelError("this pipeline was loaded without the text encoder; pass precomputed prompt embeddings")
-        with out_of_memory_as(_oom_message("encoding the prompt")):
+        with out_of_memory_as(oom_message("encoding the prompt")):
             positive = encode_text(self.tokenizer, self.text_encoder, prompt)
             negative = encode_text(self.tokenizer, self.text_encoder, negative_prompt)
         device = self._execution_device
@@ -220,7 +162,7 @@ class PoseGenPipeline(DiffusionPipeline):
             raise InputError(f"the reference image must be uint8 RGB [H, W, 3], got {image.dtype} {tuple(image.shape)}")
         framed = image if image.shape[:2] == (height, width) else frame_to_model(image, (height, width))
         pixels = frames_to_tensor(framed[None]).to(self.model_dtype)
-        with out_of_memory_as(_oom_message("encoding the reference image")):
+        with out_of_memory_as(oom_message("encoding the reference image")):
             latents = encode_untiled(self.vae, pixels)
             embeds = encode_clip(self.image_encoder, pixels[:, :, 0])
         device = self._execution_device
@@ -261,6 +203,34 @@ class PoseGenPipeline(DiffusionPipeline):
         device = self._execution_device
         return torch.cat([mask, pose_latents], dim=1).to(device), hand_latents.to(device)
 
+    def check_inputs(
+        self,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        image_embeds: torch.Tensor,
+        reference_latents: torch.Tensor,
+        output_type: str,
+        latents: torch.Tensor | None,
+    ) -> None:
+        """Raise InputError (ValueError for programming errors) unless the embeddings fit together and the model.
+
+        Frame counts and sizes are checked where the frames are encoded (:meth:`encode_conditions`).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r} is not one of {OUTPUT_TYPES}")
+        if prompt_embeds.ndim != 3 or negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(
+                f"prompt_embeds and negative_prompt_embeds must both be [1, 512, C], got {tuple(prompt_embeds.shape)} "
+                f"and {tuple(negative_prompt_embeds.shape)}"
+            )
+        if image_embeds.ndim != 3:
+            raise ValueError(f"image_embeds must be [1, 257, C], got {tuple(image_embeds.shape)}")
+        if reference_latents.ndim != 5 or reference_latents.shape[1] != LATENT_CHANNELS:
+            raise ValueError(f"reference_latents must be [1, {LATENT_CHANNELS}, 1, h, w], got {tuple(reference_latents.shape)}")
+        check_model_size(reference_latents.shape[-2] * SPATIAL, reference_latents.shape[-1] * SPATIAL)
+        if latents is not None and (latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS):
+            raise ValueError(f"latents must be [1, {LATENT_CHANNELS}, T, h, w], got {tuple(latents.shape)}")
+
     @torch.no_grad()
     def __call__(
         self,
@@ -273,63 +243,95 @@ class PoseGenPipeline(DiffusionPipeline):
         hand_frames: np.ndarray,
         head_frames: np.ndarray | None = None,
         tail_frames: np.ndarray | None = None,
-        seed: int = DEFAULT_SEED,
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
         sigmas: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
         kv_share: KVShareCache | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
         callback_on_step_end: StepCallback | None = None,
-    ) -> np.ndarray:
-        """Generate one segment: uint8 frames [F, H, W, 3] at the reference latent's size (x8).
+    ) -> PoseGenPipelineOutput | tuple[np.ndarray | torch.Tensor]:
+        """Generate one segment at the reference latent's size (x8).
 
-        ``pose_frames``/``hand_frames`` are uint8 [F, H, W, 3] (F = 81; other sizes are cropped and resized like the
-        release); ``head_frames``/``tail_frames`` are the neighbouring segments' frames for transition segments.
-        ``sigmas``: unshifted float32 sigmas [num_inference_steps] replacing the release's ``linspace(1, 0, N + 1)[:-1]``
-        (a distilled model's schedule); the scheduler's shift 5 applies to them as to the release's.
-        ``kv_share`` is the background-sharing cache (recording for the anchor, replaying for other base segments).
-        ``callback_on_step_end(pipe, step, timestep, {"latents": ...})`` may return a dict with new ``latents``.
+        Args:
+            prompt_embeds: umT5 embeddings [1, 512, C] of the prompt (:meth:`encode_prompt`).
+            negative_prompt_embeds: umT5 embeddings [1, 512, C] of the negative prompt.
+            image_embeds: CLIP tokens [1, 257, C'] of the reference (:meth:`encode_reference`).
+            reference_latents: untiled VAE latent [1, 16, 1, H/8, W/8] of the reference; sets the output size.
+            pose_frames: uint8 [F, H, W, 3] skeleton frames, F = 4k+1 (81 for PoseGen); other sizes get the release's
+                9:16 crop and resize.
+            hand_frames: uint8 [F, H, W, 3] hand-normal frames, as ``pose_frames``.
+            head_frames: for transition segments, the previous segment's last frames, uint8 [h, H, W, 3].
+            tail_frames: for transition segments, the next segment's first frames, uint8 [t, H, W, 3].
+            num_inference_steps: denoising steps, on the release's shifted sigmas.
+            guidance_scale: classifier-free guidance scale; 1.0 skips the negative branch.
+            sigmas: unshifted float32 sigmas [num_inference_steps] replacing the release's ``linspace(1, 0, N + 1)[:-1]``
+                (a distilled model's schedule); the scheduler's shift 5 applies to them as to the release's.
+            generator: source of the initial noise, drawn in float32 [1, 16, T, H/8, W/8] on the generator's device
+                and cast to the model dtype; :func:`release_generator` (a CPU generator, fresh per segment) gives the
+                release's noise. None draws from the global RNG.
+            latents: initial noise [1, 16, T, H/8, W/8] to use instead of drawing it (``generator`` is then unused).
+            kv_share: the background-sharing cache (recording for the anchor, replaying for other base segments).
+            output_type: "np" for uint8 frames (the release's truncating conversion), "latent" for the latents.
+            return_dict: return a :class:`PoseGenPipelineOutput` (True) or a one-element tuple.
+            callback_on_step_end: ``callback(pipe, step, timestep, {"latents": ...})`` after every step; it may
+                return a dict with new ``latents``.
+
+        Returns:
+            PoseGenPipelineOutput (or ``(frames,)``): uint8 frames [F, H, W, 3], or latents for ``output_type="latent"``.
+
+        Raises:
+            InputError: frames of the wrong count, dtype or size, or head and tail frames that do not fit.
+            ResourceError: the GPU ran out of memory.
+            ValueError: embeddings of the wrong shape, an unknown ``output_type``.
         """
+        self.check_inputs(prompt_embeds, negative_prompt_embeds, image_embeds, reference_latents, output_type, latents)
         height, width = reference_latents.shape[-2] * SPATIAL, reference_latents.shape[-1] * SPATIAL
-        with out_of_memory_as(_oom_message("generating a segment")):
+        with out_of_memory_as(oom_message("generating a segment")):
             control_latents, hand_latents = self.encode_conditions(pose_frames, hand_frames, head_frames, tail_frames, height, width)
+            if latents is None:
+                shape = (1, LATENT_CHANNELS, *control_latents.shape[2:])
+                noise_device = generator.device if generator is not None else torch.device("cpu")
+                latents = randn_tensor(shape, generator=generator, device=noise_device, dtype=torch.float32)
+            elif latents.shape[2:] != control_latents.shape[2:]:
+                raise ValueError(f"latents {tuple(latents.shape)} do not match the segment's latent grid {tuple(control_latents.shape[2:])}")
             latents = self._denoise(
-                prompt_embeds,
-                negative_prompt_embeds,
-                image_embeds,
-                reference_latents,
-                control_latents,
-                hand_latents,
-                seed,
+                latents,
+                {
+                    "encoder_hidden_states_image": image_embeds,
+                    "control_latents": control_latents,
+                    "reference_latents": reference_latents,
+                    "hand_latents": hand_latents,
+                },
+                (prompt_embeds, negative_prompt_embeds),
                 num_inference_steps,
                 guidance_scale,
                 sigmas,
                 kv_share,
                 callback_on_step_end,
             )
-            pixels = decode_latents(self.vae, latents)
+            frames = latents if output_type == "latent" else tensor_to_frames(decode_latents(self.vae, latents))
         self.maybe_free_model_hooks()
-        return tensor_to_frames(pixels)
+        if not return_dict:
+            return (frames,)
+        return PoseGenPipelineOutput(frames=frames)
 
     def _denoise(
         self,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor,
-        image_embeds: torch.Tensor,
-        reference_latents: torch.Tensor,
-        control_latents: torch.Tensor,
-        hand_latents: torch.Tensor,
-        seed: int,
+        noise: torch.Tensor,
+        conditions: dict[str, torch.Tensor],
+        prompts: tuple[torch.Tensor, torch.Tensor],
         num_inference_steps: int,
         guidance_scale: float,
         sigmas: torch.Tensor | None,
         kv_share: KVShareCache | None,
         callback_on_step_end: StepCallback | None,
     ) -> torch.Tensor:
-        """The release's sampling loop: CPU float32 noise, positive branch before negative, bf16 Euler updates."""
+        """The release's sampling loop: float32 noise cast to the model dtype, positive branch before negative, bf16 Euler updates."""
         dt = self.model_dtype
         device = self._execution_device
-        shape = (1, LATENT_CHANNELS, *control_latents.shape[2:])
-        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
         latents = noise.to(dt).to(device)
         set_release_timesteps(self.scheduler, num_inference_steps, sigmas)
         if self.feature_cache is not None:
@@ -340,13 +342,8 @@ class PoseGenPipeline(DiffusionPipeline):
             if unguarded:
                 raise ValueError(f"K/V-sharing steps {unguarded} are not guarded by the feature cache (pass them as kv_steps)")
         schedule = self.scheduler.sigmas
-        shared: dict[str, Any] = {
-            "encoder_hidden_states_image": image_embeds.to(device, dt),
-            "control_latents": control_latents.to(device, dt),
-            "reference_latents": reference_latents.to(device, dt),
-            "hand_latents": hand_latents.to(device, dt),
-        }
-        positive, negative = prompt_embeds.to(device, dt), negative_prompt_embeds.to(device, dt)
+        shared: dict[str, Any] = {name: value.to(device, dt) for name, value in conditions.items()}
+        positive, negative = (embeds.to(device, dt) for embeds in prompts)
         for step, t in enumerate(self.scheduler.timesteps):
             forward = functools.partial(self.transformer, hidden_states=latents, timestep=model_timestep(t, dt, device), **shared)
             # positive first: in base segments the negative branch reads the maps the positive one just made
@@ -370,9 +367,9 @@ def _branch_view(cache: KVShareCache | None, step: int, branch: str) -> Any:
 
 
 def check_model_size(height: int, width: int, what: str = "model size") -> None:
-    """Raise an InputError unless both sides are positive multiples of 16: the one rule for the pipeline and ``--resolution``.
+    """Raise an InputError unless both sides are positive multiples of 16: the one rule for the pipeline and the resolution option.
 
-    ``what`` names the size in the message (the CLI passes its flag).
+    ``what`` names the size in the message (the engine passes the resolution setting).
     """
     if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
         raise InputError(

@@ -1,6 +1,7 @@
 """umT5 prompt embeddings as the release computes them (port.md §4.1, §3.5).
 
-Two transformers defaults change the numbers and are overridden here: ``_keep_in_fp32_modules = ["wo"]`` would keep the
+The cleaning, the 512-token length and the tokenizer call live in ``prompting/umt5.py``, shared with the subject
+lookup. Two transformers defaults change the numbers and are overridden here: ``_keep_in_fp32_modules = ["wo"]`` would keep the
 feed-forward output projection in float32 and silently promote the residual stream, and the SDPA attention rounds
 differently from the release's eager einsum/softmax.
 """
@@ -10,13 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
+from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from posegen_cli.pipelines.offload import onload
-from posegen_cli.prompting.clean import clean_prompt
-
-TEXT_LEN = 512
-"""The DiT's cross-attention split hard-codes 512 text tokens, so the context is always padded to exactly this."""
+from posegen_cli.prompting.umt5 import tokenize
 
 DEFAULT_NEGATIVE = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
@@ -24,11 +22,6 @@ DEFAULT_NEGATIVE = (
     "三条腿，背景人很多，倒着走"
 )
 """The Wan default negative prompt the release uses, verbatim (not the English translation in diffusers' docs)."""
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The umT5 tokenizer folder of the Wan I2V repository (``tokenizer/``)."""
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def load_text_encoder(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> UMT5EncoderModel:
@@ -43,20 +36,6 @@ def match_release_dtype(model: UMT5EncoderModel, dtype: torch.dtype) -> UMT5Enco
         if name.rsplit(".", 1)[-1] == "wo":
             module.to(dtype)
     return model
-
-
-def tokenize(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids and attention mask [1, 512] of the cleaned prompt, padded to 512 with ``</s>`` appended."""
-    batch = tokenizer(
-        [clean_prompt(prompt)],
-        padding="max_length",
-        max_length=TEXT_LEN,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
-    return batch.input_ids, batch.attention_mask
 
 
 @torch.no_grad()

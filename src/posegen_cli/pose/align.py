@@ -15,19 +15,17 @@ can be rendered directly at the model's resolution.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from posegen_cli.fsutil import atomic_path
-from posegen_cli.pose.framing import map_points_to_model
+from posegen_cli.choices import ALIGN_MODES
+from posegen_cli.errors import option
 from posegen_cli.pose.render import BODY_THRESHOLD, render_pose
 from posegen_cli.pose.types import NUM_KEYPOINTS, PersonPose
 from posegen_cli.report import Reporter
-
-ALIGN_MODES = ("auto", "limbs", "none")
+from posegen_cli.video.framing import map_points_to_model
 
 NOSE, L_EAR, R_EAR = 0, 3, 4
 L_SHOULDER, R_SHOULDER, L_ELBOW, R_ELBOW, L_WRIST, R_WRIST = 5, 6, 7, 8, 9, 10
@@ -38,7 +36,7 @@ NECK, HIP_CENTRE = NUM_KEYPOINTS, NUM_KEYPOINTS + 1
 SCALE_PARTS = ("shoulders", "torso", "legs", "head")
 """Measurements that set the global scale: the ones least changed by arm motion."""
 LIMB_PARTS = ("shoulders", "torso", "hips", "upper_arm", "forearm", "thigh", "shin", "neck", "head")
-"""Measurements ``--align limbs`` matches one by one."""
+"""Measurements the ``limbs`` mode matches one by one."""
 X_ANCHORS = ("hip_centre", "neck", "nose")
 Y_ANCHORS = ("feet_line", "hip_centre", "neck", "nose")
 """Anchors in order of preference: the first one both bodies show decides the offset on that axis."""
@@ -379,18 +377,18 @@ def _panel(background: np.ndarray, skeleton: np.ndarray, guide: np.ndarray | Non
     return canvas
 
 
-def write_alignment_png(
-    path: str | Path,
+def alignment_panels(
     reference_frame: np.ndarray,
     reference_pose: PersonPose | None,
     before: tuple[np.ndarray, np.ndarray],
     after: tuple[np.ndarray, np.ndarray],
     alignment: Alignment,
-) -> Path:
-    """``alignment.png``: the reference with its skeleton, then one driving skeleton before and after.
+) -> np.ndarray:
+    """The ``alignment.png`` picture, RGB uint8 (H/2, 3W/2, 3): the reference with its skeleton, then one driving
+    skeleton before and after alignment.
 
-    The two driving panels draw the reference skeleton in grey underneath, so a mismatch in size or
-    position is visible at a glance. Points are in the model frame of ``reference_frame``.
+    The two driving panels draw the reference skeleton in grey underneath, so a mismatch in size or position is
+    visible at a glance. Points are (133, 2) keypoints and (133,) scores in the model frame of ``reference_frame``.
     """
     h, w = reference_frame.shape[:2]
     ref_skeleton = (
@@ -401,14 +399,7 @@ def write_alignment_png(
         _panel(reference_frame, render_pose(*before, w, h), ref_skeleton, "driving, as extracted"),
         _panel(reference_frame, render_pose(*after, w, h), ref_skeleton, f"driving, aligned ({alignment.mode}, x{alignment.scale:.2f})"),
     ]
-    image = np.concatenate(panels, axis=1)
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError("OpenCV could not encode alignment.png")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(encoded.tobytes())
-    return path
+    return np.concatenate(panels, axis=1)
 
 
 @dataclass(frozen=True)
@@ -419,6 +410,14 @@ class AlignedPoses:
     scores: np.ndarray  # (F, 133) float32
     alignment: Alignment
     reference_pose: PersonPose | None
+    framed: np.ndarray  # (F, 133, 2) float32: the driving keypoints on the canvas before alignment
+
+    def preview(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+        """(points, scores) of the first frame with a visible body, before and after alignment; None for no frames."""
+        if not len(self.keypoints):
+            return None
+        k = first_visible_frame(self.scores)
+        return (self.framed[k], self.scores[k]), (self.keypoints[k], self.scores[k])
 
 
 def align_driving_poses(
@@ -430,28 +429,25 @@ def align_driving_poses(
     mode: str = "auto",
     reporter: Reporter,
     reference_pose: PersonPose | None = None,
-    backend: str = "auto",
-    device: str = "auto",
-    models_dir: Path | None = None,
-    png_path: str | Path | None = None,
     reference_name: str = "the reference image",
 ) -> AlignedPoses:
-    """Frame the driving keypoints to the model canvas and retarget them onto the reference person.
+    """Frame the driving keypoints (F, 133, 2) to the model canvas and retarget them onto the reference person.
 
-    ``reference_frame`` is the reference image already framed (``frame_to_model``); its pose is detected
-    with the same backend unless given. ``driving_size`` is the driving video's (width, height).
+    ``reference_frame`` is the reference image already framed (``frame_to_model``), (H, W, 3) uint8, and
+    ``reference_pose`` the person detected on it (None: nobody was found, so nothing is aligned and a warning says
+    so). ``driving_size`` is the driving video's (width, height). Nothing is detected or written here: the caller
+    detects the reference person and may draw :meth:`AlignedPoses.preview` (``alignment.png``).
+    Raises ValueError for an unknown ``mode``.
     """
     if mode not in ALIGN_MODES:
         raise ValueError(f"align mode {mode!r} is not one of {ALIGN_MODES}")
     height, width = reference_frame.shape[:2]
     framed = map_points_to_model(driving_keypoints, driving_size[0], driving_size[1], (height, width))
     scores = np.asarray(driving_scores, dtype=np.float32)
-    if reference_pose is None and (mode != "none" or png_path is not None):
-        from posegen_cli.pose.extract import extract_reference_pose
-
-        reference_pose = extract_reference_pose(reference_frame, backend, device=device, models_dir=models_dir)
-        if reference_pose is None and mode != "none":
-            reporter.warn(f"no person found in {reference_name}; the driving skeleton is not aligned (pass --align none to silence this)")
+    if reference_pose is None and mode != "none":
+        reporter.warn(
+            f"no person found in {reference_name}; the driving skeleton is not aligned (pass {option('align')} none to silence this)"
+        )
     alignment = fit_alignment(reference_pose, framed, scores, mode) if reference_pose is not None else Alignment(mode=mode)
     if mode != "none" and reference_pose is not None and not alignment.aligned:
         reporter.warn(
@@ -461,8 +457,5 @@ def align_driving_poses(
     aligned = apply_alignment(alignment, framed, scores)
     reporter.info(alignment.describe())
     for part in alignment.clamped:
-        reporter.warn(f"--align limbs: the {part} ratio was out of range and was clamped (a foreshortened limb in one of the poses?)")
-    if png_path is not None and len(aligned):
-        k = first_visible_frame(scores)
-        write_alignment_png(png_path, reference_frame, reference_pose, (framed[k], scores[k]), (aligned[k], scores[k]), alignment)
-    return AlignedPoses(keypoints=aligned, scores=scores, alignment=alignment, reference_pose=reference_pose)
+        reporter.warn(f"{option('align')} limbs: the {part} ratio was out of range and was clamped (a foreshortened limb in one of the poses?)")
+    return AlignedPoses(keypoints=aligned, scores=scores, alignment=alignment, reference_pose=reference_pose, framed=framed)

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from posegen_cli.device import resolve_device
 from posegen_cli.errors import MissingModelError
 
 DETECTOR_INPUT = 640
@@ -299,14 +298,14 @@ class RTMDetPersonDetector:
 
     def __init__(
         self,
-        device: str = "auto",
+        device: torch.device | str = "cpu",
         models_dir: str | Path | None = None,
         *,
         checkpoint: str | Path | None = None,
         deepen: float = 0.67,
         widen: float = 0.75,
     ) -> None:
-        self.device = resolve_device(device)
+        self.device = torch.device(device)
         if checkpoint is None:
             from posegen_cli.hub import model_path
 

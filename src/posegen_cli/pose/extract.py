@@ -1,65 +1,48 @@
 """`posegen extract-pose`: a driving video in, the two conditioning videos (and their keypoints) out.
 
-Frames stream through once: detect (or read keypoints), pick one person, render the skeleton, the hand
-normals and a preview overlay, and hand each frame to its encoder, so memory stays flat whatever the
-length. Results are cached by the video's content and every setting that shapes them, so ``animate``
-never extracts the same video twice.
+:class:`PoseOptions` says what is asked for; :meth:`PoseOptions.resolve` checks it and makes it concrete once
+(:class:`PoseSettings`: the backend that runs, a real ``torch.device``). The frames stream through
+``pose/stream.py``; the backends and the reference detection live in ``pose/backends.py``. Results are cached by
+the video's content and every setting that shapes them, so ``animate`` never extracts the same video twice.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import itertools
 import json
 import os
-import queue
 import shutil
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-
 from posegen_cli.cache import cache_dir, cache_key
-from posegen_cli.device import resolve_device
-from posegen_cli.errors import InputError, require_file
+from posegen_cli.errors import InputError, option
 from posegen_cli.fsutil import atomic_dir, atomic_path
-from posegen_cli.pose.framing import frame_to_model, map_points_to_model, warn_if_cropped
-from posegen_cli.pose.keypoints import (
-    KeypointTrack,
-    PersonFollower,
-    load_keypoints,
-    load_npz,
-    save_npz,
-    write_openpose_json,
+from posegen_cli.pose.backends import extract_reference_pose
+from posegen_cli.pose.settings import KEYPOINTS_BACKEND, PoseOptions
+from posegen_cli.pose.stream import (
+    ALIGNED_KEYPOINTS_FILE,
+    ALIGNMENT_PNG,
+    HAND_FILE,
+    KEYPOINTS_FILE,
+    OPENPOSE_DIR,
+    OVERLAY_FILE,
+    POSE_FILE,
+    render_aligned,
+    render_outputs,
 )
-from posegen_cli.pose.render import BODY_THRESHOLD, HAND_THRESHOLD, overlay_pose, render_hand_normals, render_pose
-from posegen_cli.pose.types import NUM_KEYPOINTS, NormalBackend, PersonPose, PoseBackend
+from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
-from posegen_cli.video import VideoInfo, VideoWriter, iter_frames, load_image, probe_video
+from posegen_cli.video import VideoInfo, probe_video
+from posegen_cli.video.framing import frame_to_model, warn_if_cropped
+from posegen_cli.video.image import ReferenceImage
 
-BACKENDS = ("auto", "sapiens", "mediapipe")
-HAND_NORMAL_SOURCES = ("auto", "sapiens", "none")
-OUTPUT_FORMATS = ("npz", "openpose-json")
-"""Keypoints are always written as keypoints.npz beside the videos; ``openpose-json`` adds ``openpose/``."""
-POSE_FILE, HAND_FILE, KEYPOINTS_FILE, OVERLAY_FILE, OPENPOSE_DIR = "pose.mp4", "hand.mp4", "keypoints.npz", "overlay.mp4", "openpose"
-ALIGNED_KEYPOINTS_FILE, ALIGNMENT_PNG = "keypoints_aligned.npz", "alignment.png"
 _RESULT_FILE = "result.json"
-CONDITIONING_PRESET = "veryfast"
-"""x264 preset of pose.mp4 and hand.mp4: flat colours on black compress well even this fast."""
-OVERLAY_CRF, OVERLAY_PRESET = 23, "ultrafast"
-"""The overlay is only for people to look at, so it is encoded as cheaply as possible."""
-OVERLAY_HALVE_ABOVE = 960
-"""Sources whose longer side exceeds this get a half-size overlay: a quarter of the encoding work."""
 _CACHE_VERSION = 3  # bump when the rendering or the file layout changes
-
-
 @dataclass(frozen=True)
 class ExtractResult:
     """Where the outputs are and what went into them; ``width``/``height`` are those of pose.mp4 and hand.mp4."""
@@ -88,189 +71,6 @@ class ExtractResult:
         return data
 
 
-@dataclass(frozen=True)
-class ExtractSettings:
-    """Everything besides the input files that changes the outputs (and so the cache key)."""
-
-    backend: str
-    hand_normals: str
-    track: bool
-    lossless: bool
-    openpose_json: bool
-    body_threshold: float
-    hand_threshold: float
-    model_size: str
-    seg_size: str
-    normal_size: str
-
-
-def resolve_backend(backend: str, device: str = "auto") -> tuple[str, str]:
-    """The backend to run and why: ``auto`` is Sapiens with a CUDA GPU, else MediaPipe."""
-    if backend not in BACKENDS:
-        raise InputError(f"--backend {backend!r} is not known (use {', '.join(BACKENDS)})")
-    if backend != "auto":
-        return backend, "requested"
-    if resolve_device(device).type == "cuda":
-        return "sapiens", "a CUDA GPU is available"
-    return "mediapipe", "no CUDA GPU, so the CPU backend"
-
-
-def resolve_hand_normals(hand_normals: str, backend: str) -> str:
-    """``auto`` follows the pose backend: Sapiens normals with Sapiens, a black hand video with MediaPipe."""
-    if hand_normals not in HAND_NORMAL_SOURCES:
-        raise InputError(f"--hand-normals {hand_normals!r} is not known (use {', '.join(HAND_NORMAL_SOURCES)})")
-    if hand_normals != "auto":
-        return hand_normals
-    return "sapiens" if backend == "sapiens" else "none"
-
-
-def make_pose_backend(
-    name: str,
-    *,
-    device: str = "auto",
-    static: bool = False,
-    model_size: str = "2b",
-    models_dir: Path | None = None,
-    batch_size: int = 8,
-    reporter: Reporter | None = None,
-) -> PoseBackend:
-    """A constructed backend; the heavy imports happen only for the one asked for (MediaPipe takes one frame at a time)."""
-    if name == "mediapipe":
-        from posegen_cli.pose.mediapipe_backend import MediaPipePoseBackend
-
-        return MediaPipePoseBackend(static_image_mode=static)
-    if name == "sapiens":
-        from posegen_cli.pose.sapiens import SapiensPoseBackend
-
-        return SapiensPoseBackend(model_size=model_size, device=device, models_dir=models_dir, batch_size=batch_size, reporter=reporter)
-    raise InputError(f"--backend {name!r} is not known (use {', '.join(BACKENDS)})")
-
-
-def make_normal_backend(
-    *,
-    device: str = "auto",
-    seg_size: str = "1b",
-    normal_size: str = "2b",
-    models_dir: Path | None = None,
-    batch_size: int = 8,
-    reporter: Reporter | None = None,
-) -> NormalBackend:
-    """Sapiens seg + normal models (the only normal source; MediaPipe bundles none)."""
-    from posegen_cli.pose.sapiens import SapiensNormalBackend
-
-    return SapiensNormalBackend(
-        seg_size=seg_size, normal_size=normal_size, device=device, models_dir=models_dir, batch_size=batch_size, reporter=reporter
-    )
-
-
-def _closing(stack: contextlib.ExitStack, backend: object) -> None:
-    """Backends that hold native resources (MediaPipe graphs) expose ``close``."""
-    close = getattr(backend, "close", None)
-    if callable(close):
-        stack.callback(close)
-
-
-def extract_reference_pose(
-    image: np.ndarray, backend: str = "auto", *, device: str = "auto", model_size: str = "2b", models_dir: Path | None = None
-) -> PersonPose | None:
-    """The highest-scoring person in one RGB image (for aligning a reference photo), or None."""
-    name, _ = resolve_backend(backend, device)
-    with contextlib.ExitStack() as stack:
-        detector = make_pose_backend(name, device=device, static=True, model_size=model_size, models_dir=models_dir)
-        _closing(stack, detector)
-        people = detector.detect([np.ascontiguousarray(image)])[0]
-    return max(people, key=lambda p: p.box_score) if people else None
-
-
-def _batches(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
-    while batch := list(itertools.islice(frames, size)):
-        yield batch
-
-
-@contextlib.contextmanager
-def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Iterator[Any]]:
-    """Produce ``items`` on a background thread, ``depth`` ahead, so decoding overlaps detection.
-
-    Exceptions from the producer surface in the consumer; leaving the block early stops the producer.
-    """
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            buffer.put((done, None))
-        except Exception as exc:  # noqa: BLE001 -- handed to the consumer, which re-raises it
-            buffer.put((done, exc))
-
-    def consume() -> Iterator[Any]:
-        while True:
-            item, exc = buffer.get()
-            if exc is not None:
-                raise exc
-            if item is done:
-                return
-            yield item
-
-    thread = threading.Thread(target=produce, name="posegen-decode", daemon=True)
-    thread.start()
-    try:
-        yield consume()
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                buffer.get_nowait()
-        thread.join()
-
-
-class _FrameSink:
-    """Renders and encodes on one background thread, one batch behind detection, so the two overlap."""
-
-    def __init__(self, writers: tuple[VideoWriter, VideoWriter, VideoWriter], settings: ExtractSettings, width: int, height: int) -> None:
-        self.pose_writer, self.hand_writer, self.overlay_writer = writers
-        self.settings = settings
-        self.size = (width, height)
-        self.black = np.zeros((height, width, 3), np.uint8)
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="posegen-encode")
-        self.pending: concurrent.futures.Future | None = None
-
-    def _write(self, frames: list[np.ndarray], keypoints: np.ndarray, scores: np.ndarray, hands: list | None) -> None:
-        for i, frame in enumerate(frames):
-            pose = render_pose(
-                keypoints[i], scores[i], *self.size,
-                body_threshold=self.settings.body_threshold, hand_threshold=self.settings.hand_threshold,
-            )  # fmt: skip
-            self.pose_writer.write(pose)
-            self.hand_writer.write(render_hand_normals(*hands[i]) if hands is not None else self.black)
-            overlay = overlay_pose(frame, pose)
-            if max(self.size) > OVERLAY_HALVE_ABOVE:
-                overlay = cv2.resize(overlay, (self.size[0] // 2, self.size[1] // 2), interpolation=cv2.INTER_AREA)
-            self.overlay_writer.write(overlay)
-
-    def submit(self, frames: list[np.ndarray], keypoints: np.ndarray, scores: np.ndarray, hands: list | None) -> None:
-        self.drain()
-        self.pending = self.pool.submit(self._write, frames, keypoints.copy(), scores.copy(), hands)
-
-    def drain(self) -> None:
-        """Wait for the batch in flight; re-raises its error."""
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Publish ``src`` under ``dst`` atomically, sharing the bytes when the filesystem allows."""
     if src.is_dir():
@@ -286,241 +86,75 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def _render_outputs(
-    video: Path,
-    out: Path,
-    *,
-    fps: Fraction,
-    width: int,
-    height: int,
-    total: int,
-    settings: ExtractSettings,
-    device: str,
-    from_keypoints: Path | None,
-    models_dir: Path | None,
-    batch_size: int,
-    reporter: Reporter,
-) -> KeypointTrack:
-    """Stream the video once, writing pose/hand/overlay videos into ``out``; returns the keypoint track."""
-    given = None
-    if from_keypoints is not None:
-        given = load_keypoints(from_keypoints, fps=fps, width=width, height=height, track=settings.track)
-        if (given.width, given.height) != (width, height):
-            raise InputError(
-                f"{from_keypoints} holds keypoints for {given.width}x{given.height} frames but {video} is {width}x{height} "
-                "(render onto a video of the same size, or rescale the keypoints first)"
-            )
-        if given.frame_count != total:
-            raise InputError(
-                f"{from_keypoints} has {given.frame_count} frames of keypoints but {video} has {total} (use the matching video)"
-            )
-
-    keypoints = np.zeros((total, NUM_KEYPOINTS, 2))
-    scores = np.zeros((total, NUM_KEYPOINTS))
-    follower = PersonFollower(settings.track)
-    count = 0
-    with contextlib.ExitStack() as stack:
-        writers = (
-            stack.enter_context(VideoWriter(out / POSE_FILE, fps, lossless=settings.lossless, preset=CONDITIONING_PRESET)),
-            stack.enter_context(VideoWriter(out / HAND_FILE, fps, lossless=settings.lossless, preset=CONDITIONING_PRESET)),
-            stack.enter_context(VideoWriter(out / OVERLAY_FILE, fps, crf=OVERLAY_CRF, preset=OVERLAY_PRESET)),
-        )
-        detector = None
-        if given is None:
-            detector = make_pose_backend(
-                settings.backend, device=device, model_size=settings.model_size, models_dir=models_dir, batch_size=batch_size,
-                reporter=reporter,
-            )  # fmt: skip
-            _closing(stack, detector)
-        normals = None
-        if settings.hand_normals == "sapiens":
-            normals = make_normal_backend(
-                device=device, seg_size=settings.seg_size, normal_size=settings.normal_size, models_dir=models_dir,
-                batch_size=batch_size, reporter=reporter,
-            )  # fmt: skip
-            _closing(stack, normals)
-        progress = stack.enter_context(reporter.progress())
-        task = progress.add_task("extracting pose", total=total, unit="frames")
-        sink = _FrameSink(writers, settings, width, height)
-        stack.callback(sink.close)
-        batches = stack.enter_context(_prefetched(_batches(iter_frames(video), batch_size)))
-        for batch in batches:
-            if count + len(batch) > total:
-                raise InputError(f"{video} decodes to more frames than the {total} it reported (re-encode it with ffmpeg to fix its index)")
-            span = slice(count, count + len(batch))
-            if detector is not None:
-                for i, people in enumerate(detector.detect(batch)):
-                    person = follower.pick(people)
-                    if person is not None:
-                        keypoints[count + i], scores[count + i] = person.keypoints, person.scores
-            else:
-                keypoints[span], scores[span] = given.keypoints[span], given.scores[span]
-            hands = normals.normals_and_segmentation(batch) if normals is not None else None
-            sink.submit(batch, keypoints[span], scores[span], hands)
-            count += len(batch)
-            progress.advance(task, len(batch))
-        sink.drain()
-        if count != total:
-            raise InputError(f"{video} decoded to {count} frames but reported {total} (re-encode it with ffmpeg to fix its index)")
-        backend_name = given.backend if given is not None else settings.backend
-        track = KeypointTrack(keypoints, scores, fps, width, height, backend_name)
-        if given is None and track.frames_without_person() == total:
-            raise InputError(
-                f"nobody was found in any of the {total} frames of {video} (the person must be visible; try --backend sapiens)"
-            )
-        save_npz(track, out / KEYPOINTS_FILE)
-        if settings.openpose_json:
-            write_openpose_json(track, out / OPENPOSE_DIR)
-    return track
-
-
-def _write_aligned(
-    source: Path,
-    target: Path,
-    *,
-    reference: Path,
-    reference_pose: PersonPose | None,
-    mode: str,
-    settings: ExtractSettings,
-    lossless: bool,
-    device: str,
-    models_dir: Path | None,
-    reporter: Reporter,
-) -> dict[str, Any]:
-    """Retarget the extracted skeleton onto the reference person and render both videos on the model canvas.
-
-    With ``mode="none"`` the skeleton is drawn at the source size and then framed, as the release does, so
-    line widths match its conditioning videos for any source resolution.
-
-    ``reference_pose`` is the person already detected on the framed reference, or None to detect it here.
-
-    The hand video follows the skeleton: each extracted hand frame is framed like the reference and moved
-    by the fitted transform (``align.align_hand_frame``); black stays black.
-    """
-    from posegen_cli.pose.align import align_driving_poses, align_hand_frame
-
-    track = load_npz(source / KEYPOINTS_FILE)
-    framed_reference = frame_to_model(load_image(reference))
-    height, width = framed_reference.shape[:2]
-    detector = settings.backend if settings.backend in BACKENDS else "auto"
-    aligned = align_driving_poses(
-        framed_reference, track.keypoints, track.scores, (track.width, track.height), mode=mode, reporter=reporter,
-        reference_pose=reference_pose, backend=detector, device=device, models_dir=models_dir, png_path=target / ALIGNMENT_PNG,
-        reference_name=reference.name,
-    )  # fmt: skip
-    before = map_points_to_model(track.keypoints, track.width, track.height, (height, width))
-    save_npz(KeypointTrack(aligned.keypoints, aligned.scores, track.fps, width, height, track.backend), target / ALIGNED_KEYPOINTS_FILE)
-    black = np.zeros((height, width, 3), np.uint8)
-    hand_frames = iter_frames(source / HAND_FILE) if settings.hand_normals != "none" else itertools.repeat(None)
-    with contextlib.ExitStack() as stack:
-        pose_writer = stack.enter_context(VideoWriter(target / POSE_FILE, track.fps, lossless=lossless, preset=CONDITIONING_PRESET))
-        hand_writer = stack.enter_context(VideoWriter(target / HAND_FILE, track.fps, lossless=lossless, preset=CONDITIONING_PRESET))
-        progress = stack.enter_context(reporter.progress())
-        task = progress.add_task("rendering aligned pose", total=track.frame_count, unit="frames")
-        thresholds = {"body_threshold": settings.body_threshold, "hand_threshold": settings.hand_threshold}
-        for i, hand in zip(range(track.frame_count), hand_frames):
-            if mode == "none":
-                # The release's path exactly: drawn at the source size (fixed pixel widths), then framed.
-                pose = frame_to_model(render_pose(track.keypoints[i], track.scores[i], track.width, track.height, **thresholds))
-            else:
-                pose = render_pose(aligned.keypoints[i], aligned.scores[i], width, height, **thresholds)
-            pose_writer.write(pose)
-            if hand is None:
-                hand_writer.write(black)
-            else:
-                hand_writer.write(align_hand_frame(frame_to_model(hand), aligned.alignment, before[i], aligned.keypoints[i]))
-            progress.advance(task)
-    return {"width": width, "height": height, "alignment": aligned.alignment.summary()}
-
-
 def extract_pose(
     video: Path,
     out_dir: Path | None = None,
+    options: PoseOptions | None = None,
     *,
-    backend: str = "auto",
-    hand_normals: str = "auto",
-    track: bool = False,
-    lossless: bool = False,
-    output_format: str = "npz",
     from_keypoints: Path | None = None,
-    align_to: Path | None = None,
-    align: str = "auto",
-    device: str = "auto",
-    use_cache: bool = True,
+    align_to: Path | ReferenceImage | None = None,
     reporter: Reporter | None = None,
-    body_threshold: float = BODY_THRESHOLD,
-    hand_threshold: float = HAND_THRESHOLD,
-    model_size: str = "2b",
-    seg_size: str = "1b",
-    normal_size: str = "2b",
-    models_dir: Path | None = None,
-    batch_size: int = 8,
     info: VideoInfo | None = None,
     reference_pose: PersonPose | None = None,
 ) -> ExtractResult:
     """Make ``pose.mp4``, ``hand.mp4``, ``keypoints.npz`` and ``overlay.mp4`` for ``video`` in ``out_dir``.
 
-    ``out_dir`` defaults to ``<video stem>_pose`` beside the video. ``output_format="openpose-json"``
-    also writes one OpenPose JSON per frame into ``openpose/``. ``from_keypoints`` (our npz, or
-    OpenPose JSON files) renders those keypoints instead of detecting. ``align_to`` (a reference photo)
-    retargets the skeleton onto that person (``align``: auto, limbs, none) and renders ``pose.mp4`` and
-    ``hand.mp4`` on the model's 720x1280 canvas, with ``keypoints_aligned.npz`` and ``alignment.png``;
-    ``keypoints.npz`` and ``overlay.mp4`` stay in the source frame.
+    Args:
+        video: the driving video.
+        out_dir: output folder; defaults to ``<video stem>_pose`` beside the video.
+        options: what to extract (:class:`PoseOptions`; defaults throughout when None).
+        from_keypoints: our npz, or OpenPose JSON files, rendered instead of detecting.
+        align_to: a reference photo (a path, or a :class:`ReferenceImage` already decoded and hashed): the skeleton
+            is retargeted onto that person (``options.align``) and ``pose.mp4``/``hand.mp4`` are rendered on the
+            model's 720x1280 canvas, with ``keypoints_aligned.npz`` and ``alignment.png``; ``keypoints.npz`` and
+            ``overlay.mp4`` stay in the source frame.
+        reporter: where progress and warnings go.
+        info: ``probe_video(video)`` when the caller already holds it (probing decodes the whole video).
+        reference_pose: the highest-scoring person on ``frame_to_model(align_to)``, as
+            :func:`~posegen_cli.pose.backends.extract_reference_pose` finds it, when the caller already detected it.
 
-    Callers that already hold them pass ``info`` (``probe_video(video)``, which decodes the whole video) and
-    ``reference_pose`` (the highest-scoring person on ``frame_to_model(align_to)``, as ``extract_reference_pose``
-    finds it), so neither is computed twice.
+    Returns:
+        ExtractResult: the output paths, frame count, fps, canvas size, backend and alignment summary.
+
+    Raises:
+        InputError: a missing or unreadable input, keypoints that do not match the video, nobody in any frame, or an
+            option value that cannot be used (an OptionError).
+        MissingModelError: a Sapiens model is not downloaded.
     """
     reporter = reporter or Reporter()
+    options = options or PoseOptions()
     video = Path(video)
-    if output_format not in OUTPUT_FORMATS:
-        raise InputError(f"--format {output_format!r} is not known (use {', '.join(OUTPUT_FORMATS)})")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if align_to is not None:
-        from posegen_cli.pose.align import ALIGN_MODES
-
-        align_to = require_file(align_to, "reference image (--align-to)")
-        if align not in ALIGN_MODES:
-            raise InputError(f"--align {align!r} is not known (use {', '.join(ALIGN_MODES)})")
+    settings, why = options.resolve(keypoints_given=from_keypoints is not None)
+    reference = ReferenceImage.load(align_to, f"reference image ({option('align_to')})") if align_to is not None else None
     if info is None:
         info = probe_video(video)
     if from_keypoints is not None:
         from_keypoints = Path(from_keypoints)
         if not from_keypoints.exists():
             raise InputError(f"keypoints not found: {from_keypoints} (pass a keypoints.npz, an OpenPose JSON file or a folder of them)")
-        name = "keypoints"
         reporter.info(f"rendering keypoints from {from_keypoints} (no detection)")
     else:
-        name, why = resolve_backend(backend, device)
-        reporter.info(f"pose backend: {name} ({why})")
-    hands = resolve_hand_normals(hand_normals, name)
-    if hands == "none":
+        reporter.info(f"pose backend: {settings.backend} ({why})")
+    if settings.hand_normals == "none":
         reporter.info("hand-normal video: black (no normal model; the release trained with the hand signal dropped 10% of the time)")
-    if align_to is None:
+    if reference is None:
         warn_if_cropped(reporter, info.width, info.height, f"driving video {video.name}")
-
-    settings = ExtractSettings(
-        backend=name, hand_normals=hands, track=track, lossless=lossless, openpose_json=output_format == "openpose-json",
-        body_threshold=float(body_threshold), hand_threshold=float(hand_threshold),
-        model_size=model_size, seg_size=seg_size, normal_size=normal_size,
-    )  # fmt: skip
     out_dir = Path(out_dir) if out_dir is not None else video.with_name(f"{video.stem}_pose")
 
     def produce(target: Path) -> dict[str, Any]:
-        result = _render_outputs(
-            video, target, fps=info.fps, width=info.width, height=info.height, total=info.frame_count, settings=settings,
-            device=device, from_keypoints=from_keypoints, models_dir=models_dir, batch_size=batch_size, reporter=reporter,
-        )  # fmt: skip
-        return {"frame_count": result.frame_count, "backend": result.backend, "frames_without_person": result.frames_without_person()}
+        track = render_outputs(info, target, settings, from_keypoints=from_keypoints, reporter=reporter)
+        return {"frame_count": track.frame_count, "backend": track.backend, "frames_without_person": track.frames_without_person()}
 
     def produce_aligned(source: Path, target: Path) -> dict[str, Any]:
-        return _write_aligned(
-            source, target, reference=align_to, reference_pose=reference_pose, mode=align, settings=settings, lossless=lossless,
-            device=device, models_dir=models_dir, reporter=reporter,
-        )  # fmt: skip
+        framed = frame_to_model(reference.pixels)
+        person = reference_pose
+        if person is None:
+            detector = settings.backend if settings.backend != KEYPOINTS_BACKEND else "auto"
+            person = extract_reference_pose(framed, detector, device=settings.device, models_dir=settings.models_dir)
+        return render_aligned(source, target, settings, reference=(reference.path.name, framed, person), reporter=reporter)
 
-    key = cache_key([video, *_keypoint_files(from_keypoints)], {"version": _CACHE_VERSION, **asdict(settings)})
+    key = cache_key([video, *_keypoint_files(from_keypoints)], {"version": _CACHE_VERSION, **settings.key_fields()})
+    use_cache = options.use_cache
     with contextlib.ExitStack() as stack:
         if use_cache:
             source = cache_dir("pose", key)
@@ -535,8 +169,8 @@ def extract_pose(
             files[OPENPOSE_DIR] = source / OPENPOSE_DIR
         size = (info.width, info.height)
         alignment = None
-        if align_to is not None:
-            align_key = cache_key([align_to], {"version": _CACHE_VERSION, "extraction": key, "align": align})
+        if reference is not None:
+            align_key = cache_key([], {"version": _CACHE_VERSION, "extraction": key, "align": settings.align, "reference": reference.digest})
             aligned_dir = cache_dir("pose-aligned", align_key) if use_cache else source / "aligned"
             aligned, aligned_cached = _cached_or_made(
                 aligned_dir, use_cache, lambda target: produce_aligned(source, target), reporter, "aligned pose"
@@ -551,9 +185,9 @@ def extract_pose(
         pose_video=out_dir / POSE_FILE, hand_video=out_dir / HAND_FILE, keypoints=out_dir / KEYPOINTS_FILE,
         overlay=out_dir / OVERLAY_FILE, frame_count=record["frame_count"], fps=info.fps, width=size[0],
         height=size[1], backend=record["backend"], frames_without_person=record["frames_without_person"],
-        cached=cached, hand_normals=hands, openpose_dir=out_dir / OPENPOSE_DIR if settings.openpose_json else None,
-        aligned_keypoints=out_dir / ALIGNED_KEYPOINTS_FILE if align_to is not None else None,
-        alignment_png=out_dir / ALIGNMENT_PNG if align_to is not None else None, alignment=alignment,
+        cached=cached, hand_normals=settings.hand_normals, openpose_dir=out_dir / OPENPOSE_DIR if settings.openpose_json else None,
+        aligned_keypoints=out_dir / ALIGNED_KEYPOINTS_FILE if reference is not None else None,
+        alignment_png=out_dir / ALIGNMENT_PNG if reference is not None else None, alignment=alignment,
     )  # fmt: skip
     if result.frames_without_person:
         reporter.warn(f"nobody was found in {result.frames_without_person} of {result.frame_count} frames (their pose frames are black)")

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import numpy as np
 
-from posegen_cli.errors import MissingModelError
+from posegen_cli.errors import MissingModelError, option
 from posegen_cli.pose.keypoints import box_from_points
 from posegen_cli.pose.types import HAND_SIZE, LEFT_HAND_START, LEFT_WRIST, NUM_KEYPOINTS, RIGHT_HAND_START, RIGHT_WRIST, PersonPose
 
@@ -52,7 +52,7 @@ def import_mediapipe() -> ModuleType:
     except ImportError:
         raise MissingModelError(
             "the mediapipe backend needs the mediapipe package: pip install 'posegen[mediapipe]' "
-            "(mediapipe 0.10.21, which pins numpy<2), or use --backend sapiens on a GPU"
+            f"(mediapipe 0.10.21, which pins numpy<2), or use {option('backend')} sapiens on a GPU"
         ) from None
     return mediapipe
 

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from posegen_cli.device import resolve_device
-from posegen_cli.errors import InputError, MissingModelError, out_of_memory_as
+from posegen_cli.errors import InputError, MissingModelError, OptionError, option, out_of_memory_as
 from posegen_cli.hub import MODELS, model_path
 from posegen_cli.pose.render import encode_normals
 from posegen_cli.pose.types import NUM_KEYPOINTS, PersonPose
@@ -118,11 +117,13 @@ def _out_of_memory_message(what: str, batch: int) -> str:
     return f"the GPU ran out of memory running Sapiens {what} on {batch} images at once (lower the batch size or pick a smaller model size)"
 
 
-def _backend_device(device: str, batch_size: int, reporter: Reporter | None, what: str, alternative: str = "") -> torch.device:
+def _backend_device(
+    device: torch.device | str, batch_size: int, reporter: Reporter | None, what: str, alternative: str = ""
+) -> torch.device:
     """The device a backend runs on, after checking its batch size; the CPU gets a warning, it takes minutes per frame."""
     if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    resolved = resolve_device(device)
+        raise OptionError("batch_size", batch_size, problem=f"must be at least 1, got {batch_size}")
+    resolved = torch.device(device)
     if resolved.type == "cpu":
         (reporter or Reporter()).warn(f"Sapiens {what} on the CPU: expect tens of seconds to minutes per frame (use a GPU{alternative})")
     return resolved
@@ -254,7 +255,7 @@ class SapiensPoseBackend:
     def __init__(
         self,
         model_size: str = "2b",
-        device: str = "auto",
+        device: torch.device | str = "cpu",
         models_dir: str | Path | None = None,
         batch_size: int = 8,
         *,
@@ -262,7 +263,7 @@ class SapiensPoseBackend:
         checkpoint: str | Path | None = None,
         reporter: Reporter | None = None,
     ) -> None:
-        self.device = _backend_device(device, batch_size, reporter, f"pose {model_size} runs", ", or a lighter --backend")
+        self.device = _backend_device(device, batch_size, reporter, f"pose {model_size} runs", f", or a lighter {option('backend')}")
         self.batch_size = batch_size
         path = Path(checkpoint) if checkpoint is not None else resolve_checkpoint(pose_checkpoint(model_size), models_dir)
         self.model = load_torchscript(path, self.device)
@@ -341,7 +342,7 @@ class SapiensNormalBackend:
         self,
         seg_size: str = "1b",
         normal_size: str = "2b",
-        device: str = "auto",
+        device: torch.device | str = "cpu",
         models_dir: str | Path | None = None,
         batch_size: int = 8,
         *,

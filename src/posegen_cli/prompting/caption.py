@@ -21,8 +21,9 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 from transformers.generation.streamers import BaseStreamer
 
-from posegen_cli.errors import InputError, out_of_memory_as
-from posegen_cli.prompting.clean import clean_prompt, prompt_line
+from posegen_cli.errors import InputError, option, out_of_memory_as
+from posegen_cli.prompting.clean import prompt_line
+from posegen_cli.prompting.umt5 import clean_prompt
 from posegen_cli.report import Reporter
 
 CAPTION_INSTRUCTION = (
@@ -86,8 +87,8 @@ def load_captioner(path: str | Path, *, device: torch.device, dtype: torch.dtype
     """Load Qwen2.5-VL from a local folder onto ``device`` in ``dtype``."""
     path = Path(path)
     with out_of_memory_as(
-        f"GPU out of memory loading {name} (about 17 GB in bf16); free the GPU, use --device cpu, "
-        f"or pass --prompt TEXT to skip captioning"
+        f"GPU out of memory loading {name} (about 17 GB in bf16); free the GPU, use {option('device')} cpu, "
+        f"or pass {option('prompt')} TEXT to skip captioning"
     ):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype, device_map=str(device))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -159,7 +160,7 @@ def caption_image(
         task = progress.add_task("captioning", total=max_new_tokens, unit="tokens")
         torch.manual_seed(seed)
         with out_of_memory_as(
-            f"GPU out of memory while captioning with {captioner.name}; free the GPU, use --device cpu, or pass --prompt TEXT"
+            f"GPU out of memory while captioning with {captioner.name}; free the GPU, use {option('device')} cpu, or pass {option('prompt')} TEXT"
         ):
             out = model.generate(
                 **inputs,
@@ -170,5 +171,5 @@ def caption_image(
         progress.update(task, total=len(generated), completed=len(generated))
     caption = prompt_line(captioner.tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False))
     if not clean_prompt(caption):
-        raise InputError(f"{captioner.name} returned an empty caption (pass a caption with --prompt TEXT, or try another --seed)")
+        raise InputError(f"{captioner.name} returned an empty caption (pass a caption with {option('prompt')} TEXT, or try another {option('seed')})")
     return caption

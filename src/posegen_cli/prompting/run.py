@@ -9,19 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from posegen_cli.cache import cache_dir, cache_key, file_digest
 from posegen_cli.device import resolve_device, resolve_dtype
-from posegen_cli.errors import InputError, require_file
+from posegen_cli.errors import InputError, option, require_file
 from posegen_cli.fsutil import atomic_path
 from posegen_cli.prompting.caption import Captioner, caption_image, caption_settings, load_captioner
-from posegen_cli.prompting.clean import clean_prompt, prompt_line
+from posegen_cli.prompting.clean import prompt_line
 from posegen_cli.prompting.tokens import SubjectTokens, locate_subject, release_choice
+from posegen_cli.prompting.umt5 import clean_prompt, load_tokenizer
 from posegen_cli.report import Reporter
-from posegen_cli.video import load_image
+from posegen_cli.video.image import ReferenceImage
 
 CAPTION_MODEL = "qwen2.5-vl-7b"
 TEXT_MODEL = "wan-i2v-720p"
@@ -38,6 +38,23 @@ class TextTokenizer:
     tokenizer: PreTrainedTokenizerBase
     name: str
     revision: str
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """What ``run_prompt`` is asked for: a given ``prompt`` (else a caption is generated), the ``subject`` word (else
+    picked from the prompt), the captioner's ``seed``, ``max_new_tokens``, ``device`` and ``dtype`` (names or torch
+    objects; ``auto`` is bfloat16 on a GPU, float32 on the CPU), where the models are, and whether to reuse a cached
+    caption."""
+
+    prompt: str | None = None
+    subject: str | None = None
+    seed: int = 42
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    device: str | torch.device = "auto"
+    dtype: str | torch.dtype = "auto"
+    models_dir: str | Path | None = None
+    use_cache: bool = True
 
 
 @dataclass
@@ -80,7 +97,6 @@ def folder_revision(path: str | Path) -> str:
 def load_text_tokenizer(models_dir: str | Path | None = None) -> TextTokenizer:
     """The umT5 tokenizer in the Wan I2V repository's ``tokenizer/`` folder."""
     from posegen_cli.hub import MODELS, model_path
-    from posegen_cli.pipelines.text import load_tokenizer
 
     folder = model_path(TEXT_MODEL, models_dir, parts=("tokenizer/*",)) / "tokenizer"
     return TextTokenizer(load_tokenizer(folder), f"{MODELS[TEXT_MODEL].repo_id}/tokenizer", folder_revision(folder))
@@ -92,32 +108,24 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _caption(
-    image: Path,
-    pixels: np.ndarray,
-    *,
-    seed: int,
-    max_new_tokens: int,
-    device: str,
-    models_dir: str | Path | None,
-    use_cache: bool,
-    captioner: Captioner | None,
-    reporter: Reporter,
+    image: ReferenceImage, options: PromptOptions, captioner: Captioner | None, reporter: Reporter
 ) -> tuple[str, bool, dict[str, Any]]:
     """The caption of ``image`` (from the cache when the same image was captioned with the same settings)."""
+    seed, max_new_tokens = options.seed, options.max_new_tokens
     if captioner is not None:
         settings = captioner.cache_settings()
         model_dir = None
     else:
         from posegen_cli.hub import model_path
 
-        dev = resolve_device(device)
-        dtype = resolve_dtype("auto", dev)
-        model_dir = model_path(CAPTION_MODEL, models_dir)
+        dev = resolve_device(options.device)
+        dtype = resolve_dtype(options.dtype, dev)
+        model_dir = model_path(CAPTION_MODEL, options.models_dir)
         settings = caption_settings(CAPTION_MODEL, folder_revision(model_dir), dtype, dev)
     settings = {**settings, "seed": seed, "max_new_tokens": max_new_tokens}
-    cached_file = cache_dir("caption", cache_key([image], settings)) / "caption.txt"
-    if use_cache and cached_file.is_file():
-        reporter.info(f"caption of {image.name} from the cache ({cached_file.parent})")
+    cached_file = cache_dir("caption", cache_key([], {**settings, "image": image.digest})) / "caption.txt"
+    if options.use_cache and cached_file.is_file():
+        reporter.info(f"caption of {image.path.name} from the cache ({cached_file.parent})")
         return cached_file.read_text(encoding="utf-8"), True, settings
 
     owned = captioner is None
@@ -125,7 +133,7 @@ def _caption(
         reporter.info(f"loading {CAPTION_MODEL} on {dev} ({str(dtype).removeprefix('torch.')})")
         captioner = load_captioner(model_dir, device=dev, dtype=dtype, name=CAPTION_MODEL, revision=settings["revision"])
     try:
-        caption = caption_image(captioner, pixels, seed=seed, max_new_tokens=max_new_tokens, reporter=reporter)
+        caption = caption_image(captioner, image.pixels, seed=seed, max_new_tokens=max_new_tokens, reporter=reporter)
     finally:
         if owned:
             del captioner
@@ -150,40 +158,37 @@ def _prompt_record(text: str, located: SubjectTokens, tok: TextTokenizer, captio
 
 
 def run_prompt(
-    image: str | Path,
+    image: str | Path | ReferenceImage,
     out_dir: str | Path | None = None,
+    options: PromptOptions | None = None,
     *,
-    prompt: str | None = None,
-    subject: str | None = None,
-    seed: int = 42,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    device: str = "auto",
-    models_dir: str | Path | None = None,
-    use_cache: bool = True,
     reporter: Reporter | None = None,
     tokenizer: TextTokenizer | None = None,
     captioner: Captioner | None = None,
 ) -> PromptResult:
-    """Caption ``image`` (unless ``prompt`` is given), locate the subject's tokens and write prompt.txt / prompt.json.
+    """Caption ``image`` (unless ``options.prompt`` is given), locate the subject's tokens and write prompt.txt / prompt.json.
 
-    ``out_dir`` defaults to ``<image stem>_prompt`` beside the image. ``tokenizer`` and ``captioner`` replace the
-    models found through the registry (tests, or a caller that already holds them).
+    ``image`` is a path or a :class:`ReferenceImage` the caller already decoded and hashed. ``out_dir`` defaults to
+    ``<image stem>_prompt`` beside the image. ``tokenizer`` and ``captioner`` replace the models found through the
+    registry (tests, or a caller that already holds them). Raises InputError for a missing or unreadable image, an
+    empty prompt or a prompt without a subject word; MissingModelError when a model is not downloaded.
     """
     reporter = reporter or Reporter(quiet=True)
-    image = require_file(image, "reference image")
+    options = options or PromptOptions()
+    prompt, subject = options.prompt, options.subject
     if prompt is not None and not clean_prompt(prompt):
-        raise InputError("--prompt is empty (pass a caption of the reference, or leave --prompt out to generate one)")
-    out = Path(out_dir) if out_dir is not None else image.parent / f"{image.stem}_prompt"
-    pixels = load_image(image) if prompt is None else None  # a broken image is reported before any model loads
-    tok = tokenizer or load_text_tokenizer(models_dir)
+        raise InputError(
+            f"{option('prompt')} is empty (pass a caption of the reference, or leave {option('prompt')} out to generate one)"
+        )
+    path = image.path if isinstance(image, ReferenceImage) else require_file(image, "reference image")
+    reference = ReferenceImage.load(image) if prompt is None else None  # a broken image is reported before any model loads
+    out = Path(out_dir) if out_dir is not None else path.parent / f"{path.stem}_prompt"
+    tok = tokenizer or load_text_tokenizer(options.models_dir)
 
     caption_meta: dict[str, Any] | None = None
     cached = False
     if prompt is None:
-        text, cached, settings = _caption(
-            image, pixels, seed=seed, max_new_tokens=max_new_tokens, device=device, models_dir=models_dir,
-            use_cache=use_cache, captioner=captioner, reporter=reporter,
-        )
+        text, cached, settings = _caption(reference, options, captioner, reporter)
         caption_meta = {**{k: settings[k] for k in ("model", "revision", "dtype", "seed", "max_new_tokens")}, "cached": cached}
     else:
         text = prompt_line(prompt)
@@ -195,7 +200,7 @@ def run_prompt(
     except InputError as exc:
         if prompt is not None:
             raise
-        raise InputError(f"{exc} (the caption is cached: running again with --subject does not caption again)") from None
+        raise InputError(f"{exc.message} (the caption is cached: running again with {option('subject')} does not caption again)") from None
     reporter.info(f"subject {located.word!r} at token positions {located.positions}")
     release = release_choice(tok.tokenizer, located.input_ids, text)
     if release is not None and (release[0], [release[1]]) != (located.word, located.positions):

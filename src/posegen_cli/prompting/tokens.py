@@ -12,13 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import regex
-from transformers import BatchEncoding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from posegen_cli.errors import InputError
-from posegen_cli.prompting.clean import clean_prompt
-
-TEXT_LEN = 512
-"""umT5 context length of Wan; the DiT's cross-attention split assumes exactly this many text tokens."""
+from posegen_cli.errors import InputError, option
+from posegen_cli.prompting.umt5 import TEXT_LEN, clean_prompt, tokenize_text
 
 RELEASE_TOKEN_IDS: dict[str, int] = {"woman": 27502, "girl": 15146, "man": 621, "boy": 18942}
 """The release's four subject words and their umT5 ids (the pieces "▁woman", ...), in its lookup order."""
@@ -85,12 +82,12 @@ def _no_subject_error(text: str, subject: str | None) -> InputError:
     nouns = candidate_nouns(text)
     listed = ", ".join(nouns[:12]) if nouns else "none"
     if subject is not None:
-        what = f"--subject {subject!r} is not a whole word of the prompt"
+        what = f"{option('subject')} {subject!r} is not a whole word of the prompt"
     else:
         what = f"the prompt names no subject word ({', '.join(SUBJECT_WORDS[:6])}, ...)"
     return InputError(
-        f"{what}; nouns found: {listed}; pass the one that names the person with --subject WORD, "
-        f"or a caption that names them with --prompt TEXT"
+        f"{what}; nouns found: {listed}; pass the one that names the person with {option('subject')} WORD, "
+        f"or a caption that names them with {option('prompt')} TEXT"
     )
 
 
@@ -102,30 +99,12 @@ def find_subject(text: str, subject: str | None = None) -> tuple[str, int, int]:
     """
     words = [subject.strip()] if subject is not None else list(SUBJECT_WORDS)
     if subject is not None and not words[0]:
-        raise InputError("--subject is empty (pass the word that names the person, e.g. --subject woman)")
+        raise InputError(f"{option('subject')} is empty (pass the word that names the person, e.g. {option('subject')} woman)")
     for word in words:
         match = word_pattern(word).search(text)
         if match:
             return word.lower(), match.start(), match.end()
     raise _no_subject_error(text, subject)
-
-
-def encode_for_lookup(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int = TEXT_LEN) -> BatchEncoding:
-    """Tokenize cleaned ``text`` with the text encoder's settings (pad to 512, truncate, ``</s>``), plus offsets."""
-    if not tokenizer.is_fast:
-        raise InputError(
-            f"the tokenizer {type(tokenizer).__name__} gives no character offsets "
-            f"(load the Wan umT5 tokenizer folder with its tokenizer.json)"
-        )
-    return tokenizer(
-        text,
-        padding="max_length",
-        max_length=max_length,
-        truncation=True,
-        add_special_tokens=True,
-        return_offsets_mapping=True,
-        return_special_tokens_mask=True,
-    )
 
 
 def overlapping_positions(offsets: Sequence[tuple[int, int]], special: Sequence[int], start: int, end: int) -> list[int]:
@@ -143,15 +122,19 @@ def overlapping_positions(offsets: Sequence[tuple[int, int]], special: Sequence[
 def locate_subject(
     tokenizer: PreTrainedTokenizerBase, prompt: str, subject: str | None = None, *, max_length: int = TEXT_LEN
 ) -> SubjectTokens:
-    """Clean ``prompt`` as the text encoder does, pick the subject word and return all its token positions."""
+    """Clean ``prompt`` as the text encoder does, pick the subject word and return all its token positions.
+
+    The ids come from :func:`~posegen_cli.prompting.umt5.tokenize_text`, the text encoder's own call, so the
+    positions index exactly what the encoder sees.
+    """
     text = clean_prompt(prompt)
     word, start, end = find_subject(text, subject)
-    enc = encode_for_lookup(tokenizer, text, max_length)
+    enc = tokenize_text(tokenizer, text, max_length=max_length, offsets=True)
     positions = overlapping_positions(enc["offset_mapping"], enc["special_tokens_mask"], start, end)
     if not positions:
         raise InputError(
             f"the subject word {word!r} starts at character {start}, past the {max_length}-token limit of the text encoder "
-            f"(shorten the prompt or put the subject earlier, e.g. with --prompt)"
+            f"(shorten the prompt or put the subject earlier, e.g. with {option('prompt')})"
         )
     return SubjectTokens(word=word, start=start, end=end, positions=positions, input_ids=list(enc["input_ids"]))
 

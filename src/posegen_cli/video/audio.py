@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posegen_cli.errors import InputError, ResourceError
+from posegen_cli.errors import InputError, ResourceError, option
 from posegen_cli.video._ffmpeg import has_audio_stream, run_ffmpeg, stream_header
 from posegen_cli.video.decode import probe_video
 
@@ -30,5 +30,5 @@ def mux_audio(video: str | Path, audio_source: str | Path, out: str | Path, *, d
         err = result.stderr.strip().splitlines()
         if any("No space left" in line for line in err):
             raise ResourceError(f"disk full while writing {out} (free some space and run again)")
-        raise InputError(f"cannot take the audio of {audio_source}: {err[-1] if err else 'ffmpeg failed'} (use --no-audio)")
+        raise InputError(f"cannot take the audio of {audio_source}: {err[-1] if err else 'ffmpeg failed'} (use {option('no_audio')})")
     return out

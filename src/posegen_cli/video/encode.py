@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,7 +15,7 @@ from typing import IO
 
 import numpy as np
 
-from posegen_cli.errors import InputError, PosegenError, ResourceError
+from posegen_cli.errors import InputError, OptionError, PosegenError, ResourceError, option
 from posegen_cli.fsutil import atomic_path
 from posegen_cli.video._ffmpeg import ffmpeg_exe, fps_arg
 from posegen_cli.video.audio import mux_audio
@@ -40,7 +40,7 @@ class VideoWriter:
         preset: str = "medium",
     ) -> None:
         if not 0 <= crf <= 51:
-            raise InputError(f"--crf {crf} is out of range (use 0..51; 18 is visually lossless)")
+            raise OptionError("crf", crf, problem=f"{crf} is out of range (use 0..51; 18 is visually lossless)")
         self.path = Path(path)
         self.fps = fps
         self.crf = crf
@@ -101,7 +101,7 @@ class VideoWriter:
         if "No space left" in err:
             return ResourceError(f"disk full while writing {self.path} (free some space and run again)")
         reason = err.splitlines()[0] if err else f"exit code {self._proc.returncode}"  # the cause comes first
-        return PosegenError(f"ffmpeg failed writing {self.path}: {reason} (check the folder is writable; --debug shows more)", exit_code=1)
+        return PosegenError(f"ffmpeg failed writing {self.path}: {reason} (check the folder is writable; {option('debug')} shows more)", exit_code=1)
 
     def _finish(self, ok: bool) -> None:
         """Close ffmpeg; on success check it and mux the audio into the temporary file."""
@@ -149,5 +149,4 @@ def available_bytes(folder: str | Path) -> int:
     folder = Path(folder).resolve()
     while not folder.exists():
         folder = folder.parent
-    stat = os.statvfs(folder)
-    return stat.f_bavail * stat.f_frsize
+    return shutil.disk_usage(folder).free

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from posegen_cli.cache import file_digest
 from posegen_cli.errors import InputError, require_file
 
 
@@ -18,3 +20,20 @@ def load_image(path: str | Path) -> np.ndarray:
     if image is None:
         raise InputError(f"cannot read image {path}: not a PNG/JPEG/WebP/BMP/TIFF image (convert it to PNG)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+@dataclass(frozen=True)
+class ReferenceImage:
+    """A reference photo decoded and hashed once per job: its path, RGB uint8 (H, W, 3) pixels and SHA-256 digest."""
+
+    path: Path
+    pixels: np.ndarray
+    digest: str
+
+    @classmethod
+    def load(cls, source: str | Path | ReferenceImage, what: str = "reference image") -> ReferenceImage:
+        """Decode and hash ``source`` (kept as it is when already loaded); InputError names ``what`` when it is missing."""
+        if isinstance(source, ReferenceImage):
+            return source
+        path = require_file(source, what)
+        return cls(path=path, pixels=load_image(path), digest=file_digest(path))

@@ -1,0 +1,101 @@
+"""Loading a ``PoseGenPipeline`` from the model registry: which hub folders hold which component, and how to place them.
+
+The pipeline itself knows no hub names; this is the one place that maps the Wan I2V download and the PoseGen release
+folders onto its components.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from posegen_cli.choices import OFFLOAD_MODES
+from posegen_cli.device import resolve_device, resolve_dtype
+from posegen_cli.errors import MissingModelError, OptionError, option, out_of_memory_as
+from posegen_cli.hub import model_path
+from posegen_cli.models import PoseGenVariants
+from posegen_cli.models.distill import get_distill_preset, read_distill_lora
+from posegen_cli.pipelines.image import load_image_encoder
+from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, oom_message
+from posegen_cli.pipelines.scheduling import make_scheduler
+from posegen_cli.pipelines.text import load_text_encoder
+from posegen_cli.pipelines.vae import load_vae
+from posegen_cli.prompting.umt5 import load_tokenizer
+from posegen_cli.report import Reporter
+
+BASE_FOLDER = "720p-81f-base"
+TRANSITION_FOLDER = "720p-81f-cond"
+"""The release's two DiT checkpoints inside the ``posegen`` download."""
+
+
+def load_pipeline(
+    models_dir: str | Path | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    offload: str = "none",
+    load_encoders: bool = True,
+    distill: str | None = None,
+    distill_weight: float = 1.0,
+    reporter: Reporter | None = None,
+) -> PoseGenPipeline:
+    """Load every component once from the model registry (a models folder, or the Hugging Face cache when None).
+
+    The DiT is read from the release folders ``posegen/720p-81f-base`` and ``720p-81f-cond`` into one model holding
+    both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed embeddings.
+    ``offload``: "model" moves whole components to the GPU in turn, "group" streams the DiT's blocks; both need CUDA.
+    ``distill`` names a :data:`~posegen_cli.models.distill.DISTILL_PRESETS` LoRA (registry model of that preset), loaded
+    as a second adapter at ``distill_weight`` beside the PoseGen variants before any offloading hooks are set.
+
+    Raises:
+        OptionError: an unknown ``offload``, or offloading without CUDA.
+        MissingModelError: a component folder (or the distillation LoRA) is missing.
+        ResourceError: the GPU ran out of memory while loading.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if offload not in OFFLOAD_MODES:
+        raise OptionError("offload", offload, OFFLOAD_MODES)
+    if offload != "none" and dev.type != "cuda":
+        raise OptionError(
+            "offload", offload, problem=f"{offload} needs a CUDA device (got {dev}); use {option('offload')} none on the CPU"
+        )
+    wan = model_path("wan-i2v-720p", models_dir)
+    posegen = model_path("posegen", models_dir)
+    lora = None
+    if distill is not None:
+        preset = get_distill_preset(distill)
+        lora = read_distill_lora(model_path(preset.model, models_dir) / preset.weight_name)
+    needed = ["vae"] + (["tokenizer", "text_encoder", "image_encoder"] if load_encoders else [])
+    for sub in needed:
+        if not (wan / sub).is_dir():
+            raise MissingModelError(f"{wan / sub} is missing (re-run `posegen download wan-i2v-720p`)")
+    for sub in (BASE_FOLDER, TRANSITION_FOLDER):
+        if not (posegen / sub).is_dir():
+            raise MissingModelError(f"{posegen / sub} is missing (re-run `posegen download posegen`)")
+    place = "cpu" if offload != "none" else dev
+    if reporter is not None:
+        reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
+    with out_of_memory_as(oom_message("loading the models")):
+        variants = PoseGenVariants.from_release(posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER, dtype=dt, device=place, reporter=reporter)
+        if lora is not None:
+            variants.load_distill(lora, distill_weight)
+        pipe = PoseGenPipeline(
+            tokenizer=load_tokenizer(wan / "tokenizer") if load_encoders else None,
+            text_encoder=load_text_encoder(wan / "text_encoder", dt, place) if load_encoders else None,
+            image_encoder=load_image_encoder(wan / "image_encoder", dt, place) if load_encoders else None,
+            vae=load_vae(wan / "vae", dt, place),
+            transformer=variants.model,
+            scheduler=make_scheduler(),
+        )
+        pipe.variants = variants
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=dev)
+        elif offload == "group":
+            for name in ("text_encoder", "image_encoder", "vae"):
+                module = getattr(pipe, name)
+                if module is not None:
+                    module.to(dev)
+            pipe.transformer.enable_group_offload(onload_device=dev, offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+    return pipe
