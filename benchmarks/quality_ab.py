@@ -104,12 +104,12 @@ def _keypoints(video: Path, out_dir: Path, options: dict[str, Any]) -> Path | No
     """``keypoints.npz`` of a rendered video with the job's pose backend; None when nobody is found in it."""
     from posegen_cli.errors import InputError
     from posegen_cli.pose.extract import extract_pose
+    from posegen_cli.pose.settings import PoseOptions
 
     extra = {k: options[k] for k in ("device", "models_dir") if k in options}
+    pose_options = PoseOptions(backend=options.get("pose_backend", "auto"), use_cache=False, **extra)
     try:
-        result = extract_pose(
-            video, out_dir, backend=options.get("pose_backend", "auto"), use_cache=False, reporter=Reporter(quiet=True), **extra
-        )
+        result = extract_pose(video, out_dir, pose_options, reporter=Reporter(quiet=True))
     except InputError:
         return None
     return result.keypoints

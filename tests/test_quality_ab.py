@@ -17,6 +17,7 @@ import quality_ab
 
 from posegen_cli.pose.extract import extract_pose
 from posegen_cli.pose.keypoints import load_npz, save_npz
+from posegen_cli.pose.settings import PoseOptions
 
 
 def test_quality_ab_reports_time_and_difference_per_preset(
@@ -41,7 +42,7 @@ def test_metrics_on_known_cases(tmp_path: Path, driving_clip: Path) -> None:
     assert quality_ab.psnr(frame, frame) == math.inf and quality_ab.ssim(frame, frame) == pytest.approx(1.0)
     noisy = np.clip(frame.astype(int) + 16, 0, 255).astype(np.uint8)
     assert 20 < quality_ab.psnr(frame, noisy) < 30 and quality_ab.ssim(frame, noisy) < 1
-    keypoints = extract_pose(driving_clip, tmp_path / "pose", backend="mediapipe").keypoints
+    keypoints = extract_pose(driving_clip, tmp_path / "pose", PoseOptions(backend="mediapipe")).keypoints
     assert quality_ab.pose_agreement(keypoints, keypoints) == 1.0
     track = load_npz(keypoints)
     moved = dataclasses.replace(track, keypoints=track.keypoints + np.array([track.width * 0.2, 0.0]))
