@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from animate_inputs import make_driving_clip
-from transformer_step import FULL, build_model
+from gpu_suite import FULL, build_model
 
 from posegen_cli.longvideo import AnimateOptions, animate, loading
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline

@@ -6,8 +6,9 @@ Targets (issue 14): turbo's segment time at most 1/8 of exact's, fast's at most 
 Wan VAE; encoders one layer deep, as they run once per job) at 720x1280 with 81 frames, and for turbo a random rank-64
 LoRA in LightX2V's key layout; ``layers`` < 40 shortens the DiT to fit a time budget (the DiT's share shrinks, so the
 ratios come out conservative). ``scale="tiny"`` runs the tiny random model set on the CPU: it proves the harness, not
-the speed. What a preset names but this build does not apply (an attention backend or weight quantization from the
-single-GPU speed stack, when absent) is listed under ``not_applied``.
+the speed. What a preset names but cannot run here (an attention kernel whose package is absent, fp8 weights without
+an FP8 GPU) is listed under ``not_applied``; torchao quantises in place (after the distillation LoRA is wrapped), so
+presets run in the order given and a quantised one comes last (turbo).
 
     python benchmarks/segment_speed.py [--scale tiny|full] [--layers 40] [--presets exact,fast,turbo] [--json out.json]
 
@@ -33,8 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from posegen_cli.errors import InputError
 from posegen_cli.longvideo.loading import load_pipeline
 from posegen_cli.longvideo.speed import resolve_speed
+from posegen_cli.models import acceleration
 from posegen_cli.models.convert import diffusers_key_to_release
 from posegen_cli.models.distill import DISTILL_ADAPTER, LIGHTX2V, read_distill_lora
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, release_generator
@@ -71,16 +74,33 @@ def _pipeline(
     return pipe, lightx2v_lora(shapes, model.config.num_layers, seed=5, rank=64 if scale == "full" else 3)
 
 
-def _apply_attention(pipe: PoseGenPipeline, attention: str, not_applied: list[str]) -> None:
-    """Set the preset's attention backend where diffusers offers it here; note it otherwise."""
-    if attention in ("auto", "native"):
-        pipe.transformer.set_attention_backend("native")
-        return
+def _apply_attention(pipe: PoseGenPipeline, attention: str, device: torch.device, dtype: torch.dtype, not_applied: list[str]) -> None:
+    """Set the preset's attention kernel (``models.acceleration``) where it runs here; note it otherwise."""
     try:
-        pipe.transformer.set_attention_backend(attention)
-    except Exception as exc:  # noqa: BLE001 - a missing kernel package or an unsupported GPU is reported, not fatal
-        pipe.transformer.set_attention_backend("native")
-        not_applied.append(f"attention {attention}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        acceleration.set_attention(pipe.transformer, acceleration.resolve_attention(attention, device, dtype))
+    except InputError as exc:  # a missing kernel package or an unsupported GPU is reported, not fatal
+        acceleration.set_attention(pipe.transformer, acceleration.resolve_attention("native", device, dtype))
+        not_applied.append(f"attention {attention}: {exc}")
+
+
+def _apply_quantize(pipe: PoseGenPipeline, quantize: str, done: str, device: torch.device, not_applied: list[str]) -> str:
+    """Quantise the DiT's block linears for the preset (once: torchao works in place); returns what the weights are now.
+
+    Presets run in the order given, so a preset after a quantised one runs quantised too, which is noted.
+    """
+    if quantize == done or quantize == "none":
+        if done != "none" and quantize == "none":
+            not_applied.append(f"quantize none: the weights are {done} since an earlier preset")
+        return done
+    if done != "none":
+        not_applied.append(f"quantize {quantize}: the weights are already {done}")
+        return done
+    try:
+        acceleration.quantize_linears(pipe.transformer, acceleration.quantization_config(quantize, device))
+    except InputError as exc:
+        not_applied.append(f"quantize {quantize}: {exc}")
+        return done
+    return quantize
 
 
 def _time_segment(pipe: PoseGenPipeline, inputs: dict, device: torch.device, **call: Any) -> dict[str, Any]:
@@ -136,18 +156,18 @@ def run(
         }  # fmt: skip
         rows: dict[str, dict[str, Any]] = {}
         distill_loaded = False
+        quantized = "none"
         for preset in presets:
             speed = resolve_speed(preset, steps=None if preset == "turbo" or scale == "full" else TINY_STEPS)
             not_applied: list[str] = []
-            _apply_attention(pipe, speed.attention, not_applied)
-            if speed.quantize != "none":
-                not_applied.append(f"quantize {speed.quantize}: weight quantization is not part of this build")
+            _apply_attention(pipe, speed.attention, dev, dtype, not_applied)
             if speed.distill is not None and not distill_loaded:
                 lora = read_distill_lora(raw_lora)
                 pipe.transformer.load_lora_adapter(lora.state_dict, prefix="transformer", adapter_name=DISTILL_ADAPTER)
                 distill_loaded = True
             if distill_loaded:
                 pipe.transformer.set_adapters([DISTILL_ADAPTER], [speed.distill_weight if speed.distill else 0.0])
+            quantized = _apply_quantize(pipe, speed.quantize, quantized, dev, not_applied)
             pipe.enable_feature_cache(speed.cache, speed.cache_threshold, speed.steps, KV_STEPS)
             sigmas = None if speed.sigmas is None else torch.tensor(speed.sigmas)
             row = _time_segment(

@@ -15,10 +15,11 @@ from animate_inputs import TEST_OPTIONS
 
 from posegen_cli.cache import cache_root
 from posegen_cli.errors import InputError, MissingModelError, ResourceError
-from posegen_cli.longvideo import AnimateOptions, animate, engine
+from posegen_cli.longvideo import AnimateOptions, animate, engine, plan_animate
 from posegen_cli.longvideo.merge import merge_segments
 from posegen_cli.longvideo.options import PREVIEW_SIZE, PREVIEW_STEPS, resolve_settings
 from posegen_cli.longvideo.plan import overlap_before, plan_segments, timeline_order
+from posegen_cli.models import PoseGenTransformer3DModel
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.pose import backends as backends_module
 from posegen_cli.pose import extract as extract_module
@@ -50,8 +51,15 @@ def test_animate_end_to_end(
     # --shot auto and pose alignment both need the reference person; the driving video is decoded to count its frames
     detections = counted(monkeypatch, [backends_module, extract_module], "extract_reference_pose")
     probes = counted(monkeypatch, [engine, extract_module], "probe_video")
+    passes = counted(monkeypatch, [PoseGenTransformer3DModel], "forward")
     result = animate(reference_image_path, driving_clip, output, options=options, reporter=Reporter(quiet=True))
     assert len(detections) == 1 and probes == [driving_clip]
+
+    # --dry-run planned exactly this: the segments in this order, these K/V ranges, this many transformer passes
+    plan = plan_animate(driving_clip, options=options, reporter=Reporter(quiet=True))
+    assert [seg.index for seg in plan.segments] == result.computed
+    assert (tuple(plan.kv["steps"]), tuple(plan.kv["blocks"])) == (result.kv.steps, result.kv.blocks)
+    assert plan.passes == len(passes) == 5 * options.steps * 2
 
     info = probe_video(output)
     assert (info.width, info.height) == (64, 112)

@@ -67,6 +67,37 @@ def test_lightx2v_lora_stacks_with_each_variant_like_merging_both(tmp_path: Path
             assert DISTILL_ADAPTER in variants.model.active_adapters(), "a variant switch must keep the distillation adapter"
 
 
+INT8_TOLERANCE = 0.02
+"""As in ``test_acceleration``: relative L2 error of int8 weight-only outputs against unquantised ones (about 0.5 %)."""
+
+
+def test_int8_weights_under_the_distillation_lora_follow_each_swap(tmp_path: Path, folders) -> None:
+    """turbo's stack on the CPU: the LoRA wraps the linears, torchao quantises their base layers (not the LoRA's
+    low-rank layers), and a variant swap re-quantises the base layer under the adapter."""
+    from posegen_cli.models.acceleration import quantization_config
+
+    merged_base, cfg_base, _, _ = folders
+    lora = read_distill_lora(lightx2v_lora(merged_base, cfg_base["num_layers"], 23))
+    reference = PoseGenVariants.from_release(tmp_path / "base", tmp_path / "cond", dtype=torch.bfloat16)
+    variants = PoseGenVariants.from_release(tmp_path / "base", tmp_path / "cond", dtype=torch.bfloat16)
+    reference.load_distill(lora, WEIGHT)
+    variants.load_distill(lora, WEIGHT)
+    variants.quantize(quantization_config("int8", torch.device("cpu")))
+    inputs = {k: v.to(torch.bfloat16) for k, v in make_inputs(24, variants.model.config).items()}
+    outs = []
+    with torch.no_grad():
+        for name in ("base", "transition", "base"):
+            expected = reference.activate(name)(**inputs).sample
+            out = variants.activate(name)(**inputs).sample
+            error = float((out.float() - expected.float()).norm() / expected.float().norm())
+            assert error < INT8_TOLERANCE, name
+            outs.append(out)
+    assert torch.equal(outs[0], outs[2])
+    quantized = {n for n, p in variants.model.named_parameters() if type(p.data) is not torch.Tensor}
+    assert "blocks.0.attn1.to_q.base_layer.weight" in quantized
+    assert not any(".lora_" in n for n in quantized), "the LoRA's low-rank layers stay in the model dtype"
+
+
 def test_distill_weight_zero_is_the_plain_variant(tmp_path: Path, folders) -> None:
     merged_base, cfg_base, _, _ = folders
     lora = read_distill_lora(lightx2v_lora(merged_base, cfg_base["num_layers"], 22))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from posegen_reference import ReleaseShare, make_inputs, randomize_, reference_from_inputs, release_config, to_release_names
 
-from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, tiny_transformer_config
+from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, kv_sharing, tiny_transformer_config
 from posegen_cli.models.kv_cache import otsu_masks, subject_map
 
 torch.set_num_threads(1)
@@ -32,13 +32,19 @@ NEGATIVE_CONTEXT = torch.randn(1, 7, 32, generator=NEGATIVE)
 def run_segment(model, inputs: dict, cache: KVShareCache | None, device: str = "cpu") -> list[torch.Tensor]:
     """Both guidance branches (cond first) at every step, as the pipeline calls the model."""
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), kv_sharing(model, cache):
         for step, t in enumerate(TIMESTEPS):
             for branch, context in (("cond", inputs["encoder_hidden_states"]), ("uncond", NEGATIVE_CONTEXT)):
                 call = {k: v.to(device) for k, v in {**inputs, "timestep": t, "encoder_hidden_states": context}.items()}
-                view = cache.view(step, branch) if cache is not None else None
-                outs.append(model(**call, kv_share=view).sample.cpu())
+                with model.cache_context(branch, step_index=step):
+                    outs.append(model(**call).sample.cpu())
     return outs
+
+
+def forward_once(model, inputs: dict, cache: KVShareCache, step: int, branch: str) -> torch.Tensor:
+    """One forward of one guidance branch with K/V sharing on."""
+    with torch.no_grad(), kv_sharing(model, cache), model.cache_context(branch, step_index=step):
+        return model(**inputs).sample
 
 
 def run_release(model, inputs: dict, share: ReleaseShare, mode: str) -> list[torch.Tensor]:
@@ -173,14 +179,13 @@ def test_invalid_use_is_rejected() -> None:
         KVShareCache({0}, {34}, [1], placement="disk")  # type: ignore[arg-type]
     model = build(4)
     cache = KVShareCache({0, 1}, {2, 3}, [1], max_map_block=1)
-    with torch.no_grad():
-        model(**segment_inputs(11, model), kv_share=cache.view(0, "cond"))
+    forward_once(model, segment_inputs(11, model), cache, 0, "cond")
     with pytest.raises(RuntimeError, match="did not record"):
         cache.start_replay()
     run_segment(model, segment_inputs(11, model), cache)
     cache.start_replay()
-    with pytest.raises(RuntimeError, match="before 'uncond'"), torch.no_grad():
-        model(**segment_inputs(12, model), kv_share=cache.view(1, "uncond"))
+    with pytest.raises(RuntimeError, match="before 'uncond'"):
+        forward_once(model, segment_inputs(12, model), cache, 1, "uncond")
 
 
 def test_source_attention_projects_video_and_reference_rows_separately() -> None:
@@ -192,9 +197,7 @@ def test_source_attention_projects_video_and_reference_rows_separately() -> None
     cache.start_replay()
     rows: list[int] = []
     hook = model.blocks[3].attn1.to_out[0].register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[1]))
-    with torch.no_grad():
-        call = {**other, "timestep": TIMESTEPS[0]}
-        model(**call, kv_share=cache.view(0, "cond"))
+    forward_once(model, {**other, "timestep": TIMESTEPS[0]}, cache, 0, "cond")
     hook.remove()
     n_video, n_ref = 3 * 6 * 5, 6 * 5
     assert rows == [n_video, n_ref, n_video, n_ref]

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from animate_inputs import segment_embeds
+from diffusers.hooks import HookRegistry
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from safetensors.torch import load_file
 
@@ -97,7 +99,7 @@ def test_segment_is_deterministic_per_seed(pipe, embeds):
     assert np.array_equal(pipe(**embeds, pose_frames=pose, hand_frames=hand, num_inference_steps=STEPS, generator=release_generator(7)).frames, first)
 
 
-class RecordingTransformer(torch.nn.Module):
+class RecordingTransformer(torch.nn.Module, CacheMixin):
     """Stands in for the DiT: records every call and returns a fixed velocity per branch."""
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -199,12 +201,20 @@ def test_frames_of_another_size_are_framed_like_the_release(pipe, embeds):
 
 
 def test_kv_share_views_are_passed_per_step_and_branch(pipe, embeds):
+    """The pipeline names each forward's branch and step in ``cache_context``; the K/V hook asks the cache for that view."""
     stand_in, recorder = stand_in_pipeline(pipe, torch.float32)
-    cache = KVShareCache(steps=[0], blocks=[1], subject_positions=[1], max_map_block=0)
+    cache = KVShareCache(steps=[5], blocks=[1], subject_positions=[1], max_map_block=0)
+    asked = []
+    original = cache.view
+
+    def view(step, branch):
+        asked.append((step, branch))
+        return original(step, branch)
+
+    cache.view = view
     stand_in(**embeds, pose_frames=driving(1), hand_frames=driving(2), num_inference_steps=2, kv_share=cache)
-    views = [c["kv_share"] for c in recorder.calls]
-    assert [(v.step, v.branch) for v in views[:2]] == [(0, "cond"), (0, "uncond")]
-    assert views[2:] == [None, None]
+    assert asked == [(0, "cond"), (0, "uncond"), (1, "cond"), (1, "uncond")]
+    assert HookRegistry.check_if_exists_or_initialize(recorder).get_hook("posegen_kv_share") is None, "the hook is removed after the call"
 
 
 def test_bad_segment_inputs_are_input_errors(pipe, embeds):

@@ -75,6 +75,23 @@ def test_job_settings_take_the_preset_and_key_the_work_folder_by_it() -> None:
     assert resolve_settings(AnimateOptions(speed="turbo", preview=True)).steps == 4
 
 
+def test_unknown_attention_or_quantize_and_cache_with_group_offload_are_input_errors() -> None:
+    with pytest.raises(InputError, match="--attention 'xformers' is not known"):
+        resolve_speed("exact", attention="xformers")
+    with pytest.raises(InputError, match="--quantize 'int4' is not known"):
+        resolve_speed("exact", quantize="int4")
+    with pytest.raises(InputError, match="--cache magcache does not combine with --offload group"):
+        resolve_settings(AnimateOptions(speed="fast", offload="group"))
+    with pytest.raises(InputError, match="--cache fbc does not combine with --offload group.*--offload model or --cache none"):
+        resolve_settings(AnimateOptions(cache="fbc", offload="group"))
+
+
+def test_exact_attention_kernels_share_a_work_folder_key_and_approximate_ones_do_not() -> None:
+    keys = {name: resolve_settings(AnimateOptions(attention=name)).key_fields() for name in ("auto", "native", "cudnn", "sage")}
+    assert keys["auto"] == keys["native"] == keys["cudnn"] != keys["sage"]
+    assert resolve_settings(AnimateOptions(quantize="int8")).key_fields() != keys["native"]
+
+
 def test_preset_texts_state_speedup_and_risk() -> None:
     for preset in SPEED_PRESETS.values():
         assert preset.speedup and preset.quality_risk

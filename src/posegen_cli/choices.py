@@ -26,10 +26,11 @@ DISTILLS = ("none", "lightx2v")
 """Step-distillation LoRAs beside PoseGen's (``models/distill.py``); ``none`` runs the release's 25 steps."""
 CACHES = ("none", "fbc", "magcache")
 """diffusers feature caches on the DiT: First Block Cache, MagCache (TeaCache itself is not in diffusers 0.42)."""
-ATTENTION_BACKENDS = ("auto", "native", "cudnn", "flash", "flash3", "sage")
-"""Attention backends by name; ``sage`` (SageAttention, 8-bit Q·K) is the approximate one."""
-QUANTIZE_MODES = ("none", "fp8", "int8")
-"""Weight quantization of the DiT's linear layers."""
+ATTENTION_CHOICES = ("auto", "native", "cudnn", "flash", "flash3", "sage")
+"""Attention kernels, mapped onto diffusers' backend names by ``models.acceleration.resolve_attention``; ``sage`` is
+approximate, the others exact."""
+QUANTIZE_CHOICES = ("none", "fp8", "int8")
+"""torchao weights for the DiT's block linears."""
 
 
 @dataclass(frozen=True)

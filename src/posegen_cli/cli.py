@@ -37,12 +37,12 @@ AlignMode = _choice_enum("AlignMode", choices.ALIGN_MODES)
 Offload = _choice_enum("Offload", choices.OFFLOAD_MODES)
 KeypointFormat = _choice_enum("KeypointFormat", choices.OUTPUT_FORMATS)
 ShotType = _choice_enum("ShotType", ("auto", *choices.SHOT_TYPES))
+AttentionKernel = _choice_enum("AttentionKernel", choices.ATTENTION_CHOICES)
+Quantize = _choice_enum("Quantize", choices.QUANTIZE_CHOICES)
 
 Speed = _choice_enum("Speed", choices.SPEEDS)
 Distill = _choice_enum("Distill", choices.DISTILLS)
 CacheMode = _choice_enum("CacheMode", choices.CACHES)
-Attention = _choice_enum("Attention", choices.ATTENTION_BACKENDS)
-Quantize = _choice_enum("Quantize", choices.QUANTIZE_MODES)
 
 
 SPEED_HELP = "Speed preset; explicit flags override its parts. " + " ".join(
@@ -137,8 +137,6 @@ def animate(
     distill_weight: Annotated[float, typer.Option("--distill-weight", min=0.0, help="Strength of the distillation LoRA (1 is the authors').")] = 1.0,
     cache: Annotated[CacheMode | None, typer.Option("--cache", help="Reuse DiT block residuals between steps: fbc (First Block Cache) or magcache (published Wan2.1-I2V-720P ratios); first, last and K/V-sharing steps always run.", show_default=False)] = None,
     cache_threshold: Annotated[float | None, typer.Option("--cache-threshold", min=0.0, help="Cache threshold: higher skips more (default: fbc 0.05, magcache 0.12; 0 never skips).", show_default=False)] = None,
-    attention: Annotated[Attention | None, typer.Option("--attention", help="Attention backend (default: the preset's; sage is approximate).", show_default=False)] = None,
-    quantize: Annotated[Quantize | None, typer.Option("--quantize", help="Weight quantization of the DiT's linear layers (default: the preset's).", show_default=False)] = None,
     resolution: Annotated[str, typer.Option("--resolution", help="Output size WxH, multiples of 16 (the model was trained at 720x1280).")] = "720x1280",
     shot: Annotated[ShotType, typer.Option("--shot", help="K/V-sharing preset; auto picks it from the subject's size in the reference.")] = ShotType.auto,
     kv_steps: Annotated[str | None, typer.Option("--kv-steps", help="Override the preset's shared steps, e.g. '0-2' (start-end, end exclusive).")] = None,
@@ -151,6 +149,11 @@ def animate(
     crf: Annotated[int, typer.Option("--crf", min=0, max=51, help="H.264 quality (lower is better; 5 is the release's quality 9, 18 is visually lossless).")] = 5,
     compat_mp4: Annotated[bool, typer.Option("--compat-mp4", help="Pass every segment through the release's CRF-5 mp4 round trip before transitions and the merge use it (closest to the release's output).")] = False,
     anchor: Annotated[int, typer.Option("--anchor", min=0, help="Segment whose background the other base segments copy (even: 0, 2, 4, ...); pick another if it has camera motion.")] = 0,
+    attention: Annotated[AttentionKernel | None, typer.Option("--attention", help="Attention kernel (default: the --speed preset's, else auto): auto (fastest exact one present), native (PyTorch SDPA), cudnn, flash (FlashAttention-2), flash3 (FlashAttention-3, Hopper), sage (SageAttention: approximate, faster).", show_default=False)] = None,
+    compile_blocks: Annotated[bool, typer.Option("--compile", help="Compile the transformer blocks with torch.compile (a one-off compile per job, then faster passes).")] = False,
+    quantize: Annotated[Quantize | None, typer.Option("--quantize", help="torchao weights for the transformer's linear layers (default: the --speed preset's, else none): fp8 (FP8 GPUs: Ada, Hopper; faster, half the memory), int8 (weight-only: half the memory), none.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Load no model: print the segment plan, transformer passes, FLOPs, estimated GPU memory and time.")] = False,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="With --dry-run: estimate for this GPU (H200, H100, A100-80GB, L40S, 'RTX 4090') instead of the one present.")] = None,
     work_dir: Annotated[Path | None, typer.Option("--work-dir", help="Where finished segments are kept for resuming (default: the posegen cache).")] = None,
     keep_intermediates: Annotated[bool, typer.Option("--keep-intermediates", help="Keep the segment files and conditioning videos after success.")] = False,
     models_dir: ModelsDir = None,
@@ -175,13 +178,49 @@ def animate(
             cache_threshold=cache_threshold, attention=_value(attention), quantize=_value(quantize),
             shot=shot.value, kv_steps=kv_steps, kv_blocks=kv_blocks, align=align.value, pose_backend=pose_backend.value,
             offload=offload.value, preview=preview, audio=not no_audio, crf=crf, compat_mp4=compat_mp4, anchor=anchor,
-            work_dir=work_dir,
+            work_dir=work_dir, compile=compile_blocks, gpu=gpu,
             keep_intermediates=keep_intermediates, models_dir=models_dir, device=device, dtype=dtype,
         )
+        if dry_run:
+            from posegen_cli.longvideo import plan_animate
+
+            plan = plan_animate(driving, options=options, reporter=reporter)
+            reporter.summary(plan.as_dict() if json_output else plan_summary(plan), title="Plan (nothing was loaded or run)")
+            return
         result = run_animate(reference, driving, output, options=options, reporter=reporter)
         reporter.summary(result.summary(), title="Done")
 
     _run(quiet, json_output, debug, work, ANIMATE_FLAGS)
+
+
+def plan_summary(plan: Any) -> dict[str, Any]:
+    """A ``JobPlan`` for people: one line per segment, rounded units."""
+
+    def duration(seconds: float | None) -> str:
+        if seconds is None:
+            return "n/a"
+        return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s"
+
+    segments = [
+        f"{seg.index} {seg.kind} {seg.start}-{seg.stop - 1}: {seg.passes} passes, {seg.flops / 1e15:.0f} PF, "
+        f"~{duration(seg.seconds)}, ~{seg.peak_gib:.0f} GiB"
+        for seg in plan.segments
+    ]
+    kv = plan.kv
+    return {
+        "gpu": f"{plan.gpu} ({plan.gpu_source})" if plan.gpu else "none",
+        "settings": plan.settings,
+        "segments": segments,
+        "transformer passes": plan.passes,
+        "per pass": f"{plan.flops_per_pass / 1e15:.2f} PFLOP, ~{duration(plan.seconds_per_pass)}",
+        "job": f"{plan.flops / 1e15:.1f} PFLOP, ~{duration(plan.seconds)}",
+        "K/V cache": f"steps {kv['steps'][0]}-{kv['steps'][1]}, blocks {kv['blocks'][0]}-{kv['blocks'][1]}: {kv['gib']} GiB on the {kv['placement']}"
+        if kv["bytes"]
+        else "none (no base segment besides the anchor)",
+        "memory (GiB)": plan.memory_gib,
+        "peak GPU memory": f"~{plan.peak_gib:.1f} GiB",
+        "notes": plan.notes,
+    }
 
 
 @app.command("extract-pose")
@@ -365,7 +404,15 @@ def _doctor_report(models_dir: Path | None) -> dict[str, Any]:
 
 
 def _quiet_libraries() -> None:
-    """Our own progress bars and messages replace the libraries' tqdm bars and load-time chatter."""
+    """Our own progress bars and messages replace the libraries' tqdm bars and load-time chatter.
+
+    torchao (optional, for ``--quantize``), imported by diffusers when installed, logs the optional C++ kernels it
+    cannot load and a torch deprecation note; both are set quiet before anything imports them.
+    """
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

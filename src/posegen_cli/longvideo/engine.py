@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from posegen_cli.longvideo.plan import (
     plan_segments,
     timeline_order,
 )
+from posegen_cli.longvideo.planner import WAN_I2V_14B, JobPlan, JobSpec, ModelShape, expected_kernel, find_gpu, plan_job
 from posegen_cli.longvideo.presets import (
     DEFAULT_SHOT,
     KV_STEP_RULE,
@@ -45,6 +46,7 @@ from posegen_cli.longvideo.segments import SegmentStats, render_segments
 from posegen_cli.longvideo.sources import FrameSource
 from posegen_cli.longvideo.speed import RELEASE_STEPS, SpeedSettings
 from posegen_cli.longvideo.workdir import WorkDir
+from posegen_cli.models.acceleration import quantization_config, resolve_attention
 from posegen_cli.pose.types import PersonPose
 from posegen_cli.report import Reporter
 from posegen_cli.video import VideoInfo, VideoWriter, available_bytes, probe_video
@@ -265,6 +267,74 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def model_shape(models_dir: Path | None) -> tuple[ModelShape, str]:
+    """The DiT's shape from the base checkpoint's ``model_config.json`` when it is on disk (read, not loaded), else
+    the release's 14B shape; and where it came from."""
+    import json
+
+    from posegen_cli.hub import find_local
+    from posegen_cli.longvideo.loading import BASE_FOLDER
+    from posegen_cli.models.convert import release_config_to_diffusers
+
+    root = find_local("posegen", models_dir)
+    config_file = None if root is None else Path(root) / BASE_FOLDER / "model_config.json"
+    if config_file is None or not config_file.is_file():
+        return WAN_I2V_14B, "Wan2.1-I2V-14B-720P + PoseGen (models not downloaded: the release's shape)"
+    config = release_config_to_diffusers(json.loads(config_file.read_text()), config_file)
+    return ModelShape.from_config(config), str(config_file)
+
+
+def plan_animate(driving: Path, *, options: AnimateOptions, reporter: Reporter) -> JobPlan:
+    """A dry run: the segment plan, transformer passes, FLOPs, memory and time of the job, loading no model.
+
+    The GPU is ``options.gpu`` (a name of ``planner.GPUS``) or the one present; the attention kernel is what the run
+    would take there (``auto`` resolved as on that GPU, assuming no FlashAttention-3 package when it is not this one).
+    """
+    job = resolve_settings(options)
+    driving = require_file(driving, "driving video")
+    info = probe_video(driving)
+    plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
+    shape, shape_source = model_shape(options.models_dir)
+    shot = options.shot if options.shot != "auto" else DEFAULT_SHOT
+    kv_steps, _ = kv_steps_for(shot, job)
+    kv = kv_share_ranges(shot, job.steps, shape.layers, kv_steps, job.kv_blocks)
+    attention, quantize = job.speed.attention, job.speed.quantize
+    device = job.device
+    dtype = torch.bfloat16 if options.gpu is not None and options.dtype == "auto" else job.dtype
+    if options.gpu is not None:
+        try:
+            gpu = find_gpu(options.gpu)
+        except ValueError as exc:
+            raise InputError(f"{option('gpu')}: {exc}") from None
+        kernel = expected_kernel(attention, gpu.capability)
+    else:
+        gpu = find_gpu(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        kernel = resolve_attention(attention, device, dtype).choice if gpu is not None else expected_kernel(attention, None)
+    preset_fp8 = quantize == "fp8" and "quantize" in job.speed.preset_parts
+    if preset_fp8 and (gpu is None or gpu.fp8_tflops is None):
+        quantize = "none"  # the run would drop the preset's fp8 there too (fit_speed_to_device)
+    if quantize == "fp8" and (gpu is None or gpu.fp8_tflops is None):
+        raise InputError(
+            f"{option('quantize')} fp8 needs an FP8 GPU; {gpu.name if gpu else 'no GPU'} has none (use int8 or none, or {option('gpu')} H100)"
+        )
+    spec = JobSpec(
+        height=job.height, width=job.width, frames=options.segment_frames, steps=job.steps, guidance=job.guidance,
+        kv_steps=kv.steps, kv_blocks=kv.blocks, max_map_block=kv.max_map_block, attention=kernel, compiled=options.compile,
+        quantize=quantize, offload=options.offload, dtype_bytes=2 if dtype != torch.float32 else 4,
+    )  # fmt: skip
+    result = plan_job(plan, shape, spec, gpu)
+    result.settings.update(driving_frames=info.frame_count, fps=float(info.fps), shot=shot, model=shape_source)
+    if options.shot == "auto":
+        result.notes.append(f"shot auto: planned with the {DEFAULT_SHOT} preset; the run picks the preset from the reference person")
+    if quantize != job.speed.quantize:
+        result.notes.append(f"{option('speed')} {job.speed.speed}: planned without its fp8 weights, which need an FP8 GPU")
+    if job.speed.cache != "none":
+        result.notes.append(f"cache {job.speed.cache}: every step counted in full (the cache skips some, by content)")
+    if gpu is None:
+        result.notes.append("no GPU named or present: no time estimate (name one: H100, H200, A100-80GB, L40S or 'RTX 4090')")
+    return result
+
+
 def animate(
     reference: Path,
     driving: Path,
@@ -301,6 +371,28 @@ def kv_steps_for(shot: str, job: JobSettings) -> tuple[tuple[int, int] | None, s
     return steps, rule
 
 
+def fit_speed_to_device(job: JobSettings, reporter: Reporter) -> JobSettings:
+    """``job`` with a preset's attention kernel or quantisation that cannot run on its device (SageAttention on the
+    CPU, fp8 without an FP8 GPU) set back to the exact default, with a warning; one given explicitly raises.
+
+    Raises InputError (from :mod:`posegen_cli.models.acceleration`) for an explicit setting that cannot run here.
+    """
+    speed = job.speed
+    checks = {
+        "attention": lambda value: resolve_attention(value, job.device, job.dtype),
+        "quantize": lambda value: quantization_config(value, job.device),
+    }
+    for part, check in checks.items():
+        try:
+            check(getattr(speed, part))
+        except InputError as exc:
+            if part not in speed.preset_parts:
+                raise
+            reporter.warn(f"{option(part)} {getattr(speed, part)} of {option('speed')} {speed.speed} cannot run here ({exc}); running without it")
+            speed = speed.without(part, str(exc))
+    return replace(job, speed=speed)
+
+
 def _animate(
     reference: Path,
     driving: Path,
@@ -315,6 +407,7 @@ def _animate(
     driving = require_file(driving, "driving video")
     output = check_output_path(output, [reference, driving])
     device = job.device
+    job = fit_speed_to_device(job, reporter)  # a kernel or quantisation that cannot run fails before any work
     timer = PhaseTimer(device)
     size = (job.height, job.width)
 
@@ -363,12 +456,16 @@ def _animate(
     with timer("load models"):
         from posegen_cli.longvideo.loading import load_pipeline
         from posegen_cli.longvideo.renderer import PipelineRenderer
+        from posegen_cli.models.distill import DistillChoice
 
         speed = job.speed
         pipe = load_pipeline(
-            options.models_dir, device=device, dtype=job.dtype, offload=options.offload, distill=speed.distill,
-            distill_weight=speed.distill_weight, reporter=reporter,
+            options.models_dir, device=device, dtype=job.dtype, offload=options.offload,
+            distill=None if speed.distill is None else DistillChoice(speed.distill, speed.distill_weight),
+            attention=speed.attention, compile=options.compile, quantize=speed.quantize, reporter=reporter,
         )  # fmt: skip
+        if pipe.attention is not None:
+            reporter.info(f"attention: {pipe.attention.describe()}")
         kv_steps, kv_rule = kv_steps_for(shot, job)
         kv = kv_share_ranges(shot, job.steps, pipe.transformer.config.num_layers, kv_steps, job.kv_blocks)
         renderer = PipelineRenderer(
@@ -379,8 +476,6 @@ def _animate(
         reporter.info(f"K/V steps on the distilled schedule: {kv_rule}")
     for line in speed.approximations:
         reporter.info(f"approximation ({speed.speed}): {line}")
-    if speed.attention not in ("auto", "native") or speed.quantize != "none":
-        reporter.warn(f"attention {speed.attention} and quantize {speed.quantize} are not applied by this build; the DiT runs native bf16")
 
     pose_source, hand_source = FrameSource(poses.pose_video, size), FrameSource(poses.hand_video, size)
     try:

@@ -15,7 +15,8 @@ from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import MissingModelError, OptionError, option, out_of_memory_as
 from posegen_cli.hub import model_path
 from posegen_cli.models import PoseGenVariants
-from posegen_cli.models.distill import get_distill_preset, read_distill_lora
+from posegen_cli.models.acceleration import compile_blocks, quantization_config, resolve_attention, set_attention
+from posegen_cli.models.distill import DistillChoice, get_distill_preset, read_distill_lora
 from posegen_cli.pipelines.image import load_image_encoder
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, oom_message
 from posegen_cli.pipelines.scheduling import make_scheduler
@@ -36,8 +37,10 @@ def load_pipeline(
     dtype: str | torch.dtype = "auto",
     offload: str = "none",
     load_encoders: bool = True,
-    distill: str | None = None,
-    distill_weight: float = 1.0,
+    distill: DistillChoice | None = None,
+    attention: str = "auto",
+    compile: bool = False,
+    quantize: str = "none",
     reporter: Reporter | None = None,
 ) -> PoseGenPipeline:
     """Load every component once from the model registry (a models folder, or the Hugging Face cache when None).
@@ -45,11 +48,15 @@ def load_pipeline(
     The DiT is read from the release folders ``posegen/720p-81f-base`` and ``720p-81f-cond`` into one model holding
     both variants (base active). ``load_encoders=False`` skips umT5 and CLIP for workers that are handed embeddings.
     ``offload``: "model" moves whole components to the GPU in turn, "group" streams the DiT's blocks; both need CUDA.
-    ``distill`` names a :data:`~posegen_cli.models.distill.DISTILL_PRESETS` LoRA (registry model of that preset), loaded
-    as a second adapter at ``distill_weight`` beside the PoseGen variants before any offloading hooks are set.
+    ``distill`` names a :data:`~posegen_cli.models.distill.DISTILL_PRESETS` LoRA (registry model of that preset) and its
+    weight; it is loaded as a second adapter beside the PoseGen variants before quantisation and offloading hooks.
+    ``attention``, ``compile`` and ``quantize`` are the DiT speed-ups of :mod:`posegen_cli.models.acceleration`,
+    checked before anything loads and applied in the order quantize, attention, compile; ``pipe.attention`` tells
+    which kernel was set.
 
     Raises:
         OptionError: an unknown ``offload``, or offloading without CUDA.
+        InputError: an attention kernel or quantisation this device cannot run.
         MissingModelError: a component folder (or the distillation LoRA) is missing.
         ResourceError: the GPU ran out of memory while loading.
     """
@@ -65,7 +72,7 @@ def load_pipeline(
     posegen = model_path("posegen", models_dir)
     lora = None
     if distill is not None:
-        preset = get_distill_preset(distill)
+        preset = get_distill_preset(distill.name)
         lora = read_distill_lora(model_path(preset.model, models_dir) / preset.weight_name)
     needed = ["vae"] + (["tokenizer", "text_encoder", "image_encoder"] if load_encoders else [])
     for sub in needed:
@@ -74,13 +81,15 @@ def load_pipeline(
     for sub in (BASE_FOLDER, TRANSITION_FOLDER):
         if not (posegen / sub).is_dir():
             raise MissingModelError(f"{posegen / sub} is missing (re-run `posegen download posegen`)")
+    attention_choice = resolve_attention(attention, dev, dt)
+    quantization = quantization_config(quantize, dev)
     place = "cpu" if offload != "none" else dev
     if reporter is not None:
         reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
     with out_of_memory_as(oom_message("loading the models")):
         variants = PoseGenVariants.from_release(posegen / BASE_FOLDER, posegen / TRANSITION_FOLDER, dtype=dt, device=place, reporter=reporter)
         if lora is not None:
-            variants.load_distill(lora, distill_weight)
+            variants.load_distill(lora, distill.weight)
         pipe = PoseGenPipeline(
             tokenizer=load_tokenizer(wan / "tokenizer") if load_encoders else None,
             text_encoder=load_text_encoder(wan / "text_encoder", dt, place) if load_encoders else None,
@@ -90,6 +99,8 @@ def load_pipeline(
             scheduler=make_scheduler(),
         )
         pipe.variants = variants
+        if quantization is not None:
+            variants.quantize(quantization)
         if offload == "model":
             pipe.enable_model_cpu_offload(device=dev)
         elif offload == "group":
@@ -98,4 +109,9 @@ def load_pipeline(
                 if module is not None:
                     module.to(dev)
             pipe.transformer.enable_group_offload(onload_device=dev, offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+        set_attention(pipe.transformer, attention_choice)
+        pipe.attention = attention_choice
+        if compile:
+            # group offloading's hooks run eagerly inside each block (graph breaks), so only then allow breaks
+            compile_blocks(pipe.transformer, fullgraph=offload == "none")
     return pipe

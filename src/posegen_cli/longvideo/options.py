@@ -47,9 +47,9 @@ class AnimateOptions:
     cache: str | None = None
     cache_threshold: float | None = None
     attention: str | None = None
-    """Attention backend (auto, native, cudnn, flash, flash3, sage); None: the preset's."""
+    """Attention kernel: one of ``choices.ATTENTION_CHOICES`` (auto: the fastest exact one present); None: the preset's."""
     quantize: str | None = None
-    """Weight quantization (none, fp8, int8); None: the preset's."""
+    """torchao weights of the block linears: one of ``choices.QUANTIZE_CHOICES``; None: the preset's."""
     resolution: str = "720x1280"
     shot: str = "auto"
     kv_steps: str | None = None
@@ -68,6 +68,10 @@ class AnimateOptions:
     models_dir: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    compile: bool = False
+    """Compile the transformer blocks (regional ``torch.compile``)."""
+    gpu: str | None = None
+    """GPU the job planner estimates for (a name of ``longvideo.planner.GPUS``); None: the one present."""
     anchor: int = 0
     pad: bool = True
     segment_frames: int = 81
@@ -160,6 +164,12 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
             raise OptionError(name, value, choices)
     if not 0 <= options.crf <= 51:
         raise OptionError("crf", options.crf, problem=f"{options.crf} is out of range (use 0..51; 18 is visually lossless)")
+    if options.offload == "group" and speed.cache != "none":
+        raise OptionError(
+            "cache", speed.cache,
+            problem=f"{speed.cache} does not combine with {option('offload')} group (its hooks and the streamed blocks' "
+            f"hooks are untested together); use {option('offload')} model or {option('cache')} none",
+        )  # fmt: skip
     device = resolve_device(options.device)
     if options.offload != "none" and device.type != "cuda":
         raise OptionError(

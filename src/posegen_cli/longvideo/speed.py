@@ -7,10 +7,11 @@ summary and the JSON summary; the presets themselves are the data table :data:`p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from posegen_cli.choices import DEFAULT_SPEED, SPEED_PRESETS
+from posegen_cli.choices import ATTENTION_CHOICES, DEFAULT_SPEED, QUANTIZE_CHOICES, SPEED_PRESETS
 from posegen_cli.errors import OptionError, option
+from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION
 from posegen_cli.models.distill import DISTILL_PRESETS, distill_unshifted_sigmas, get_distill_preset
 from posegen_cli.models.feature_cache import CACHES, DEFAULT_THRESHOLDS
 
@@ -38,16 +39,27 @@ class SpeedSettings:
     attention: str
     quantize: str
     approximations: tuple[str, ...]
+    preset_parts: frozenset[str] = field(default=frozenset())
+    """Of ``attention`` and ``quantize``, those the preset chose (not given explicitly): :meth:`without` may drop them."""
+
+    def without(self, part: str, reason: str) -> SpeedSettings:
+        """These settings with the preset's ``part`` ("attention" or "quantize") back at its exact default (auto
+        attention, no quantisation) because it cannot run (``reason``); its approximation line says so."""
+        default, prefix = {"attention": ("auto", "attention:"), "quantize": ("none", "weights:")}[part]
+        note = f"{prefix} {getattr(self, part)} of the {self.speed} preset not applied ({reason}); {default} instead"
+        lines = tuple(note if line.startswith(prefix) else line for line in self.approximations)
+        return replace(self, **{part: default}, approximations=lines, preset_parts=self.preset_parts - {part})
 
     def key_fields(self) -> dict[str, object]:
-        """What changes a segment's pixels (the work folder's key)."""
+        """What changes a segment's pixels (the work folder's key); exact attention kernels differ only in rounding,
+        so they share a key, while approximate attention and quantised weights change it."""
         return {
             "sigmas": self.sigmas,
             "distill": self.distill,
             "distill_weight": self.distill_weight if self.distill else None,
             "cache": self.cache,
             "cache_threshold": self.cache_threshold,
-            "attention": self.attention,
+            "attention": "approximate" if self.attention in APPROXIMATE_ATTENTION else "exact",
             "quantize": self.quantize,
         }
 
@@ -73,6 +85,8 @@ def resolve_speed(
     _choice(speed, tuple(SPEED_PRESETS), "speed")
     _choice(distill, ("none", *DISTILL_PRESETS), "distill")
     _choice(cache, CACHES, "cache")
+    _choice(attention, ATTENTION_CHOICES, "attention")
+    _choice(quantize, QUANTIZE_CHOICES, "quantize")
     preset = SPEED_PRESETS[speed]
     chosen_distill = preset.distill if distill is None else (None if distill == "none" else distill)
     chosen_cache = preset.cache if cache is None else cache
@@ -140,4 +154,8 @@ def resolve_speed(
         attention=chosen_attention,
         quantize=chosen_quantize,
         approximations=tuple(approximations),
+        preset_parts=frozenset(
+            name for name, given, chosen in (("attention", attention, chosen_attention), ("quantize", quantize, chosen_quantize))
+            if given is None and chosen not in ("auto", "none")
+        ),
     )

@@ -41,6 +41,7 @@ from diffusers.hooks.group_offloading import (
 from torch import nn
 
 from posegen_cli.errors import InputError
+from posegen_cli.models.acceleration import is_quantized, quantize_linears, requantize_linear
 from posegen_cli.models.convert import (
     ReleaseCheckpoint,
     build_model,
@@ -175,6 +176,7 @@ class PoseGenVariants:
         self.memory = memory
         self.active: str | None = None
         self.distill_weight: float | None = None
+        self.quantization: object | None = None
 
     @classmethod
     def from_release(
@@ -279,6 +281,29 @@ class PoseGenVariants:
         if names:
             self.model.set_adapters(names, weights)
 
+    def quantize(self, config: object) -> None:
+        """Quantise the block linears with the torchao ``config``, now and after every switch.
+
+        The rule that keeps both variants exact: a switch computes each swapped weight in full precision exactly as
+        without quantisation, then quantises it, so the active variant is always ``quantize(its merged weights)``,
+        the same as quantising that checkpoint alone. Memory: one quantised model on the device (about half the
+        bf16 bytes for int8/fp8) plus the same host copies as without quantisation; a switch re-quantises the
+        swapped layers (about a second per GB of weights, estimate).
+        """
+        if self.mode == "adapter":
+            raise ValueError("quantised weights need mode='exact': peft adapters cannot wrap torchao's quantised layers")
+        quantize_linears(self.model, config)
+        self.quantization = config
+
+    def _write(self, params: dict[str, nn.Parameter], key: str, value: torch.Tensor) -> None:
+        param = params[key]
+        if is_quantized(param):
+            layer = self.model.get_submodule(key.rpartition(".")[0])
+            # a layer peft wrapped for the distillation LoRA holds the quantised weights in its base_layer
+            requantize_linear(getattr(layer, "base_layer", layer), value.to(param.dtype), self.quantization)
+        else:
+            param.copy_(value.to(param.dtype))
+
     @torch.no_grad()
     def activate(self, name: VariantName) -> PoseGenTransformer3DModel:
         """Make ``model`` compute as the ``name`` checkpoint: its LoRA, its own tensors, its RoPE and hand flags."""
@@ -296,9 +321,9 @@ class PoseGenVariants:
                 if key in variant.lora:
                     up, down = variant.lora[key]
                     weight = weight + lora_delta(up, down, weight, variant.merge_dtype)
-                params[key].copy_(weight.to(params[key].dtype))
+                self._write(params, key, weight)
         for key, tensor in variant.own.items():
-            params[key].copy_(tensor)
+            self._write(params, key, tensor)
         if variant.hand is not None:
             _swap_hand(model, variant.hand)
         model.register_to_config(**variant.config)

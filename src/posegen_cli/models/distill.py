@@ -60,6 +60,14 @@ LIGHTX2V = DistillPreset(
 DISTILL_PRESETS: dict[str, DistillPreset] = {LIGHTX2V.name: LIGHTX2V}
 
 
+@dataclass(frozen=True)
+class DistillChoice:
+    """Which distillation LoRA a job loads (a name of :data:`DISTILL_PRESETS`) and at what strength (1: the authors')."""
+
+    name: str
+    weight: float = 1.0
+
+
 def get_distill_preset(name: str) -> DistillPreset:
     try:
         return DISTILL_PRESETS[name]

@@ -4,8 +4,9 @@ diffusers' First Block Cache and MagCache skip the transformer blocks of a step 
 predicted to change little, reusing the residual of the last computed step. Three PoseGen rules are added on top,
 without changing the hooks:
 
-- the guidance branches never share cached state: every forward runs in ``cache_context("cond" | "uncond")``, which
-  keys the hooks' state per branch (diffusers ``StateManager``);
+- the guidance branches never share cached state: the pipeline runs every forward in the DiT's
+  ``cache_context("cond" | "uncond", step_index=...)`` (the same context the K/V-sharing hook reads), which keys the
+  hooks' state per branch (diffusers ``StateManager``);
 - the first and last steps and every *guarded* step (the steps where the anchor records, or a base segment
   replays, background K/V: a skipped block computes no K/V) always run every block. First Block Cache has no
   per-step setting, so its state is reset before a guarded step (the cache restarts from that step's residual,
@@ -20,9 +21,8 @@ The hooks find blocks by class in ``TransformerBlockRegistry``; :func:`register_
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -104,7 +104,7 @@ def magcache_ratios(settings: CacheSettings) -> torch.Tensor:
 
 
 class FeatureCache:
-    """diffusers' cache hooks on one PoseGen DiT, with the guards above; ``context(step, branch)`` wraps each forward."""
+    """diffusers' cache hooks on one PoseGen DiT, with the guards above; ``before_forward(step, branch)`` runs before each forward."""
 
     def __init__(self, model: PoseGenTransformer3DModel, settings: CacheSettings) -> None:
         from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
@@ -132,9 +132,9 @@ class FeatureCache:
 
         HookRegistry.check_if_exists_or_initialize(self.model).reset_stateful_hooks(recurse=True)
 
-    @contextlib.contextmanager
-    def context(self, step: int, branch: str) -> Iterator[None]:
-        """Run one forward of ``branch`` ("cond" first, then "uncond") at ``step`` under the cache.
+    def before_forward(self, step: int, branch: str) -> None:
+        """The guards before one forward of ``branch`` ("cond" first, then "uncond") at ``step``, which the caller
+        runs in the DiT's ``cache_context(branch, step_index=step, ...)`` (that keys the hooks' state per branch).
 
         Raises ValueError when the step lies outside the schedule the cache was built for.
         """
@@ -144,8 +144,6 @@ class FeatureCache:
         first_branch = branch == "cond"
         if first_branch and (step == 0 or (settings.name == "fbc" and step in settings.guarded_steps)):
             self.reset()
-        with self.model.cache_context(branch, step_index=step, num_inference_steps=settings.num_inference_steps):
-            yield
 
     def disable(self) -> None:
         self.model.disable_cache()

@@ -1,29 +1,45 @@
 """Background K/V sharing (PoseGen §2): the anchor segment records, every other base segment replays.
 
 Same outputs as the release, held leaner:
-- no dense N×N −∞ mask on the source attention: it only touches rows the fusion throws away (spec §2.5);
+- no dense N×N −∞ mask on the source attention: it only touches rows the fusion throws away (spec §2.5), so
+  every attention kernel of diffusers' dispatcher applies (flash, cuDNN, sage need no mask);
 - the anchor's subject map is kept as the per-frame Otsu mask of each shared step (one byte per video token)
   instead of the cross-attention Q/K of 40 blocks; this needs every sharing block to come after the map blocks;
-- nothing is written to disk. K/V stay on the GPU, or in pinned host memory and are copied back one sharing
-  block ahead on a side stream so the copy hides behind the blocks in between.
+- nothing is written to disk. K/V stay on the GPU, or in pinned host memory, copied to the GPU in the sharing
+  block that reads them (about 1.6 GB per block at 720p: 32-65 ms at 25-50 GB/s, against about 250 ms of compute).
 
-Use: ``cache = KVShareCache(steps, blocks, subject_positions)``; run the anchor with
-``kv_share=cache.view(step, "cond" | "uncond")`` (cond first at every step); ``cache.start_replay()``; run the
-other base segments with the same views; ``cache.release()`` when done.
+It has the shape of diffusers' cache hooks: a stateful :class:`KVShareHook` on the transformer reads
+``transformer.cache_context(branch, step_index=step)`` (the guidance branch, "cond" or "uncond", and the step) and
+hands each block's attention processors their part for that forward (a :class:`BlockShare` or :class:`ForwardShare`);
+the processors only read and write those objects, so a compiled block has no graph break and does not specialise
+on its index. Use::
+
+    cache = KVShareCache(steps, blocks, subject_positions)
+    with kv_sharing(transformer, cache):          # anchor: records (cond first at every step)
+        ...  with transformer.cache_context("cond", step_index=i): transformer(...)
+    cache.start_replay()
+    with kv_sharing(transformer, cache):          # other base segments: replay
+        ...
+    cache.release()
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 
 Branch = Literal["cond", "uncond"]
 Placement = Literal["gpu", "cpu", "auto"]
 AUTO_HEADROOM_BYTES = 6 * 1024**3
 """GPU memory left free by ``placement="auto"`` for the activations of the replaying forward."""
+HOOK_NAME = "posegen_kv_share"
 
 
 def subject_map(
@@ -66,21 +82,97 @@ def otsu_masks(maps: torch.Tensor, bins: int = 256) -> torch.Tensor:
     return (images > threshold[:, None]).to(torch.uint8).reshape(shape)
 
 
-class _MapSum:
-    """Sum of normalised maps in block order, in the maps' dtype, as the release accumulates them."""
+@torch.library.custom_op("posegen::subject_mask", mutates_args=())
+def subject_mask(map_sum: torch.Tensor, count: int) -> torch.Tensor:
+    """uint8 [B, f*h*w]: Otsu of the mean of ``count`` summed maps [B, f, h, w], frame by frame.
 
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.count = 0
+    A custom op, so that inside a compiled block it runs eagerly, op for op as here: a histogram threshold must not
+    move because a compiler reordered a cumulative sum.
+    """
+    return otsu_masks(map_sum / count).flatten(1)
 
-    def add(self, m: torch.Tensor) -> None:
-        self.total = m if self.total is None else self.total + m
-        self.count += 1
 
-    def mask(self) -> torch.Tensor:
-        """uint8 [B, f*h*w]: Otsu of the mean map, frame by frame."""
-        assert self.total is not None
-        return otsu_masks(self.total / self.count).flatten(1)
+@subject_mask.register_fake
+def _(map_sum: torch.Tensor, count: int) -> torch.Tensor:
+    return map_sum.new_empty((map_sum.shape[0], map_sum[0].numel()), dtype=torch.uint8)
+
+
+@torch.library.custom_op("posegen::to_host", mutates_args=())
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``tensor`` (pinned, filled asynchronously, when it lives on a GPU); opaque to torch.compile."""
+    pin = tensor.device.type == "cuda"
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+    out.copy_(tensor, non_blocking=pin)
+    return out
+
+
+@to_host.register_fake
+def _(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+
+
+@dataclass(eq=False)
+class ForwardShare:
+    """What the blocks of one forward share: the running subject-map sum and the masks built from it.
+
+    ``map_count`` is fixed before the forward (the number of map blocks), so no block reads a changing counter.
+    """
+
+    positions: tuple[int, ...]
+    grid: tuple[int, int, int]
+    chunk_rows: int
+    map_count: int
+    use_mask: bool
+    prev_mask: torch.Tensor | None = None
+    map_sum: torch.Tensor | None = None
+    curr_mask: torch.Tensor | None = None
+    background: torch.Tensor | None = None
+
+    def add_map(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Add this block's normalised subject map (cross-attention ``q`` [B, S, H, D], text keys ``k``), in block order."""
+        m = subject_map(q, k, self.positions, self.grid, self.chunk_rows)
+        self.map_sum = m if self.map_sum is None else self.map_sum + m
+
+    def background_mask(self) -> torch.Tensor | None:
+        """bool [B, Nv]: video tokens that take the anchor-attention result (neither subject mask set); None: all do."""
+        if not self.use_mask:
+            return None
+        if self.background is None:
+            assert self.map_sum is not None and self.prev_mask is not None
+            self.curr_mask = subject_mask(self.map_sum, self.map_count)
+            self.background = torch.bitwise_or(self.prev_mask, self.curr_mask) == 0
+        return self.background
+
+
+@dataclass(eq=False)
+class BlockShare:
+    """One sharing block's part of a forward: record its K/V (anchor), or attend to the anchor's as well (replay)."""
+
+    forward: ForwardShare
+    record: bool = False
+    to_host: bool = False
+    source: tuple[torch.Tensor, torch.Tensor] | None = None
+    recorded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def keep(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Record the block's self-attention K/V [B, N, H, D] (after norm and RoPE, [video; reference] order)."""
+        if self.record:
+            self.recorded = (to_host(k), to_host(v)) if self.to_host else (k, v)
+
+    def source_kv(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.source is None:
+            return None
+        k, v = self.source
+        return k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+
+    def fuse(self, plain: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """Per video token, the anchor-K/V result on the background and this segment's own on the subject.
+
+        Selecting the projected outputs before the gated residual gives bit for bit the release's selection of
+        ``x_res + gate·out`` rows, as both are elementwise.
+        """
+        background = self.forward.background_mask()
+        return shared if background is None else torch.where(background[..., None], shared, plain)
 
 
 class KVShareCache:
@@ -125,15 +217,13 @@ class KVShareCache:
         self._kv: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._prev_masks: dict[int, torch.Tensor] = {}
         self._curr_masks: dict[int, torch.Tensor] = {}
-        self._copy_stream: torch.cuda.Stream | None = None
-        self._inflight: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def maps_needed(self) -> bool:
         return self.use_subject_mask and bool(self.blocks)
 
     def view(self, step: int, branch: Branch) -> KVShareView | None:
-        """The per-forward handle to pass as ``kv_share``; None at steps that do not share."""
+        """The per-forward handle :class:`KVShareHook` works through; None at steps that do not share."""
         if branch not in ("cond", "uncond"):
             raise ValueError(f"branch must be 'cond' or 'uncond', not {branch!r}")
         if self.mode == "released":
@@ -176,62 +266,30 @@ class KVShareCache:
     def release(self) -> None:
         """Drop everything; the cache cannot be used afterwards."""
         self._kv.clear()
-        self._inflight.clear()
         self._prev_masks.clear()
         self._curr_masks.clear()
         self.mode = "released"
 
-    def _resolve_placement(self, k: torch.Tensor) -> Literal["gpu", "cpu"]:
+    def _resolve_placement(self, tensor_bytes: int, device: torch.device) -> Literal["gpu", "cpu"]:
+        """Where recorded K/V live; ``tensor_bytes`` is one K (or V) tensor of one block and branch."""
         if self.resolved_placement is None:
-            if self.placement != "auto" or k.device.type != "cuda":
+            if self.placement != "auto" or device.type != "cuda":
                 self.resolved_placement = "cpu" if self.placement == "cpu" else "gpu"
             else:
-                total = 4 * len(self.steps) * len(self.blocks) * k.numel() * k.element_size()
-                free, _ = torch.cuda.mem_get_info(k.device)
+                total = 4 * len(self.steps) * len(self.blocks) * tensor_bytes
+                free, _ = torch.cuda.mem_get_info(device)
                 self.resolved_placement = "gpu" if total + AUTO_HEADROOM_BYTES < free else "cpu"
         return self.resolved_placement
 
     def _store(self, key: tuple[int, str, int], k: torch.Tensor, v: torch.Tensor) -> None:
-        if self._resolve_placement(k) == "gpu":
-            self._kv[key] = (k, v)
-            return
-        pin = k.device.type == "cuda"
-        host = []
-        for t in (k, v):
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-            buf.copy_(t, non_blocking=pin)
-            host.append(buf)
-        self._kv[key] = (host[0], host[1])
+        """Keep one block's recorded K/V (already where the placement wants them)."""
+        self._kv[key] = (k, v)
 
-    def _start_copy(self, key: tuple[int, str, int], device: torch.device) -> None:
-        if key in self._inflight or key not in self._kv:
-            return
-        k, v = self._kv[key]
-        if device.type != "cuda":
-            self._inflight[key] = (k.to(device), v.to(device))
-            return
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(device)
-        self._copy_stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(self._copy_stream):
-            self._inflight[key] = (k.to(device, non_blocking=True), v.to(device, non_blocking=True))
-
-    def _fetch(self, key: tuple[int, str, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fetch(self, key: tuple[int, str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block's recorded K/V, where they are stored (the reading block copies them to its device)."""
         if key not in self._kv:
             raise RuntimeError(f"no anchor K/V for step {key[0]}, branch {key[1]!r}, block {key[2]}")
-        if self.resolved_placement == "gpu":
-            return self._kv[key]
-        self._start_copy(key, device)
-        k, v = self._inflight.pop(key)
-        if device.type == "cuda" and self._copy_stream is not None:
-            current = torch.cuda.current_stream(device)
-            current.wait_stream(self._copy_stream)
-            k.record_stream(current)
-            v.record_stream(current)
-        later = sorted(b for b in self.blocks if b > key[2])
-        if later:
-            self._start_copy((key[0], key[1], later[0]), device)
-        return k, v
+        return self._kv[key]
 
 
 class KVShareView:
@@ -241,54 +299,132 @@ class KVShareView:
         self.cache = cache
         self.step = step
         self.branch = branch
-        self._grid: tuple[int, int, int] | None = None
-        self._device = torch.device("cpu")
-        self._maps = _MapSum()
-        self._background: torch.Tensor | None = None
+        self.forward: ForwardShare | None = None
+        self.blocks: dict[int, BlockShare] = {}
+        self.map_blocks: frozenset[int] = frozenset()
 
-    def begin(self, grid: tuple[int, int, int], device: torch.device) -> None:
-        """Called by the model before block 0 with the video token grid (f, h, w) and its device."""
-        self._grid = grid
-        self._device = device
-        self._maps = _MapSum()
-        self._background = None
+    def begin(self, grid: tuple[int, int, int], device: torch.device, num_blocks: int, tensor_bytes: int) -> None:
+        """Prepare each block's part of the forward over the video token grid (f, h, w) on ``device``.
+
+        ``tensor_bytes``: size of one block's self-attention K (all tokens), for the "auto" placement.
+        """
         cache = self.cache
-        if cache.mode == "replay" and cache.resolved_placement == "cpu" and cache.blocks:
-            cache._start_copy((self.step, self.branch, min(cache.blocks)), device)
-
-    def _wants_map(self, block: int) -> bool:
-        return self.cache.maps_needed and self.branch == "cond" and block <= self.cache.max_map_block
-
-    def record_kv(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.cache.mode == "record" and block in self.cache.blocks:
-            self.cache._store((self.step, self.branch, block), k, v)
-
-    def source_kv(self, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.cache.mode != "replay" or block not in self.cache.blocks:
-            return None
-        return self.cache._fetch((self.step, self.branch, block), self._device)
-
-    def add_subject_map(self, block: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        if self._wants_map(block):
-            assert self._grid is not None
-            self._maps.add(subject_map(q, k, self.cache.subject_positions, self._grid, self.cache.map_chunk_rows))
-
-    def background(self, block: int) -> torch.Tensor | None:
-        """bool [B, Nv]: video tokens that take the anchor-attention result (neither subject mask set)."""
-        if not self.cache.use_subject_mask:
-            return None
-        if self._background is None:
-            cache = self.cache
-            if self.branch == "cond":
-                cache._curr_masks.clear()
-                cache._curr_masks[self.step] = self._maps.mask()
-            elif self.step not in cache._curr_masks:
-                raise RuntimeError(f"run the 'cond' branch of step {self.step} before 'uncond': it reuses its subject mask")
-            prev = cache._prev_masks[self.step].to(self._device)
-            self._background = torch.bitwise_or(prev, cache._curr_masks[self.step].to(self._device)) == 0
-        return self._background
+        maps = cache.maps_needed and self.branch == "cond"
+        self.map_blocks = frozenset(range(min(cache.max_map_block + 1, num_blocks))) if maps else frozenset()
+        forward = ForwardShare(
+            cache.subject_positions, tuple(grid), cache.map_chunk_rows, len(self.map_blocks), cache.use_subject_mask
+        )
+        if cache.mode == "replay" and cache.use_subject_mask and cache.blocks:
+            forward.prev_mask = cache._prev_masks[self.step].to(device)
+            if self.branch == "uncond":
+                if self.step not in cache._curr_masks:
+                    raise RuntimeError(f"run the 'cond' branch of step {self.step} before 'uncond': it reuses its subject mask")
+                forward.background = torch.bitwise_or(forward.prev_mask, cache._curr_masks[self.step].to(device)) == 0
+        self.forward = forward
+        host = cache._resolve_placement(tensor_bytes, device) == "cpu" if cache.mode == "record" else False
+        self.blocks = {}
+        for block in sorted(b for b in cache.blocks if b < num_blocks):
+            share = BlockShare(forward, record=cache.mode == "record", to_host=host)
+            if cache.mode == "replay":
+                share.source = cache._fetch((self.step, self.branch, block))
+            self.blocks[block] = share
 
     def end(self) -> None:
-        """Called by the model after the last block: the anchor's cond branch stores its subject mask."""
-        if self.cache.mode == "record" and self._wants_map(0) and self._maps.total is not None:
-            self.cache._prev_masks[self.step] = self._maps.mask()
+        """After the last block: store recorded K/V, the anchor's subject mask (record) or this step's (replay)."""
+        cache, forward = self.cache, self.forward
+        assert forward is not None, "begin() was not called"
+        for block, share in self.blocks.items():
+            if share.recorded is not None:
+                cache._store((self.step, self.branch, block), *share.recorded)
+        if self.branch == "cond" and forward.map_sum is not None:
+            if cache.mode == "record":
+                cache._prev_masks[self.step] = subject_mask(forward.map_sum, forward.map_count)
+            elif forward.curr_mask is not None:
+                cache._curr_masks.clear()
+                cache._curr_masks[self.step] = forward.curr_mask
+        self.blocks = {}
+        self.forward = None
+
+
+class _NoState(BaseState):
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class KVShareHook(ModelHook):
+    """Stateful diffusers hook on a PoseGen transformer that runs background K/V sharing through its processors.
+
+    The branch and step come from ``transformer.cache_context(branch, step_index=step)``, which the pipeline sets
+    around every forward (diffusers' cache hooks read the same context).
+    """
+
+    _is_stateful = True
+
+    def __init__(self, cache: KVShareCache) -> None:
+        super().__init__()
+        self.cache = cache
+        self.context = StateManager(_NoState)
+        self.view: KVShareView | None = None
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict[str, Any]]:
+        try:
+            context = self.context.context
+        except ValueError:
+            context = None
+        if context is None or context.step_index is None:
+            raise RuntimeError("K/V sharing needs the branch and step: call the transformer inside cache_context(branch, step_index=step)")
+        self.view = self.cache.view(context.step_index, context.name)
+        if self.view is not None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            reference = kwargs["reference_latents"] if "reference_latents" in kwargs else args[5]
+            grid, tokens = module.token_grid(hidden), module.token_grid(reference)
+            n_tokens = math.prod(grid) + math.prod(tokens)
+            inner = module.config.num_attention_heads * module.config.attention_head_dim
+            tensor_bytes = hidden.shape[0] * n_tokens * inner * module.dtype.itemsize
+            self.view.begin(grid, module.device, len(module.blocks), tensor_bytes)
+            for index, block in enumerate(module.blocks):
+                block.attn1.processor.share = self.view.blocks.get(index)
+                block.attn2.processor.share = self.view.forward if index in self.view.map_blocks else None
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        if self.view is not None:
+            self.reset_state(module)
+            self.view.end()
+            self.view = None
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        for block in getattr(module, "blocks", ()):
+            block.attn1.processor.share = None
+            block.attn2.processor.share = None
+        return module
+
+
+def apply_kv_share(transformer: torch.nn.Module, cache: KVShareCache) -> KVShareHook:
+    """Register a :class:`KVShareHook` for ``cache`` on a PoseGen transformer (one at a time)."""
+    hook = KVShareHook(cache)
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
+    return hook
+
+
+def remove_kv_share(transformer: torch.nn.Module) -> None:
+    """Remove the K/V-sharing hook (if any) and detach every block's share."""
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    hook = registry.get_hook(HOOK_NAME)
+    if hook is not None:
+        hook.reset_state(transformer)
+        registry.remove_hook(HOOK_NAME, recurse=False)
+
+
+@contextmanager
+def kv_sharing(transformer: torch.nn.Module, cache: KVShareCache | None) -> Iterator[None]:
+    """Share K/V through ``cache`` for the forwards inside the block (nothing when ``cache`` is None)."""
+    if cache is None:
+        yield
+        return
+    apply_kv_share(transformer, cache)
+    try:
+        yield
+    finally:
+        remove_kv_share(transformer)

@@ -22,7 +22,7 @@ from diffusers.utils import apply_lora_scale
 from torch import nn
 
 if TYPE_CHECKING:
-    from posegen_cli.models.kv_cache import KVShareView
+    from posegen_cli.models.kv_cache import BlockShare, ForwardShare
 
 IMAGE_LN_EPS = 1e-5
 """The release's image-embedding LayerNorms use torch's default eps, unlike the 1e-6 of every block norm."""
@@ -132,33 +132,131 @@ def timestep_sinusoid(timestep: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Any) -> torch.Tensor:
-    """Unmasked attention over [B, S, H, D] tensors through diffusers' dispatcher; returns [B, S, H*D]."""
+    """Unmasked attention over [B, S, H, D] tensors through diffusers' dispatcher; returns [B, S, H*D].
+
+    ``backend`` is the processor's ``_attention_backend`` (set by ``set_attention_backend``); None uses the active
+    one (``attention_backend(...)`` context manager, or ``DIFFUSERS_ATTN_BACKEND``). No call passes a mask, so every
+    kernel applies.
+    """
     out = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=backend)
     return out.flatten(2, 3).type_as(q)
 
 
-class PoseGenTransformerBlock(WanTransformerBlock):
-    """A Wan block run the release's way: joint video+reference self-attention, video-only cross-attention."""
+def _head_split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(2, (heads, -1))
 
-    def _modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), eps=self.norm1.eps) * (1 + scale) + shift
 
-    def _self_qkv(self, a: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        attn: WanAttention = self.attn1
-        heads = attn.heads
-        q = rms_norm(attn.to_q(a), attn.norm_q.weight, attn.norm_q.eps).unflatten(2, (heads, -1))
-        k = rms_norm(attn.to_k(a), attn.norm_k.weight, attn.norm_k.eps).unflatten(2, (heads, -1))
-        v = attn.to_v(a).unflatten(2, (heads, -1))
+class PoseGenAttnProcessor:
+    """Joint video+reference self-attention of a PoseGen block, the release's way, through diffusers' dispatcher.
+
+    Video and reference tokens are projected, normalised and rotated separately (as the release does) and attend
+    to all keys together; the output projection runs on the two row sets as two GEMMs. When a
+    :class:`~posegen_cli.models.kv_cache.KVShareHook` hands this processor a ``share`` for the forward, it records
+    the K/V (anchor) or also attends to the anchor's K/V and fuses the two results per token (replay).
+    Returns the projected (video, reference) outputs, before the gated residual.
+    """
+
+    _attention_backend: Any = None
+    _parallel_config: Any = None
+
+    def __init__(self) -> None:
+        self.share: BlockShare | None = None
+
+    def _qkv(self, attn: WanAttention, a: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = _head_split(rms_norm(attn.to_q(a), attn.norm_q.weight, attn.norm_q.eps), attn.heads)
+        k = _head_split(rms_norm(attn.to_k(a), attn.norm_k.weight, attn.norm_k.eps), attn.heads)
+        v = _head_split(attn.to_v(a), attn.heads)
         return apply_rope(q, freqs), apply_rope(k, freqs), v
 
-    def _project_out(self, out: torch.Tensor, n_video: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Self-attention output projection of the video rows and the reference rows as two GEMMs.
+    @staticmethod
+    def _project_out(attn: WanAttention, out: torch.Tensor, n_video: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output projection of the video rows and the reference rows as two GEMMs.
 
         The release projects the two streams separately; one GEMM over all rows has another shape, for which
         cuBLAS may pick a kernel with another reduction order.
         """
-        proj = self.attn1.to_out[0]
+        proj = attn.to_out[0]
         return proj(out[:, :n_video]), proj(out[:, n_video:])
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: torch.Tensor | None = None,
+        *,
+        reference_states: torch.Tensor,
+        reference_rotary_emb: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if encoder_hidden_states is not None or attention_mask is not None or rotary_emb is None:
+            raise ValueError("PoseGen self-attention takes video and reference states with their RoPE tables, and no mask")
+        qv, kv, vv = self._qkv(attn, hidden_states, rotary_emb)
+        qr, kr, vr = self._qkv(attn, reference_states, reference_rotary_emb)
+        q_all = torch.cat([qv, qr], dim=1)
+        k_all = torch.cat([kv, kr], dim=1)
+        v_all = torch.cat([vv, vr], dim=1)
+        del qv, kv, vv, qr, kr, vr
+        share = self.share
+        if share is not None:
+            share.keep(k_all, v_all)
+        n_video = hidden_states.shape[1]
+        out, out_ref = self._project_out(attn, attention(q_all, k_all, v_all, self._attention_backend), n_video)
+        source = share.source_kv(q_all.device) if share is not None else None
+        if source is not None:
+            out_src, out_ref = self._project_out(attn, attention(q_all, source[0], source[1], self._attention_backend), n_video)
+            out = share.fuse(out, out_src)
+        return out, out_ref
+
+
+class PoseGenCrossAttnProcessor:
+    """Cross-attention of the video tokens to the text and the CLIP image tokens, summed, then projected.
+
+    When the K/V-sharing hook hands it the forward's ``share``, the block adds its subject map (the head-mean
+    logits of its queries against the subject token's keys) to the running sum.
+    """
+
+    _attention_backend: Any = None
+    _parallel_config: Any = None
+
+    def __init__(self) -> None:
+        self.share: ForwardShare | None = None
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: torch.Tensor | None = None,
+        *,
+        encoder_hidden_states_image: torch.Tensor,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None or attention_mask is not None:
+            raise ValueError("PoseGen cross-attention takes the text states and the image states, and no mask")
+        heads = attn.heads
+        q = _head_split(rms_norm(attn.to_q(hidden_states), attn.norm_q.weight, attn.norm_q.eps), heads)
+        k_txt = _head_split(rms_norm(attn.to_k(encoder_hidden_states), attn.norm_k.weight, attn.norm_k.eps), heads)
+        v_txt = _head_split(attn.to_v(encoder_hidden_states), heads)
+        if self.share is not None:
+            self.share.add_map(q, k_txt)
+        k_img = rms_norm(attn.add_k_proj(encoder_hidden_states_image), attn.norm_added_k.weight, attn.norm_added_k.eps)
+        k_img = _head_split(k_img, heads)
+        v_img = _head_split(attn.add_v_proj(encoder_hidden_states_image), heads)
+        backend = self._attention_backend
+        cross = attention(q, k_txt, v_txt, backend) + attention(q, k_img, v_img, backend)
+        return attn.to_out[0](cross)
+
+
+class PoseGenTransformerBlock(WanTransformerBlock):
+    """A Wan block run the release's way: joint video+reference self-attention, video-only cross-attention.
+
+    Attention lives in the blocks' processors (:class:`PoseGenAttnProcessor`, :class:`PoseGenCrossAttnProcessor`);
+    the block is pure tensor code, which ``compile_repeated_blocks`` compiles without graph breaks.
+    """
+
+    def _modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), eps=self.norm1.eps) * (1 + scale) + shift
 
     def forward(  # type: ignore[override]
         self,
@@ -170,8 +268,6 @@ class PoseGenTransformerBlock(WanTransformerBlock):
         ref_tmod: torch.Tensor,
         freqs: torch.Tensor,
         ref_freqs: torch.Tensor,
-        share: KVShareView | None = None,
-        block_index: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden_states`` [B, Nv, C] video tokens, ``encoder_hidden_states`` [B, Nr, C] the reference image's tokens:
         the block's two streams, under the names diffusers' cache hooks read (see ``models/feature_cache.py``)."""
@@ -180,44 +276,19 @@ class PoseGenTransformerBlock(WanTransformerBlock):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table + tmod).chunk(6, dim=1)
         r_shift_msa, r_scale_msa, r_gate_msa, r_shift_mlp, r_scale_mlp, r_gate_mlp = (table + ref_tmod).chunk(6, dim=1)
 
-        # 1. Joint self-attention over [video; reference] tokens.
-        qv, kv, vv = self._self_qkv(self._modulated(x, shift_msa, scale_msa), freqs)
-        qr, kr, vr = self._self_qkv(self._modulated(ref, r_shift_msa, r_scale_msa), ref_freqs)
-        q_all = torch.cat([qv, qr], dim=1)
-        k_all = torch.cat([kv, kr], dim=1)
-        v_all = torch.cat([vv, vr], dim=1)
-        del qv, kv, vv, qr, kr, vr
-        if share is not None:
-            share.record_kv(block_index, k_all, v_all)
-        backend = self.attn1.processor._attention_backend
-        n_video = x.shape[1]
-        out, out_ref = self._project_out(attention(q_all, k_all, v_all, backend), n_video)
-        source = share.source_kv(block_index) if share is not None else None
-        x_res, ref_res = x, ref
-        x = x_res + gate_msa * out
-        ref = ref_res + r_gate_msa * out_ref
-        if source is not None:
-            out_src, out_src_ref = self._project_out(attention(q_all, source[0], source[1], backend), n_video)
-            x_src = x_res + gate_msa * out_src
-            ref = ref_res + r_gate_msa * out_src_ref
-            background = share.background(block_index)
-            x = x_src if background is None else torch.where(background[..., None], x_src, x)
+        # 1. Joint self-attention over [video; reference] tokens (K/V sharing happens inside the processor).
+        out, out_ref = self.attn1(
+            self._modulated(x, shift_msa, scale_msa),
+            rotary_emb=freqs,
+            reference_states=self._modulated(ref, r_shift_msa, r_scale_msa),
+            reference_rotary_emb=ref_freqs,
+        )
+        x = x + gate_msa * out
+        ref = ref + r_gate_msa * out_ref
 
         # 2. Cross-attention to image and text, video tokens only.
-        attn2: WanAttention = self.attn2
-        heads = attn2.heads
         c = F.layer_norm(x, (x.shape[-1],), self.norm2.weight, self.norm2.bias, self.norm2.eps)
-        q = rms_norm(attn2.to_q(c), attn2.norm_q.weight, attn2.norm_q.eps).unflatten(2, (heads, -1))
-        k_txt = rms_norm(attn2.to_k(text_context), attn2.norm_k.weight, attn2.norm_k.eps).unflatten(2, (heads, -1))
-        v_txt = attn2.to_v(text_context).unflatten(2, (heads, -1))
-        if share is not None:
-            share.add_subject_map(block_index, q, k_txt)
-        k_img = attn2.add_k_proj(image_context)
-        k_img = rms_norm(k_img, attn2.norm_added_k.weight, attn2.norm_added_k.eps).unflatten(2, (heads, -1))
-        v_img = attn2.add_v_proj(image_context).unflatten(2, (heads, -1))
-        backend2 = attn2.processor._attention_backend
-        cross = attention(q, k_txt, v_txt, backend2) + attention(q, k_img, v_img, backend2)
-        x = x + attn2.to_out[0](cross)
+        x = x + self.attn2(c, text_context, encoder_hidden_states_image=image_context)
 
         # 3. Feed-forward for both streams.
         x = x + gate_mlp * self.ffn(self._modulated(x, shift_mlp, scale_mlp))
@@ -290,11 +361,18 @@ class PoseGenTransformer3DModel(WanTransformer3DModel):
         # Re-class rather than rebuild: same parameters, PoseGen forward, and no second copy of 40 blocks.
         for block in self.blocks:
             block.__class__ = PoseGenTransformerBlock
+            block.attn1.set_processor(PoseGenAttnProcessor())
+            block.attn2.set_processor(PoseGenCrossAttnProcessor())
         inner_dim = num_attention_heads * attention_head_dim
         self.ref_patch_embedding = nn.Conv3d(out_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
         if use_hand:
             hand = nn.Conv3d(out_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
             self.hand_patch_embedding = nn.Sequential(hand, nn.Conv3d(inner_dim, inner_dim, 1)) if use_hand_proj else hand
+
+    def token_grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
+        """(f, h, w) token grid of latents [B, C, F, H, W] after the patch embedding."""
+        p_t, p_h, p_w = self.config.patch_size
+        return latents.shape[2] // p_t, latents.shape[3] // p_h, latents.shape[4] // p_w
 
     def _embed_time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.condition_embedder
@@ -341,22 +419,20 @@ class PoseGenTransformer3DModel(WanTransformer3DModel):
         control_latents: torch.Tensor,
         reference_latents: torch.Tensor,
         hand_latents: torch.Tensor | None = None,
-        kv_share: KVShareView | None = None,
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """One velocity prediction [B, 16, F, H, W] for one guidance branch.
 
         ``timestep`` is cast to the model dtype before embedding (bf16 rounds 991.7 to 992, as the release does).
-        ``kv_share`` is ``KVShareCache.view(step, branch)`` for background K/V sharing, or None.
+        Background K/V sharing is a hook (``kv_cache.kv_sharing``) that reads ``cache_context(branch, step_index=...)``.
         """
         self._check_inputs(hidden_states, control_latents, reference_latents, hand_latents)
         dtype = self.patch_embedding.weight.dtype
         device = self.patch_embedding.weight.device
-        b, _, f, h, w = hidden_states.shape
+        b = hidden_states.shape[0]
         p_t, p_h, p_w = self.config.patch_size
-        grid = (f // p_t, h // p_h, w // p_w)
-        ref_grid = (reference_latents.shape[2] // p_t, reference_latents.shape[3] // p_h, reference_latents.shape[4] // p_w)
+        grid, ref_grid = self.token_grid(hidden_states), self.token_grid(reference_latents)
 
         x = self.patch_embedding(torch.cat([hidden_states, control_latents], dim=1).to(dtype))
         if hand_latents is not None:
@@ -374,12 +450,8 @@ class PoseGenTransformer3DModel(WanTransformer3DModel):
         freqs = rope_freqs(head_dim, grid, 0, device)
         ref_freqs = rope_freqs(head_dim, ref_grid, -ref_grid[2] if self.config.shift_ref_pos else 0, device)
 
-        if kv_share is not None:
-            kv_share.begin(grid, device)
-        for index, block in enumerate(self.blocks):
-            x, ref = block(x, ref, text, image, tmod, ref_tmod, freqs, ref_freqs, kv_share, index)
-        if kv_share is not None:
-            kv_share.end()
+        for block in self.blocks:
+            x, ref = block(x, ref, text, image, tmod, ref_tmod, freqs, ref_freqs)
 
         shift, scale = (self.scale_shift_table.to(temb) + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.proj_out(F.layer_norm(x, (x.shape[-1],), eps=self.norm_out.eps) * (1 + scale) + shift)

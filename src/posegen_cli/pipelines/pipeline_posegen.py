@@ -22,7 +22,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPVisionModel, PreTrainedTokenizerBase, UMT5EncoderModel
 
 from posegen_cli.errors import InputError, MissingModelError, option, out_of_memory_as
-from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, PoseGenVariants
+from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, PoseGenVariants, kv_sharing
+from posegen_cli.models.acceleration import AttentionChoice
 from posegen_cli.models.feature_cache import FeatureCache, cache_settings
 from posegen_cli.pipelines.conditioning import check_segment_frames, condition_mask, paste_head_tail
 from posegen_cli.pipelines.image import encode_clip
@@ -105,6 +106,8 @@ class PoseGenPipeline(DiffusionPipeline):
         )
         self.variants: PoseGenVariants | None = None
         self.feature_cache: FeatureCache | None = None
+        self.attention: AttentionChoice | None = None
+        """The attention kernel ``load_pipeline`` set (None: diffusers' active backend)."""
 
     def use_variant(self, name: Variant) -> None:
         """Switch the DiT to the "base" or "transition" checkpoint in place (no reload of the shared weights)."""
@@ -128,8 +131,12 @@ class PoseGenPipeline(DiffusionPipeline):
             self.feature_cache = FeatureCache(self.transformer, settings)
         return self.feature_cache
 
-    def _cache_context(self, step: int, branch: str) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext() if self.feature_cache is None else self.feature_cache.context(step, branch)
+    def _cache_context(self, branch: str, step: int, num_inference_steps: int) -> contextlib.AbstractContextManager[None]:
+        """The DiT's ``cache_context`` for one forward of ``branch`` at ``step``, which both the K/V-sharing hook and
+        diffusers' cache hooks read; the feature cache's guards run first (:meth:`FeatureCache.before_forward`)."""
+        if self.feature_cache is not None:
+            self.feature_cache.before_forward(step, branch)
+        return self.transformer.cache_context(branch, step_index=step, num_inference_steps=num_inference_steps)
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -344,26 +351,23 @@ class PoseGenPipeline(DiffusionPipeline):
         schedule = self.scheduler.sigmas
         shared: dict[str, Any] = {name: value.to(device, dt) for name, value in conditions.items()}
         positive, negative = (embeds.to(device, dt) for embeds in prompts)
-        for step, t in enumerate(self.scheduler.timesteps):
-            forward = functools.partial(self.transformer, hidden_states=latents, timestep=model_timestep(t, dt, device), **shared)
-            # positive first: in base segments the negative branch reads the maps the positive one just made
-            with self._cache_context(step, "cond"):
-                velocity = forward(encoder_hidden_states=positive, kv_share=_branch_view(kv_share, step, "cond")).sample
-            if guidance_scale != 1.0:
-                with self._cache_context(step, "uncond"):
-                    velocity_negative = forward(encoder_hidden_states=negative, kv_share=_branch_view(kv_share, step, "uncond")).sample
-                velocity = guided_velocity(velocity, velocity_negative, guidance_scale)
-            latents = euler_step(latents, velocity, schedule[step], schedule[step + 1])
-            if callback_on_step_end is not None:
-                update = callback_on_step_end(self, step, t, {"latents": latents})
-                if update and "latents" in update:
-                    latents = update["latents"]
+        with kv_sharing(self.transformer, kv_share):
+            for step, t in enumerate(self.scheduler.timesteps):
+                forward = functools.partial(self.transformer, hidden_states=latents, timestep=model_timestep(t, dt, device), **shared)
+                # positive first: in base segments the negative branch reads the maps the positive one just made;
+                # cache_context names the branch and step for the K/V-sharing hook (and diffusers' cache hooks)
+                with self._cache_context("cond", step, num_inference_steps):
+                    velocity = forward(encoder_hidden_states=positive).sample
+                if guidance_scale != 1.0:
+                    with self._cache_context("uncond", step, num_inference_steps):
+                        velocity_negative = forward(encoder_hidden_states=negative).sample
+                    velocity = guided_velocity(velocity, velocity_negative, guidance_scale)
+                latents = euler_step(latents, velocity, schedule[step], schedule[step + 1])
+                if callback_on_step_end is not None:
+                    update = callback_on_step_end(self, step, t, {"latents": latents})
+                    if update and "latents" in update:
+                        latents = update["latents"]
         return latents
-
-
-def _branch_view(cache: KVShareCache | None, step: int, branch: str) -> Any:
-    """The K/V-sharing argument of one guidance branch's forward (None when the segment shares nothing)."""
-    return cache.view(step, branch) if cache is not None else None
 
 
 def check_model_size(height: int, width: int, what: str = "model size") -> None:
