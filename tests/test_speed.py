@@ -92,6 +92,26 @@ def test_exact_attention_kernels_share_a_work_folder_key_and_approximate_ones_do
     assert resolve_settings(AnimateOptions(quantize="int8")).key_fields() != keys["native"]
 
 
+def test_a_presets_kernel_or_fp8_that_cannot_run_here_falls_back_and_an_explicit_one_raises() -> None:
+    from posegen_cli.longvideo.engine import fit_speed_to_device
+    from posegen_cli.report import Reporter
+
+    turbo = fit_speed_to_device(resolve_settings(AnimateOptions(speed="turbo", device="cpu")), Reporter(quiet=True))
+    assert (turbo.speed.attention, turbo.speed.quantize, turbo.speed.distill) == ("auto", "none", "lightx2v")
+    notes = [line for line in turbo.speed.approximations if line.startswith(("attention:", "weights:"))]
+    assert notes == [
+        "attention: sage of the turbo preset not applied (attention kernel 'sage' needs a CUDA GPU (this run is on cpu); "
+        "use native or auto); auto instead",
+        "weights: fp8 of the turbo preset not applied (fp8 weights need an FP8 GPU (compute capability 8.9 or newer: "
+        "L40S, RTX 4090, H100, H200), not a CPU; use int8 or none); none instead",
+    ]
+    assert turbo.key_fields() == resolve_settings(AnimateOptions(speed="turbo", attention="auto", quantize="none")).key_fields()
+    with pytest.raises(InputError, match="attention kernel 'sage' needs a CUDA GPU"):
+        fit_speed_to_device(resolve_settings(AnimateOptions(speed="turbo", attention="sage", device="cpu")), Reporter(quiet=True))
+    with pytest.raises(InputError, match="fp8 weights need an FP8 GPU"):
+        fit_speed_to_device(resolve_settings(AnimateOptions(quantize="fp8", device="cpu")), Reporter(quiet=True))
+
+
 def test_preset_texts_state_speedup_and_risk() -> None:
     for preset in SPEED_PRESETS.values():
         assert preset.speedup and preset.quality_risk
