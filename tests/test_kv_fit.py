@@ -23,6 +23,7 @@ from posegen_cli.longvideo.memory import (
     kv_item_bytes,
     plan_kv,
 )
+from posegen_cli.longvideo.options import resolve_settings
 from posegen_cli.longvideo.presets import SHOT_PRESETS, kv_share_ranges
 from posegen_cli.longvideo.renderer import PipelineRenderer
 from posegen_cli.models import PoseGenTransformer3DModel, tiny_transformer_config
@@ -180,11 +181,11 @@ def test_renderer_placements_give_the_same_base_segment(pipe: PoseGenPipeline, t
     reference = load_image(shared_data / "reference_person.png")
     pose = [rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8) for _ in range(2)]
     hand = np.zeros((frames, height, width, 3), np.uint8)
+    settings = resolve_settings(AnimateOptions(resolution=f"{width}x{height}", steps=2, guidance=5.0, seed=1, device="cpu"))
     results = {}
     for name, plan in {"stored": None, **plans}.items():
         renderer = PipelineRenderer(
-            pipe, prompt="a man dancing", subject_positions=[1], reference=reference, height=height, width=width,
-            kv=kv, num_steps=2, guidance=5.0, seed=1,
+            pipe, prompt="a man dancing", subject_positions=[1], reference=reference, kv=kv, job=settings,
         )  # fmt: skip
         renderer.place_kv(plan, tmp_path / "kv")
         renderer.render_anchor(pose[0], hand, lambda n: None, record=True)

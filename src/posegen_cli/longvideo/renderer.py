@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from posegen_cli.longvideo.memory import KVPlan
+from posegen_cli.longvideo.options import JobSettings
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.segments import ProgressCallback
 from posegen_cli.models import KVShareCache
@@ -37,25 +38,27 @@ class PipelineRenderer:
         prompt: str,
         subject_positions: Sequence[int],
         reference: np.ndarray,
-        height: int,
-        width: int,
         kv: KVShareRanges | None,
-        num_steps: int,
-        guidance: float,
-        seed: int,
+        job: JobSettings,
     ) -> None:
+        """``kv``: the background K/V sharing ranges (None: no sharing, as with a camera pattern). ``job`` gives the
+        size, steps, guidance, seed and speed settings: a distilled model's schedule (sigmas) and diffusers' feature
+        cache for every segment, which never skips the anchor's K/V steps (``kv.step_list``) nor the first and last."""
         self.pipe = pipe
-        self.num_steps = num_steps
-        self.guidance = guidance
-        self.seed = seed
+        self.num_steps = job.steps
+        self.guidance = job.guidance
+        self.seed = job.seed
+        speed = job.speed
+        self.sigmas = None if speed.sigmas is None else torch.tensor(speed.sigmas, dtype=torch.float32)
         self.kv = kv
         self.subject_positions = list(subject_positions)
         self.prompt_embeds, self.negative_embeds = pipe.encode_prompt(prompt)
-        self.image_embeds, self.reference_latents = pipe.encode_reference(reference, height, width)
+        self.image_embeds, self.reference_latents = pipe.encode_reference(reference, job.height, job.width)
         self.kv_plan: KVPlan | None = None
         self.kv_dir: Path | None = None
         self.cache: KVShareCache | None = None
         self._variant: str | None = None
+        pipe.enable_feature_cache(speed.cache, speed.cache_threshold, job.steps, () if kv is None else kv.step_list)
 
     def _use(self, variant: str) -> None:
         if self._variant != variant:
@@ -92,6 +95,7 @@ class PipelineRenderer:
             negative_hand_frames=None if negative_pose is None else np.zeros_like(hand),
             num_inference_steps=self.num_steps,
             guidance_scale=self.guidance,
+            sigmas=self.sigmas,
             generator=release_generator(self.seed),  # fresh per segment: every segment starts from the same noise
             kv_share=kv_share,
             callback_on_step_end=callback,
