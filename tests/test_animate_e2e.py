@@ -246,5 +246,7 @@ def test_a_missing_distillation_lora_names_the_download(
         (models / name).symlink_to(tiny_models / name)
     settings = {k: v for k, v in TEST_OPTIONS.items() if k != "steps"}
     options = AnimateOptions(**settings, models_dir=models, distill="lightx2v")
-    with pytest.raises(MissingModelError, match="model lightx2v-wan21-i2v-distill not found in .*models/lightx2v-wan21-i2v-distill"):
+    # issue 10's pre-flight names every missing model in one error before any work (the CLI adds the download command)
+    with pytest.raises(MissingModelError, match=r"1 model\(s\) this job needs are not in .*models: lightx2v-wan21-i2v-distill$") as missing:
         animate(reference_image_path, driving_clip, tmp_path / "out.mp4", options=options, reporter=Reporter(quiet=True))
+    assert missing.value.names == ["lightx2v-wan21-i2v-distill"] and missing.value.models_dir == models

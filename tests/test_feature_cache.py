@@ -155,3 +155,62 @@ def test_guards_are_enforced(pipe, embeds, counted, clean) -> None:
     with pytest.raises(ValueError, match="cache 'teacache' is not known"):
         cache_settings("teacache", None, 4)
     assert magcache_ratios(cache_settings("magcache", None, 4, [1]))[[0, 1, 3]].tolist() == [math.inf] * 3
+
+
+GIB = 1024**3
+PLACEMENT_BUDGETS = {
+    "gpu": (3 * GIB, 0, 0, 0),
+    "host": (3 * GIB, 0, 100 * GIB, 0),
+    "disk": (3 * GIB, 0, 0, 100 * GIB),
+    "recompute": (3 * GIB, 0, 0, 0),
+}
+"""Free (device, resident, host, disk) bytes that make ``plan_kv`` put the tiny job's K/V on one tier only."""
+
+
+def placed_renderer(pipe, placement: str, folder, shared_data):
+    """The engine's renderer on the tiny pipeline with FBC at an always-skip threshold, 6 steps (K/V step 2), and the
+    anchor's K/V placed as ``plan_kv`` chose for ``placement``."""
+    from posegen_cli.longvideo.memory import JobShape, MemoryBudget, ModelShape, plan_kv
+    from posegen_cli.longvideo.options import AnimateOptions, resolve_settings
+    from posegen_cli.longvideo.presets import KVShareRanges
+    from posegen_cli.longvideo.renderer import PipelineRenderer
+    from posegen_cli.video import load_image
+
+    settings = resolve_settings(AnimateOptions(resolution=f"{W}x{H}", steps=6, cache="fbc", cache_threshold=1e9, seed=1, device="cpu"))
+    kv = KVShareRanges(steps=(KV_STEP, KV_STEP + 1), blocks=(1, 2), max_map_block=0)
+    model, job = ModelShape.from_config(pipe.transformer.config), JobShape(H, W, FRAMES, 4)
+    plan = plan_kv(model, job, 1, 1, MemoryBudget(*PLACEMENT_BUDGETS[placement]), placement)
+    reference = load_image(shared_data / "reference_person.png")
+    renderer = PipelineRenderer(pipe, prompt="a man dancing", subject_positions=[1], reference=reference, kv=kv, job=settings)
+    renderer.place_kv(plan, folder / "kv")
+    return renderer, plan
+
+
+@pytest.mark.parametrize("placement", ["gpu", "host", "disk"])
+def test_every_stored_kv_placement_keeps_its_steps_guarded(pipe, counted, clean, tmp_path, shared_data, placement: str) -> None:
+    """Issue 12's tiers under a feature cache: the anchor records and the base replays at step 2 with every block,
+    whatever tier holds the K/V, and the base segment is the same frames on every tier."""
+    renderer, plan = placed_renderer(pipe, placement, tmp_path, shared_data)
+    assert plan.placement == placement
+    blocks = pipe.transformer.config.num_layers
+    outputs = []
+    for render in (lambda cb: renderer.render_anchor(frames(1), frames(2), cb, record=True), lambda cb: renderer.render_base(frames(3), frames(2), cb)):
+        marks: list[int] = []
+        outputs.append(render(lambda step: marks.append(len(counted))))
+        per_step = [b - a for a, b in zip([0, *marks], marks)]
+        counted.clear()
+        assert per_step == [2 * blocks, 2, 2 * blocks, 2, 2, 2 * blocks], placement
+    renderer.release_kv()
+    reference, _ = placed_renderer(pipe, "gpu", tmp_path / "gpu", shared_data)
+    reference.render_anchor(frames(1), frames(2), lambda step: None, record=True)
+    np.testing.assert_array_equal(outputs[1], reference.render_base(frames(3), frames(2), lambda step: None))
+    reference.release_kv()
+
+
+def test_kv_recompute_beside_a_feature_cache_is_refused(pipe, counted, clean, tmp_path, shared_data) -> None:
+    """The recomputed anchor forward would run through the cached blocks inside the base forward: refused (the job
+    is refused earlier, by ``resolve_settings`` and the engine's K/V plan; this is the pipeline's own guard)."""
+    renderer, plan = placed_renderer(pipe, "recompute", tmp_path, shared_data)
+    assert plan.placement == "recompute"
+    with pytest.raises(ValueError, match="cannot run beside K/V recomputation"):
+        renderer.render_anchor(frames(1), frames(2), lambda step: None, record=True)

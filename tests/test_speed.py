@@ -142,3 +142,25 @@ def test_choice_tuples_match_the_library_tables() -> None:
     assert choices.DISTILLS == ("none", *DISTILL_PRESETS)
     assert choices.SPEEDS == ("exact", "fast", "turbo") and choices.DEFAULT_SPEED == "exact"
     assert set(DEFAULT_THRESHOLDS) == set(choices.CACHES) - {"none"}
+
+
+def test_a_cache_beside_kv_recompute_and_the_camera_beside_guidance_one_are_refused() -> None:
+    from posegen_cli.errors import ResourceError
+    from posegen_cli.longvideo.engine import check_cache_placement
+    from posegen_cli.longvideo.memory import JobShape, MemoryBudget, ModelShape, plan_kv
+
+    with pytest.raises(InputError, match="--cache magcache does not combine with --kv-placement recompute.*--kv-placement host or disk"):
+        resolve_settings(AnimateOptions(speed="fast", kv_placement="recompute"))
+    assert resolve_settings(AnimateOptions(cache="none", kv_placement="recompute")).speed.cache == "none"
+    with pytest.raises(InputError, match="--camera works through the negative guidance branch, which --distill lightx2v turns off"):
+        resolve_settings(AnimateOptions(speed="turbo", camera="pan-left"))
+    assert resolve_settings(AnimateOptions(speed="turbo", camera="pan-left", guidance=5.0)).guidance == 5.0
+    # kv_placement auto may still land on recompute when nothing else fits: the engine refuses that plan
+    from posegen_cli.models import tiny_transformer_config
+
+    model, job = ModelShape.from_config(tiny_transformer_config()), JobShape(64, 32, 9, 4)
+    recompute = plan_kv(model, job, 1, 1, MemoryBudget(3 * 1024**3, 0, 0, 0), "recompute")
+    with pytest.raises(ResourceError, match=r"--kv-placement auto chose recompute\), which --cache fbc cannot run beside"):
+        check_cache_placement("fbc", recompute)
+    check_cache_placement("none", recompute)
+    check_cache_placement("fbc", plan_kv(model, job, 1, 1, MemoryBudget(3 * 1024**3, 0, 0, 0), "gpu"))

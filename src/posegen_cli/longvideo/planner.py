@@ -317,9 +317,12 @@ def weight_bytes(shape: ModelShape, quantize: str, dtype_bytes: int = 2) -> int:
     return total
 
 
-def kv_cache_bytes(shape: ModelShape, tokens: int, steps: int, blocks: int, dtype_bytes: int = 2, batch: int = 1) -> int:
-    """The anchor's K/V: K and V [B, tokens, dim] for each shared step, sharing block and guidance branch (spec §2.6)."""
-    return 2 * 2 * steps * blocks * batch * tokens * shape.dim * dtype_bytes
+def kv_cache_bytes(
+    shape: ModelShape, tokens: int, steps: int, blocks: int, dtype_bytes: int = 2, batch: int = 1, branches: int = 2
+) -> int:
+    """The anchor's K/V: K and V [B, tokens, dim] for each shared step, sharing block and guidance branch (spec §2.6;
+    guidance 1, as with a distillation, runs one branch)."""
+    return 2 * branches * steps * blocks * batch * tokens * shape.dim * dtype_bytes
 
 
 def activation_bytes(shape: ModelShape, grid: tuple[int, int, int], ref_grid: tuple[int, int, int], *,
@@ -397,7 +400,7 @@ def plan_job(segments: list[Any], shape: ModelShape, spec: JobSpec, gpu: GPU | N
         return None if gpu is None else pass_seconds(f, gpu, attention, compiled, quantize)
 
     has_bases = any(seg.kind == "base" for seg in segments)
-    kv_bytes = kv_cache_bytes(shape, tokens, shared_steps, sharing, dtype_bytes) if has_bases else 0
+    kv_bytes = kv_cache_bytes(shape, tokens, shared_steps, sharing, dtype_bytes, branches=branches) if has_bases else 0
     weights = weight_bytes(shape, quantize, dtype_bytes)
     encoders = (TEXT_ENCODER_PARAMS + IMAGE_ENCODER_PARAMS + VAE_PARAMS) * dtype_bytes
     block_weights = weights // max(shape.layers, 1)
