@@ -8,7 +8,8 @@ matrix product measured in the same run, the peak GPU memory and the planner's e
 everything to ``--json``. Configurations: native eager, cudnn, flash3 (if its package or Hub kernel can be had),
 sage (if it can be had; approximate), the best exact kernel compiled, fp8 weights (needs torchao), one K/V record
 pass and one replay pass (anchor K/V on the GPU); then ``benchmarks/segment_memory.py``'s ``run()`` if that file
-exists, and turbo/exact segment timings if a speed preset table exists (else "skipped: not present").
+exists, and ``benchmarks/segment_speed.py``'s ``run()`` (one whole segment per speed preset: exact, fast, turbo), its
+DiT shortened to the layers the time left allows (else "skipped: not present").
 Targets (issue 13): exact stack >= 1.4x native eager and >= 75 % of the matmul rate; replay <= 3 % of a pass;
 720p peak <= 40 GB bf16, <= 30 GB fp8; planner within 10 % of each measured peak.
 
@@ -68,6 +69,8 @@ FULL = {
     "max_map_block": 10,
     "matmul": 8192,
 }
+SEGMENT_SPEED_PASSES = 84
+"""Full-DiT passes of ``segment_speed.run()``: exact 25 x 2, fast about 30 (MagCache skips), turbo 4 x 1."""
 TINY = {
     "config": tiny_transformer_config(
         num_attention_heads=4, attention_head_dim=24, text_dim=64, freq_dim=32, ffn_dim=256, num_layers=4, image_dim=32
@@ -238,21 +241,28 @@ def optional_extras(suite: Suite, results: dict[str, Any]) -> None:
         print("segment_memory:", json.dumps(results["segment_memory"], default=str), flush=True)
     else:
         suite.skip("segment_memory", "not present (benchmarks/segment_memory.py, issue 12)")
-    from posegen_cli.longvideo import presets
-
-    speed = getattr(presets, "SPEED_PRESETS", None)
-    if not speed or "turbo" not in speed:
-        suite.skip("turbo/exact segment timing", "not present (no turbo speed preset, issue 14)")
+    segment_speed = ROOT / "benchmarks" / "segment_speed.py"
+    if not segment_speed.is_file():
+        suite.skip("segment_speed", "not present (benchmarks/segment_speed.py, issue 14)")
         return
-    per_pass = suite.rows[0]["s_per_pass"]
-    results["segment_seconds"] = {
-        name: {
-            "passes": preset.steps * (1 if preset.guidance == 1.0 else 2),
-            "dit_seconds": per_pass * preset.steps * (1 if preset.guidance == 1.0 else 2),
-        }
-        for name, preset in speed.items()
-    }
-    print("segment timings (from the native eager pass):", json.dumps(results["segment_seconds"]), flush=True)
+    spec = importlib.util.spec_from_file_location("segment_speed", segment_speed)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    if suite.device.type != "cuda":
+        results["segment_speed"] = module.run("tiny", "cpu")
+    else:
+        # exact, fast and turbo cost about 50 + 30 + 4 passes of the full DiT; fit the depth to the time left
+        full_layers = suite.setup["config"]["num_layers"]
+        per_layer_pass = suite.rows[0]["s_per_pass"] / full_layers
+        layers = int(suite.left() / (SEGMENT_SPEED_PASSES * per_layer_pass * 1.5))
+        if layers < 1:
+            suite.skip("segment_speed", f"{suite.left():.0f} s left: not enough for one DiT layer per preset")
+            return
+        suite.model = None
+        torch.cuda.empty_cache()
+        results["segment_speed"] = module.run("full", "cuda", layers=min(layers, full_layers))
+    print(module.markdown(results["segment_speed"]), flush=True)
 
 
 def run(setup: dict, device: torch.device, repeats: int, budget_s: float) -> dict[str, Any]:

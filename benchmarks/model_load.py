@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from posegen_cli.longvideo.loading import BASE_FOLDER, TRANSITION_FOLDER
 from posegen_cli.models import PoseGenVariants
 from posegen_cli.models.checkpoint_cache import converted_checkpoint
-from posegen_cli.longvideo.loading import BASE_FOLDER, TRANSITION_FOLDER
 from posegen_cli.testing import make_tiny_models
 
 

@@ -222,3 +222,31 @@ def test_cli_animate_json(tmp_path: Path, reference_image_path: Path, driving_cl
     assert summary["shot"] == "full-body" and summary["audio"] is False
     info = probe_video(output)
     assert info.frame_count == 36 and not info.has_audio
+
+
+def test_turbo_with_a_cache_runs_end_to_end_and_reports_its_approximations(
+    tmp_path: Path, reference_image_path: Path, driving_clip: Path, tiny_models: Path
+) -> None:
+    settings = {k: v for k, v in TEST_OPTIONS.items() if k != "steps"}
+    options = AnimateOptions(**settings, models_dir=tiny_models, speed="turbo", cache="fbc", shot="full-body")
+    result = animate(reference_image_path, driving_clip, tmp_path / "turbo.mp4", options=options, reporter=Reporter(quiet=True))
+    summary = result.summary()
+    assert probe_video(tmp_path / "turbo.mp4").frame_count == probe_video(driving_clip).frame_count
+    assert (summary["speed"], summary["steps"], summary["guidance"], summary["kv_steps"]) == ("turbo", 4, 1.0, "0-1")
+    assert summary["kv_steps_rule"].startswith("release steps 0-4 of 25")
+    assert [line.split(":")[0] for line in summary["approximations"]] == ["distillation", "guidance", "cache", "attention", "weights"]
+
+
+def test_a_missing_distillation_lora_names_the_download(
+    tmp_path: Path, reference_image_path: Path, driving_clip: Path, tiny_models: Path
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("wan-i2v-720p", "posegen"):
+        (models / name).symlink_to(tiny_models / name)
+    settings = {k: v for k, v in TEST_OPTIONS.items() if k != "steps"}
+    options = AnimateOptions(**settings, models_dir=models, distill="lightx2v")
+    # issue 10's pre-flight names every missing model in one error before any work (the CLI adds the download command)
+    with pytest.raises(MissingModelError, match=r"1 model\(s\) this job needs are not in .*models: lightx2v-wan21-i2v-distill$") as missing:
+        animate(reference_image_path, driving_clip, tmp_path / "out.mp4", options=options, reporter=Reporter(quiet=True))
+    assert missing.value.names == ["lightx2v-wan21-i2v-distill"] and missing.value.models_dir == models

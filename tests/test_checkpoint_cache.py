@@ -10,9 +10,9 @@ import torch
 from posegen_reference import make_inputs, reference_from_inputs, release_config
 from test_convert import two_variant_folders
 
+from posegen_cli.longvideo.loading import DiTWeights, load_pipeline
 from posegen_cli.models import PoseGenVariants
 from posegen_cli.models import checkpoint_cache as cc
-from posegen_cli.longvideo.loading import load_pipeline
 
 torch.set_num_threads(1)
 
@@ -69,7 +69,7 @@ def test_pipeline_loads_the_converted_cache_and_reuses_it(tiny_models: Path, mon
     second = load_pipeline(tiny_models, device="cpu", dtype="float32")
     a, b = first.transformer.state_dict(), second.transformer.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    release = load_pipeline(tiny_models, device="cpu", dtype="float32", checkpoints="release")
+    release = load_pipeline(tiny_models, device="cpu", dtype="float32", weights=DiTWeights(checkpoints="release"))
     for name in ("transition", "base"):
         second.use_variant(name)
         release.use_variant(name)

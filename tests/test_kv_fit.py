@@ -23,6 +23,7 @@ from posegen_cli.longvideo.memory import (
     kv_item_bytes,
     plan_kv,
 )
+from posegen_cli.longvideo.options import resolve_settings
 from posegen_cli.longvideo.presets import SHOT_PRESETS, kv_share_ranges
 from posegen_cli.longvideo.renderer import JobEmbeddings, PipelineRenderer
 from posegen_cli.models import PoseGenTransformer3DModel, tiny_transformer_config
@@ -188,11 +189,12 @@ def test_renderer_placements_give_the_same_base_segment(pipe: PoseGenPipeline, t
     reference = load_image(shared_data / "reference_person.png")
     pose = [rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8) for _ in range(2)]
     hand = np.zeros((frames, height, width, 3), np.uint8)
+    settings = resolve_settings(AnimateOptions(resolution=f"{width}x{height}", steps=2, guidance=5.0, seed=1, device="cpu"))
     results = {}
     embeddings = JobEmbeddings.encode(pipe, "a man dancing", reference, height, width)
     for name, plan in {"stored": None, **plans}.items():
         renderer = PipelineRenderer(
-            pipe, embeddings, subject_positions=[1], kv=kv, num_steps=2, guidance=5.0, seed=1,
+            pipe, embeddings, subject_positions=[1], kv=kv, job=settings,
         )  # fmt: skip
         renderer.place_kv(plan, tmp_path / "kv")
         renderer.render_anchor(pose[0], hand, lambda n: None, record=True)

@@ -297,6 +297,7 @@ def test_generator_gives_the_release_seed_noise_and_diffusers_outputs(pipe, embe
 
 def test_renderer_starts_every_segment_from_the_same_noise():
     """The release seeds a fresh CPU generator per segment; the renderer hands each call its own, seeded alike."""
+    from posegen_cli.longvideo.options import AnimateOptions, resolve_settings
     from posegen_cli.longvideo.presets import KVShareRanges
     from posegen_cli.longvideo.renderer import JobEmbeddings, PipelineRenderer
     from posegen_cli.pipelines.pipeline_posegen import PoseGenPipelineOutput
@@ -313,13 +314,17 @@ def test_renderer_starts_every_segment_from_the_same_noise():
         def use_variant(self, name):
             pass
 
+        def enable_feature_cache(self, name, threshold, num_inference_steps, kv_steps):
+            assert name == "none"
+
         def __call__(self, **kwargs):
             draws.append(torch.randn(4, generator=kwargs["generator"]))
             return PoseGenPipelineOutput(frames=np.zeros((1, 2, 2, 3), np.uint8))
 
     kv = KVShareRanges(steps=(0, 1), blocks=(1, 2), max_map_block=0)
     embeddings = JobEmbeddings.encode(FakePipe(), "a man", np.zeros((2, 2, 3), np.uint8), 16, 16)
-    renderer = PipelineRenderer(FakePipe(), embeddings, subject_positions=[1], kv=kv, num_steps=1, guidance=5.0, seed=11)
+    job = resolve_settings(AnimateOptions(resolution="16x16", steps=1, guidance=5.0, seed=11, device="cpu"))
+    renderer = PipelineRenderer(FakePipe(), embeddings, subject_positions=[1], kv=kv, job=job)
     frames = np.zeros((1, 2, 2, 3), np.uint8)
     renderer.render_anchor(frames, frames, lambda step: None, record=False)
     renderer.render_transition(frames, frames, frames, frames, lambda step: None)

@@ -207,3 +207,26 @@ def test_unavailable_speed_options_exit_2_before_any_work(
                                       "--device", "cpu", *flag])  # fmt: skip
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_dry_run_plans_the_distilled_schedule_and_lists_every_approximation(
+    tmp_path: Path, reference_image_path: Path, driving_clip: Path
+) -> None:
+    """turbo on an H200: 4 one-pass steps, the preset's K/V steps mapped onto them, each approximation named."""
+    import json
+
+    args = ["animate", str(reference_image_path), str(driving_clip), "--dry-run", "--json", "--gpu", "H200", "--shot", "half-body",
+            "--models-dir", str(tmp_path)]  # fmt: skip
+    exact = json.loads(CliRunner().invoke(app, args).stdout)
+    result = CliRunner().invoke(app, [*args, "--speed", "turbo"])
+    assert result.exit_code == 0, result.output
+    turbo = json.loads(result.stdout)
+    assert (turbo["settings"]["steps"], turbo["settings"]["guidance"], turbo["settings"]["distill"]) == (4, 1.0, "lightx2v")
+    assert turbo["passes"] == len(turbo["segments"]) * 4 and exact["passes"] == len(exact["segments"]) * 50
+    assert exact["kv"]["steps"] == [0, 2] and turbo["kv"]["steps"] == [0, 1], "half-body's 2 shared steps become 1 of 4"
+    assert turbo["kv"]["bytes"] * 4 == exact["kv"]["bytes"], "half the shared steps and one guidance branch: a quarter of the K/V"
+    assert "release steps 0-2 of 25" in turbo["settings"]["kv_steps_rule"]
+    assert [line.split(":")[0] for line in turbo["settings"]["approximations"]] == ["distillation", "guidance", "attention", "weights"]
+    assert exact["settings"]["approximations"] == "none (release-exact)" and exact["settings"]["kv_steps_rule"] is None
+    fast = json.loads(CliRunner().invoke(app, [*args, "--speed", "fast"]).stdout)
+    assert fast["settings"]["cache"] == "magcache" and any("cache magcache" in note for note in fast["notes"])

@@ -147,3 +147,21 @@ def test_every_missing_model_in_one_error_with_one_command_that_fetches_them(
     with pytest.raises(MissingModelsError) as info:
         preflight.ensure_models(preflight.animate_models("mediapipe", "none", captioned=False), models, print)
     assert info.value.names == ["wan-i2v-720p", "posegen"] and info.value.models_dir == models
+
+
+@pytest.mark.parametrize("flags", [["--speed", "turbo"], ["--distill", "lightx2v"]])
+def test_a_distilled_job_names_the_distillation_lora_among_the_missing_models(
+    tmp_path: Path, reference_image_path: Path, clip: Path, no_expensive_work: None, flags: list[str]
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    args = ["animate", str(reference_image_path), str(clip), "-o", str(tmp_path / "o.mp4"), "--models-dir", str(models),
+            "--device", "cpu", "--pose-backend", "mediapipe", "--prompt", "a woman dancing", *flags]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.output
+    wanted = ["wan-i2v-720p", "posegen", "lightx2v-wan21-i2v-distill"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # turbo's CPU fallbacks warn first
+    assert len(errors) == 1 and errors[0].startswith(f"error: 3 model(s) this job needs are not in {models}: {', '.join(wanted)} ")
+    assert f"`posegen download {' '.join(wanted)} --models-dir {models}`" in result.stderr
+    plain = runner.invoke(app, args[: -len(flags)])
+    assert plain.exit_code == 3 and "lightx2v" not in plain.stderr, "a job without the distillation does not ask for its LoRA"

@@ -44,6 +44,20 @@ VaeTiling = _choice_enum("VaeTiling", choices.VAE_TILINGS)
 AttentionKernel = _choice_enum("AttentionKernel", choices.ATTENTION_CHOICES)
 Quantize = _choice_enum("Quantize", choices.QUANTIZE_CHOICES)
 
+Speed = _choice_enum("Speed", choices.SPEEDS)
+Distill = _choice_enum("Distill", choices.DISTILLS)
+CacheMode = _choice_enum("CacheMode", choices.CACHES)
+
+
+SPEED_HELP = "Speed preset; explicit flags override its parts. " + " ".join(
+    f"[bold]{p.name}[/bold]: {p.speedup}; risk: {p.quality_risk}." for p in choices.SPEED_PRESETS.values()
+)
+
+
+def _value(choice: Enum | None) -> str | None:
+    return None if choice is None else choice.value
+
+
 def flag(*names: str, help: str) -> Any:
     """A boolean switch, shown in ``--help`` as a bare flag (no ``<bool>`` value placeholder)."""
     return typer.Option(*names, metavar="", help=help)
@@ -157,8 +171,13 @@ def animate(
     prompt: Annotated[str | None, typer.Option("--prompt", help="Caption of the reference; skips automatic captioning.")] = None,
     subject: Annotated[str | None, typer.Option("--subject", help="Subject word of the caption (woman, man, ...) used for background K/V sharing.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Noise seed, the same for every segment as in the release.")] = 42,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps per segment.")] = 25,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 5.0,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Denoising steps per segment (default: 25, the release's; 4 with --distill).", show_default=False)] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale (default: 5, the release's; 1 with --distill: one pass per step).", show_default=False)] = None,
+    speed: Annotated[Speed, typer.Option("--speed", help=SPEED_HELP)] = Speed.exact,
+    distill: Annotated[Distill | None, typer.Option("--distill", help="Step-distillation LoRA beside PoseGen's: lightx2v = LightX2V's 4-step Wan2.1-I2V LoRA (its schedule, guidance 1); none turns turbo's off.", show_default=False)] = None,
+    distill_weight: Annotated[float, typer.Option("--distill-weight", min=0.0, help="Strength of the distillation LoRA (1 is the authors').")] = 1.0,
+    cache: Annotated[CacheMode | None, typer.Option("--cache", help="Reuse DiT block residuals between steps: fbc (First Block Cache) or magcache (published Wan2.1-I2V-720P ratios); first, last and K/V-sharing steps always run.", show_default=False)] = None,
+    cache_threshold: Annotated[float | None, typer.Option("--cache-threshold", min=0.0, help="Cache threshold: higher skips more (default: fbc 0.05, magcache 0.12; 0 never skips).", show_default=False)] = None,
     resolution: Annotated[str, typer.Option("--resolution", help="Output size WxH, multiples of 16 (the model was trained at 720x1280).")] = "720x1280",
     shot: Annotated[ShotType, typer.Option("--shot", help="K/V-sharing preset; auto picks it from the subject's size in the reference.")] = ShotType.auto,
     kv_steps: Annotated[str | None, typer.Option("--kv-steps", help="Override the preset's shared steps, e.g. '0-2' (start-end, end exclusive).")] = None,
@@ -176,9 +195,9 @@ def animate(
     crf: Annotated[int, typer.Option("--crf", min=0, max=51, help="H.264 quality (lower is better; 5 is the release's quality 9, 18 is visually lossless).")] = 5,
     compat_mp4: Annotated[bool, flag("--compat-mp4", help="Pass every segment through the release's CRF-5 mp4 round trip before transitions and the merge use it (closest to the release's output).")] = False,
     anchor: Annotated[int, typer.Option("--anchor", min=0, help="Segment whose background the other base segments copy (even: 0, 2, 4, ...); pick another if it has camera motion.")] = 0,
-    attention: Annotated[AttentionKernel, typer.Option("--attention", help="Attention kernel: auto (fastest exact one present), native (PyTorch SDPA), cudnn, flash (FlashAttention-2), flash3 (FlashAttention-3, Hopper), sage (SageAttention: approximate, faster).")] = AttentionKernel.auto,
+    attention: Annotated[AttentionKernel | None, typer.Option("--attention", help="Attention kernel (default: the --speed preset's, else auto): auto (fastest exact one present), native (PyTorch SDPA), cudnn, flash (FlashAttention-2), flash3 (FlashAttention-3, Hopper), sage (SageAttention: approximate, faster).", show_default=False)] = None,
     compile_blocks: Annotated[bool, flag("--compile", help="Compile the transformer blocks with torch.compile (a one-off compile per job, then faster passes).")] = False,
-    quantize: Annotated[Quantize, typer.Option("--quantize", help="torchao weights for the transformer's linear layers: fp8 (FP8 GPUs: Ada, Hopper; faster, half the memory), int8 (weight-only: half the memory), none.")] = Quantize.none,
+    quantize: Annotated[Quantize | None, typer.Option("--quantize", help="torchao weights for the transformer's linear layers (default: the --speed preset's, else none): fp8 (FP8 GPUs: Ada, Hopper; faster, half the memory), int8 (weight-only: half the memory), none.", show_default=False)] = None,
     dry_run: Annotated[bool, flag("--dry-run", help="Load no model: print the segment plan, transformer passes, FLOPs, estimated GPU memory and time.")] = False,
     gpu: Annotated[str | None, typer.Option("--gpu", help="With --dry-run: estimate for this GPU (H200, H100, A100-80GB, L40S, 'RTX 4090') instead of the one present.")] = None,
     work_dir: Annotated[Path | None, typer.Option("--work-dir", help="Where finished segments are kept for resuming (default: the posegen cache).")] = None,
@@ -215,14 +234,15 @@ def animate(
 
         options = AnimateOptions(
             prompt=prompt, subject=subject, seed=seed, steps=steps, guidance=guidance, resolution=resolution,
+            speed=speed.value, distill=_value(distill), distill_weight=distill_weight, cache=_value(cache),
+            cache_threshold=cache_threshold, attention=_value(attention), quantize=_value(quantize),
             shot=shot.value, kv_steps=kv_steps, kv_blocks=kv_blocks, align=align.value, pose_backend=pose_backend.value,
             offload=offload.value, kv_placement=kv_placement.value, vae_tiling=vae_tiling.value, preview=preview,
             audio=not no_audio, crf=crf, compat_mp4=compat_mp4, anchor=anchor,
             work_dir=work_dir, pose_video=pose_video, hand_video=hand_video, audio_file=audio_file,
             camera=None if camera is None else camera.value, camera_speed=camera_speed,
             person=person, background=background, person_check=not no_person_check,
-            attention=attention.value, compile=compile_blocks, quantize=quantize.value, gpu=gpu,
-            gpus=gpus, ray_address=ray_address,
+            compile=compile_blocks, gpu=gpu, gpus=gpus, ray_address=ray_address,
             keep_intermediates=keep_intermediates, models_dir=models_dir, device=device, dtype=dtype,
         )
         if dry_run:

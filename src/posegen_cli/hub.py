@@ -60,6 +60,10 @@ def _registry() -> dict[str, ModelSpec]:
             size_gb=66.0, licence="Apache-2.0", used_by="animate: PoseGen DiT, base and transition checkpoints",
         ),
         ModelSpec(
+            "lightx2v-wan21-i2v-distill", "lightx2v/Wan2.1-Distill-Loras", ("wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors",),
+            size_gb=0.74, licence="Apache-2.0 (LightX2V)", used_by="animate with the lightx2v distillation (speed turbo): 4-step, guidance-distilled LoRA",
+        ),
+        ModelSpec(
             "qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct",
             ("config.json", "*.safetensors", "*.json"),  # tokenizer.json serves the fast tokenizer; merges.txt is not needed
             size_gb=16.6, licence="Apache-2.0", used_by="prompt: captions the reference image",
@@ -93,8 +97,9 @@ MODELS: dict[str, ModelSpec] = _registry()
 
 DEFAULT_DOWNLOADS: tuple[str, ...] = (
     "wan-i2v-720p", "posegen", "qwen2.5-vl-7b", "sapiens-detector", "sapiens-pose-2b", "sapiens-seg-1b", "sapiens-normal-2b",
+    "lightx2v-wan21-i2v-distill",
 )
-"""What ``posegen download`` fetches with no names: everything ``animate`` needs, with the release's Sapiens sizes."""
+"""What ``posegen download`` fetches with no names: everything ``animate`` needs (the turbo speed preset included), with the release's Sapiens sizes."""
 
 
 def get_spec(name: str) -> ModelSpec:

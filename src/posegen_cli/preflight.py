@@ -126,9 +126,11 @@ def pose_models(backend: str, hand_normals: str, model_size: str = "2b", seg_siz
     return names
 
 
-def animate_models(pose_backend: str, hand_normals: str, captioned: bool) -> list[str]:
-    """Every model an ``animate`` job loads: pose stage, captioner (unless a prompt is given), Wan parts and PoseGen."""
-    return [*pose_models(pose_backend, hand_normals), *([CAPTION_MODEL] if captioned else []), *VIDEO_MODELS]
+def animate_models(pose_backend: str, hand_normals: str, captioned: bool, distill_model: str | None = None) -> list[str]:
+    """Every model an ``animate`` job loads: pose stage, captioner (unless a prompt is given), Wan parts, PoseGen and
+    the step-distillation LoRA (``distill_model``, its registry name) when the job uses one."""
+    extra = [distill_model] if distill_model is not None else []
+    return [*pose_models(pose_backend, hand_normals), *([CAPTION_MODEL] if captioned else []), *VIDEO_MODELS, *extra]
 
 
 def prompt_models(captioned: bool) -> tuple[list[str], hub.Parts]:

@@ -55,11 +55,20 @@ from posegen_cli.longvideo.plan import (
     timeline_order,
 )
 from posegen_cli.longvideo.planner import JobPlan, JobSpec, expected_kernel, find_gpu, plan_job
-from posegen_cli.longvideo.presets import DEFAULT_SHOT, SHOT_PRESETS, KVShareRanges, classify_shot, kv_share_ranges
+from posegen_cli.longvideo.presets import (
+    DEFAULT_SHOT,
+    KV_STEP_RULE,
+    SHOT_PRESETS,
+    KVShareRanges,
+    classify_shot,
+    kv_share_ranges,
+    map_kv_steps,
+)
 from posegen_cli.longvideo.segments import SegmentStats
 from posegen_cli.longvideo.sources import CameraFrames, FrameReader
+from posegen_cli.longvideo.speed import RELEASE_STEPS, SpeedSettings
 from posegen_cli.longvideo.workdir import WorkDir
-from posegen_cli.models.acceleration import APPROXIMATE_ATTENTION, quantization_config, resolve_attention
+from posegen_cli.models.acceleration import quantization_config, resolve_attention
 from posegen_cli.pose.backends import resolve_backend, resolve_hand_normals
 from posegen_cli.pose.camera import CameraMotion, zoom_factor
 from posegen_cli.pose.keypoints import parse_person
@@ -125,6 +134,10 @@ class AnimateResult:
     kv: KVShareRanges | None
     """None: no background K/V sharing (``camera`` set)."""
     kv_plan: KVPlan | None
+    kv_rule: str | None
+    """How the K/V steps were moved onto a distilled schedule (None: the preset's or the given steps as they are)."""
+    speed: SpeedSettings
+    steps: int
     prompt: str
     subject: str
     phases: dict[str, float]
@@ -165,6 +178,11 @@ class AnimateResult:
             "kv_steps": "off" if self.kv is None else "{}-{}".format(*self.kv.steps),
             "kv_blocks": "off" if self.kv is None else "{}-{}".format(*self.kv.blocks),
             "kv_placement": None if self.kv_plan is None else self.kv_plan.describe(),
+            "kv_steps_rule": self.kv_rule,
+            "speed": self.speed.speed,
+            "steps": self.steps,
+            "guidance": self.speed.guidance,
+            "approximations": list(self.speed.approximations) or "none (release-exact)",
             "subject": self.subject,
             "seconds": {name: round(value, 2) for name, value in self.phases.items()},
             "total_seconds": round(sum(self.phases.values()), 2),
@@ -340,6 +358,23 @@ def plan_job_kv(model: ModelShape, job: JobShape, kv: KVShareRanges, budget: Mem
         raise ResourceError(exc.describe(kv.steps, kv.blocks)) from None
 
 
+def check_cache_placement(cache: str, kv_plan: KVPlan) -> None:
+    """A feature cache cannot run beside the ``recompute`` K/V placement (``options.check_cache_combination``); when
+    ``auto`` picked it because nothing else fits, say so and what would fit. Raises ResourceError."""
+    if cache != "none" and kv_plan.placement == "recompute":
+        raise ResourceError(
+            f"the anchor's K/V fit here only when recomputed ({option('kv_placement')} auto chose recompute), which {option('cache')} "
+            f"{cache} cannot run beside (use {option('cache')} none, or free host memory or disk for {option('kv_placement')} host/disk)"
+        )
+
+
+def distill_model(speed: SpeedSettings) -> str | None:
+    """The registry model of the job's distillation LoRA (None: no distillation)."""
+    from posegen_cli.models.distill import get_distill_preset
+
+    return None if speed.distill is None else get_distill_preset(speed.distill).model
+
+
 def work_settings(options: AnimateOptions, job: JobSettings, reference: ReferenceImage, model_dirs: list[Path]) -> dict[str, Any]:
     """Every setting that changes a segment's pixels, for the work folder's key (not offloading, crf, audio).
 
@@ -373,9 +408,6 @@ def work_settings(options: AnimateOptions, job: JobSettings, reference: Referenc
         "device": job.device.type,
         "dtype": str(job.dtype),
         "reference": reference.digest,
-        # exact kernels and compilation change only rounding; quantised weights and approximate attention change more
-        "quantize": options.quantize,
-        "attention": "approximate" if options.attention in APPROXIMATE_ATTENTION else "exact",
     }
 
 
@@ -427,9 +459,12 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 def make_executor(options: AnimateOptions, job: JobSettings) -> Executor:
     """This process for a plain run; Ray workers with ``options.gpus`` or ``options.ray_address`` (Ray is imported only then)."""
+    from posegen_cli.models.distill import DistillChoice
+
+    speed = job.speed
     models = ModelSpec(
-        options.models_dir, job.device.type, job.dtype, options.offload, options.attention, options.compile, options.quantize,
-        options.vae_tiling,
+        options.models_dir, job.device.type, job.dtype, options.offload, speed.attention, options.compile, speed.quantize,
+        options.vae_tiling, None if speed.distill is None else DistillChoice(speed.distill, speed.distill_weight),
     )  # fmt: skip
     if options.gpus is None and options.ray_address is None:
         return LocalExecutor(models)
@@ -462,7 +497,9 @@ def plan_animate(driving: Path | None, *, options: AnimateOptions, reporter: Rep
     plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
     shape, shape_source = model_shape(options.models_dir)
     shot = options.shot if options.shot != "auto" else DEFAULT_SHOT
-    kv = kv_share_ranges(shot, job.steps, shape.num_layers, job.kv_steps, job.kv_blocks)
+    kv_steps, kv_rule = kv_steps_for(shot, job)
+    kv = kv_share_ranges(shot, job.steps, shape.num_layers, kv_steps, job.kv_blocks)
+    attention, quantize = job.speed.attention, job.speed.quantize
     device = job.device
     dtype = torch.bfloat16 if options.gpu is not None and options.dtype == "auto" else job.dtype
     if options.gpu is not None:
@@ -470,11 +507,14 @@ def plan_animate(driving: Path | None, *, options: AnimateOptions, reporter: Rep
             gpu = find_gpu(options.gpu)
         except ValueError as exc:
             raise InputError(f"{option('gpu')}: {exc}") from None
-        kernel = expected_kernel(options.attention, gpu.capability)
+        kernel = expected_kernel(attention, gpu.capability)
     else:
         gpu = find_gpu(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-        kernel = resolve_attention(options.attention, device, dtype).choice if gpu is not None else expected_kernel(options.attention, None)
-    if options.quantize == "fp8" and (gpu is None or gpu.fp8_tflops is None):
+        kernel = resolve_attention(attention, device, dtype).choice if gpu is not None else expected_kernel(attention, None)
+    preset_fp8 = quantize == "fp8" and "quantize" in job.speed.preset_parts
+    if preset_fp8 and (gpu is None or gpu.fp8_tflops is None):
+        quantize = "none"  # the run would drop the preset's fp8 there too (fit_speed_to_device)
+    if quantize == "fp8" and (gpu is None or gpu.fp8_tflops is None):
         raise InputError(
             f"{option('quantize')} fp8 needs an FP8 GPU; {gpu.name if gpu else 'no GPU'} has none (use int8 or none, or {option('gpu')} H100)"
         )
@@ -482,11 +522,16 @@ def plan_animate(driving: Path | None, *, options: AnimateOptions, reporter: Rep
     spec = JobSpec(
         height=job.height, width=job.width, frames=options.segment_frames, steps=job.steps, guidance=job.guidance,
         kv_steps=kv.steps, kv_blocks=kv.blocks, max_map_block=kv.max_map_block, attention=kernel, compiled=options.compile,
-        quantize=options.quantize, offload=options.offload, dtype_bytes=2 if dtype != torch.float32 else 4,
+        quantize=quantize, offload=options.offload, dtype_bytes=2 if dtype != torch.float32 else 4,
         kv_placement=options.kv_placement, host_free=available_host_bytes(), disk_free=available_bytes(work_root),
     )  # fmt: skip
     result = plan_job(plan, shape, spec, gpu)
     result.settings.update(driving_frames=info.frame_count, fps=float(info.fps), shot=shot, model=shape_source)
+    speed = job.speed
+    result.settings.update(
+        speed=speed.speed, distill=speed.distill, cache=speed.cache, cache_threshold=speed.cache_threshold, kv_steps_rule=kv_rule,
+        approximations=list(speed.approximations) or "none (release-exact)",
+    )  # fmt: skip
     result.notes.append(
         f"K/V placement sized with {format_bytes(spec.host_free or 0)} of host memory free on this machine and "
         f"{format_bytes(spec.disk_free or 0)} of disk under {work_root}"
@@ -494,7 +539,7 @@ def plan_animate(driving: Path | None, *, options: AnimateOptions, reporter: Rep
     if options.shot == "auto":
         others = []
         for other in SHOT_PRESETS:
-            ranges = kv_share_ranges(other, job.steps, shape.num_layers, job.kv_steps, job.kv_blocks)
+            ranges = kv_share_ranges(other, job.steps, shape.num_layers, kv_steps_for(other, job)[0], job.kv_blocks)
             other_kv = plan_job(plan, shape, replace(spec, kv_steps=ranges.steps, kv_blocks=ranges.blocks), gpu).kv
             others.append(f"{other}: {other_kv.get('describe', other_kv['placement'])}")
         result.kv["by_shot"] = others
@@ -502,6 +547,10 @@ def plan_animate(driving: Path | None, *, options: AnimateOptions, reporter: Rep
             f"shot auto: planned with the {DEFAULT_SHOT} preset; the run picks the preset from the reference person "
             f"(K/V by preset: {'; '.join(others)})"
         )
+    if quantize != job.speed.quantize:
+        result.notes.append(f"{option('speed')} {job.speed.speed}: planned without its fp8 weights, which need an FP8 GPU")
+    if job.speed.cache != "none":
+        result.notes.append(f"cache {job.speed.cache}: every step counted in full (the cache skips some, by content)")
     if gpu is None:
         result.notes.append("no GPU named or present: no time estimate (name one: H100, H200, A100-80GB, L40S or 'RTX 4090')")
     return result
@@ -524,6 +573,46 @@ def animate(
     """
     with terminate_as_interrupt():
         return _animate(reference, driving, output, options=options, reporter=reporter, after_segment=after_segment)
+
+
+def kv_steps_for(shot: str, job: JobSettings) -> tuple[tuple[int, int] | None, str | None]:
+    """The K/V steps a job shares and how they were chosen: explicit ``kv_steps`` as given, the shot preset on the
+    release's schedule, or the preset moved onto a distilled schedule by :data:`KV_STEP_RULE` (then also the rule)."""
+    if job.kv_steps is not None or job.speed.sigmas is None or shot not in SHOT_PRESETS:
+        return job.kv_steps, None
+    from posegen_cli.pipelines.scheduling import shifted_sigmas, unshifted_sigmas
+
+    release_levels = shifted_sigmas(unshifted_sigmas(RELEASE_STEPS)).tolist()
+    levels = shifted_sigmas(torch.tensor(job.speed.sigmas)).tolist()
+    preset = SHOT_PRESETS[shot][0]
+    steps = map_kv_steps(preset, release_levels, levels)
+    rule = (
+        f"release steps {preset[0]}-{preset[1]} of {RELEASE_STEPS} (sigma {release_levels[preset[0]]:.4f}-"
+        f"{release_levels[preset[1] - 1]:.4f}) -> steps {steps[0]}-{steps[1]} of {len(levels)}: {KV_STEP_RULE}"
+    )
+    return steps, rule
+
+
+def fit_speed_to_device(job: JobSettings, reporter: Reporter) -> JobSettings:
+    """``job`` with a preset's attention kernel or quantisation that cannot run on its device (SageAttention on the
+    CPU, fp8 without an FP8 GPU) set back to the exact default, with a warning; one given explicitly raises.
+
+    Raises InputError (from :mod:`posegen_cli.models.acceleration`) for an explicit setting that cannot run here.
+    """
+    speed = job.speed
+    checks = {
+        "attention": lambda value: resolve_attention(value, job.device, job.dtype),
+        "quantize": lambda value: quantization_config(value, job.device),
+    }
+    for part, check in checks.items():
+        try:
+            check(getattr(speed, part))
+        except InputError as exc:
+            if part not in speed.preset_parts:
+                raise
+            reporter.warn(f"{option(part)} {getattr(speed, part)} of {option('speed')} {speed.speed} cannot run here ({exc}); running without it")
+            speed = speed.without(part, str(exc))
+    return replace(job, speed=speed)
 
 
 def _animate(
@@ -549,8 +638,7 @@ def _animate(
     output = check_output_video(output, [reference, *videos, *([audio_file] if audio_file is not None else [])])
     camera_video = None if options.camera is None else check_output_video(camera_video_path(output), [reference, *videos])
     device = job.device
-    resolve_attention(options.attention, device, job.dtype)  # a kernel or quantisation that cannot run fails before any work
-    quantization_config(options.quantize, device)
+    job = fit_speed_to_device(job, reporter)  # a kernel or quantisation that cannot run fails before any work
     timer = PhaseTimer(device)
     size = (job.height, job.width)
     executor = make_executor(options, job)  # before any work: a missing Ray fails here
@@ -566,9 +654,13 @@ def _animate(
             check_hand_video(probe_video(hand_video), info)
         # every model the job loads, checked (or fetched) once the inputs are known good and before any work
         backend, _ = resolve_backend(options.pose_backend, device)
-        needed = animate_models(backend, resolve_hand_normals("auto", backend), captioned=options.prompt is None)
+        needed = animate_models(
+            backend, resolve_hand_normals("auto", backend), captioned=options.prompt is None, distill_model=distill_model(job.speed)
+        )
         ensure_models(needed, options.models_dir, reporter.info)
-        model_dirs = [model_path(name, options.models_dir) for name in VIDEO_MODELS]
+        model_dirs = [model_path(name, options.models_dir) for name in VIDEO_MODELS]  # [1] is the PoseGen release
+        if (lora := distill_model(job.speed)) is not None:
+            model_dirs.append(model_path(lora, options.models_dir))
         framing, reference_notes = prepare_reference(ref, options, size, reporter)  # runs the detector: models are present
         framed = framing.frame(ref.pixels, size)
         plan = plan_segments(info.frame_count, options.segment_frames, options.head, options.tail, options.pad, options.anchor)
@@ -586,15 +678,17 @@ def _animate(
 
     shot = pick_shot(options, framing.person, reporter) if options.camera is None else None  # the camera turns K/V sharing off
     with timer("pose"):
-        kv, kv_plan = None, None
+        kv, kv_plan, kv_rule = None, None, None
         if shot is not None:  # planned before any extraction: a K/V cache that cannot fit refuses the job here
             model_shape = read_model_shape(model_dirs[1])
-            kv = kv_share_ranges(shot, job.steps, model_shape.num_layers, job.kv_steps, job.kv_blocks)
+            kv_steps, kv_rule = kv_steps_for(shot, job)  # a distilled schedule shares fewer steps
+            kv = kv_share_ranges(shot, job.steps, model_shape.num_layers, kv_steps, job.kv_blocks)
             if any(seg.kind == BASE for seg in plan):
                 job_shape = JobShape(job.height, job.width, options.segment_frames, torch.finfo(job.dtype).bits // 8, job.guidance != 1.0)
                 resident = resident_bytes(model_shape, job_shape, options.offload, options.quantize)
                 budget = measure_budget(device, resident, work.path, segment_frame_bytes(work, plan, size))
                 kv_plan = plan_job_kv(model_shape, job_shape, kv, budget, options.kv_placement)
+                check_cache_placement(job.speed.cache, kv_plan)
                 reporter.info(f"K/V placement {kv_plan.describe()}")
         if options.pose_video is None:
             from posegen_cli.pose.extract import extract_pose
@@ -643,8 +737,7 @@ def _animate(
             encoders = executor.encoder_pipeline(reporter)
             spec = RenderSpec(
                 JobEmbeddings.encode(encoders, prompt.prompt, framed, job.height, job.width).to("cpu"),
-                subject_positions=tuple(prompt.token_positions), kv=kv, kv_plan=kv_plan, num_steps=job.steps,
-                guidance=job.guidance, seed=job.seed,
+                subject_positions=tuple(prompt.token_positions), kv=kv, kv_plan=kv_plan, job=job,
             )  # fmt: skip
             del encoders
             executor.release_encoders()
@@ -660,6 +753,10 @@ def _animate(
             reporter.info(f"camera {options.camera} (experimental) in the negative guidance branch; background K/V sharing is off")
         else:
             reporter.info(f"K/V sharing ({shot}): steps {kv.steps[0]}-{kv.steps[1]}, blocks {kv.blocks[0]}-{kv.blocks[1]} (end exclusive)")
+        if kv_rule is not None:
+            reporter.info(f"K/V steps on the distilled schedule: {kv_rule}")
+        for line in job.speed.approximations:
+            reporter.info(f"approximation ({job.speed.speed}): {line}")
         with timer("segments"):
             stats: SegmentStats = executor.run(reporter, after_segment)
         workers = executor.worker_summary()
@@ -691,7 +788,7 @@ def _animate(
     return AnimateResult(
         output=output, frames=length, fps=info.fps, width=job.width, height=job.height, audio=audio,
         segments=len(plan), computed=stats.computed, reused=stats.reused, kv_rebuilt=stats.rebuilt_anchor,
-        segment_seconds=stats.seconds, shot=shot, kv=kv, kv_plan=kv_plan,
+        segment_seconds=stats.seconds, shot=shot, kv=kv, kv_plan=kv_plan, kv_rule=kv_rule, speed=job.speed, steps=job.steps,
         prompt=prompt.prompt, subject=prompt.subject, phases=timer.seconds, phase_memory=timer.memory,
         peak_gpu_memory_bytes=timer.gpu_peak if device.type == "cuda" else None, work_dir=kept, alignment_png=alignment_png,
         pose_video=poses.pose_video if kept and poses is not None else None,

@@ -6,6 +6,7 @@ folders onto its components.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from posegen_cli.errors import MissingModelError, OptionError, option, out_of_me
 from posegen_cli.hub import model_path
 from posegen_cli.models import PoseGenVariants
 from posegen_cli.models.acceleration import compile_blocks, quantization_config, resolve_attention, set_attention
+from posegen_cli.models.distill import DistillChoice, get_distill_preset, read_distill_lora
 from posegen_cli.pipelines.image import load_image_encoder
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, oom_message
 from posegen_cli.pipelines.scheduling import make_scheduler
@@ -29,6 +31,22 @@ TRANSITION_FOLDER = "720p-81f-cond"
 """The release's two DiT checkpoints inside the ``posegen`` download."""
 
 
+@dataclass(frozen=True)
+class DiTWeights:
+    """Which weights the DiT is loaded with.
+
+    ``checkpoints="converted"`` (default) converts each release folder once into the posegen cache (merged
+    safetensors keyed by the source files, ``models/checkpoint_cache.py``) and loads that straight onto the device;
+    "release" (or too little disk for the copies) reads and merges the release shards every time. ``distill`` names
+    a :data:`~posegen_cli.models.distill.DISTILL_PRESETS` LoRA (registry model of that preset) and its weight; it is
+    loaded as one more peft adapter on top of whichever form loaded, before quantisation and offloading hooks, so the
+    converted cache never depends on it and variant switches copy only PoseGen tensors (no CPU merge).
+    """
+
+    checkpoints: str = "converted"
+    distill: DistillChoice | None = None
+
+
 def load_pipeline(
     models_dir: str | Path | None = None,
     *,
@@ -36,7 +54,7 @@ def load_pipeline(
     dtype: str | torch.dtype = "auto",
     offload: str = "none",
     load_encoders: bool = True,
-    checkpoints: str = "converted",
+    weights: DiTWeights | None = None,
     attention: str = "auto",
     compile: bool = False,
     quantize: str = "none",
@@ -49,9 +67,8 @@ def load_pipeline(
     (:func:`load_encoder_pipeline` is the opposite: encoders without the DiT, for a driver that only encodes).
     ``offload``: "model" moves whole components to the GPU in turn, "group" streams every resident component from
     pinned host memory (the DiT block by block, the encoders and the VAE layer by layer); both need CUDA.
-    ``checkpoints="converted"`` (default) converts each release folder once into the posegen cache (merged
-    safetensors keyed by the source files, ``models/checkpoint_cache.py``) and loads that straight onto the device;
-    "release" (or too little disk for the copies) reads and merges the release shards every time.
+    ``weights`` (:class:`DiTWeights`; None: its defaults) says how the PoseGen checkpoints are read and which
+    distillation LoRA joins them.
     ``attention``, ``compile`` and ``quantize`` are the DiT speed-ups of :mod:`posegen_cli.models.acceleration`,
     checked before anything loads and applied in the order quantize, attention, compile; ``pipe.attention`` tells
     which kernel was set.
@@ -59,11 +76,11 @@ def load_pipeline(
     Raises:
         OptionError: an unknown ``offload``, or offloading without CUDA.
         InputError: an attention kernel or quantisation this device cannot run.
-        MissingModelError: a component folder is missing.
+        MissingModelError: a component folder (or the distillation LoRA) is missing.
         ResourceError: the GPU ran out of memory while loading.
     """
     return _load_components(
-        models_dir, device, dtype, offload, load_encoders=load_encoders, load_transformer=True, checkpoints=checkpoints,
+        models_dir, device, dtype, offload, load_encoders=load_encoders, weights=weights or DiTWeights(),
         attention=attention, compile=compile, quantize=quantize, reporter=reporter,
     )  # fmt: skip
 
@@ -82,7 +99,7 @@ def load_encoder_pipeline(
     Raises what :func:`load_pipeline` raises.
     """
     return _load_components(
-        models_dir, device, dtype, offload, load_encoders=True, load_transformer=False, checkpoints="release",
+        models_dir, device, dtype, offload, load_encoders=True, weights=None,
         attention="auto", compile=False, quantize="none", reporter=reporter,
     )  # fmt: skip
 
@@ -94,14 +111,13 @@ def _load_components(
     offload: str,
     *,
     load_encoders: bool,
-    load_transformer: bool,
-    checkpoints: str,
+    weights: DiTWeights | None,
     attention: str,
     compile: bool,
     quantize: str,
     reporter: Reporter | None,
 ) -> PoseGenPipeline:
-    """:func:`load_pipeline` with the DiT optional (``load_transformer``)."""
+    """:func:`load_pipeline` with the DiT optional (``weights`` None: no DiT)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if offload not in OFFLOAD_MODES:
@@ -112,11 +128,15 @@ def _load_components(
         )
     wan = model_path("wan-i2v-720p", models_dir)
     posegen = model_path("posegen", models_dir)
+    lora = None
+    if weights is not None and weights.distill is not None:
+        preset = get_distill_preset(weights.distill.name)
+        lora = read_distill_lora(model_path(preset.model, models_dir) / preset.weight_name)
     needed = ["vae"] + (["tokenizer", "text_encoder", "image_encoder"] if load_encoders else [])
     for sub in needed:
         if not (wan / sub).is_dir():
             raise MissingModelError(f"{wan / sub} is missing (re-run `posegen download wan-i2v-720p`)")
-    for sub in (BASE_FOLDER, TRANSITION_FOLDER) if load_transformer else ():
+    for sub in (BASE_FOLDER, TRANSITION_FOLDER) if weights is not None else ():
         if not (posegen / sub).is_dir():
             raise MissingModelError(f"{posegen / sub} is missing (re-run `posegen download posegen`)")
     attention_choice = resolve_attention(attention, dev, dt)
@@ -125,7 +145,12 @@ def _load_components(
     if reporter is not None:
         reporter.info(f"loading models from {wan.parent if models_dir else 'the Hugging Face cache'} ({dt}, {dev})")
     with out_of_memory_as(oom_message("loading the models")):
-        variants = _load_variants(posegen, dt, place, checkpoints, reporter) if load_transformer else None
+        variants = None
+        if weights is not None:
+            variants = _load_variants(posegen, dt, place, weights.checkpoints, reporter)
+            if lora is not None and weights.distill is not None:
+                # on top of whichever form loaded: the converted cache holds the PoseGen checkpoints alone
+                variants.load_distill(lora, weights.distill.weight)
         pipe = PoseGenPipeline(
             tokenizer=load_tokenizer(wan / "tokenizer") if load_encoders else None,
             text_encoder=load_text_encoder(wan / "text_encoder", dt, place) if load_encoders else None,

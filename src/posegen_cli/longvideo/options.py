@@ -17,17 +17,17 @@ import torch
 
 from posegen_cli.choices import (
     ALIGN_MODES,
-    ATTENTION_CHOICES,
     BACKENDS,
     CAMERA_MOTIONS,
+    DEFAULT_SPEED,
     KV_PLACEMENTS,
     OFFLOAD_MODES,
-    QUANTIZE_CHOICES,
     SHOT_TYPES,
     VAE_TILINGS,
 )
 from posegen_cli.device import resolve_device, resolve_dtype
 from posegen_cli.errors import OptionError, option
+from posegen_cli.longvideo.speed import SpeedSettings, resolve_speed
 from posegen_cli.pipelines import check_model_size
 
 PREVIEW_SIZE = (512, 288)
@@ -39,13 +39,28 @@ DEFAULT_CAMERA_SPEED = 4.0
 
 @dataclass
 class AnimateOptions:
-    """Every ``posegen animate`` flag; defaults are the release's settings."""
+    """Every ``posegen animate`` flag; defaults are the release's settings.
+
+    The speed-related fields left as None (steps, guidance, distill, cache, cache_threshold, attention, quantize) take
+    the ``speed`` preset's value (:data:`posegen_cli.choices.SPEED_PRESETS`); a value given here wins over the preset.
+    """
 
     prompt: str | None = None
     subject: str | None = None
     seed: int = 42
-    steps: int = 25
-    guidance: float = 5.0
+    steps: int | None = None
+    """None: the preset's (25, the release's; 4 with a distillation)."""
+    guidance: float | None = None
+    """None: the preset's (5.0, the release's; 1 with a distillation)."""
+    speed: str = DEFAULT_SPEED
+    distill: str | None = None
+    distill_weight: float = 1.0
+    cache: str | None = None
+    cache_threshold: float | None = None
+    attention: str | None = None
+    """Attention kernel: one of ``choices.ATTENTION_CHOICES`` (auto: the fastest exact one present); None: the preset's."""
+    quantize: str | None = None
+    """torchao weights of the block linears: one of ``choices.QUANTIZE_CHOICES``; None: the preset's."""
     resolution: str = "720x1280"
     shot: str = "auto"
     kv_steps: str | None = None
@@ -74,12 +89,8 @@ class AnimateOptions:
     models_dir: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
-    attention: str = "auto"
-    """Attention kernel: one of ``choices.ATTENTION_CHOICES`` (auto: the fastest exact one present)."""
     compile: bool = False
     """Compile the transformer blocks (regional ``torch.compile``)."""
-    quantize: str = "none"
-    """torchao weights of the block linears: one of ``choices.QUANTIZE_CHOICES``."""
     gpu: str | None = None
     """GPU the job planner estimates for (a name of ``longvideo.planner.GPUS``); None: the one present."""
     anchor: int = 0
@@ -145,6 +156,7 @@ class JobSettings:
     seed: int
     kv_steps: tuple[int, int] | None
     kv_blocks: tuple[int, int] | None
+    speed: SpeedSettings
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
 
@@ -155,6 +167,7 @@ class JobSettings:
             "steps": self.steps,
             "guidance": self.guidance,
             "seed": self.seed,
+            **self.speed.key_fields(),
         }
 
 
@@ -164,12 +177,18 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
     Raises OptionError naming the setting whose value cannot be used.
     """
     height, width = parse_resolution(options.resolution)
-    steps = options.steps
-    if steps < 1:
-        raise OptionError("steps", steps, problem=f"{steps}: need at least 1")
+    if options.steps is not None and options.steps < 1:
+        raise OptionError("steps", options.steps, problem=f"{options.steps}: need at least 1")
+    speed = resolve_speed(
+        options.speed, steps=options.steps, guidance=options.guidance, distill=options.distill,
+        distill_weight=options.distill_weight, cache=options.cache, cache_threshold=options.cache_threshold,
+        attention=options.attention, quantize=options.quantize,
+    )  # fmt: skip
+    steps = speed.steps
     if options.preview:
         height, width = preview_size(height, width)
-        steps = min(steps, PREVIEW_STEPS)
+        if speed.sigmas is None:
+            steps = min(steps, PREVIEW_STEPS)
     for name, value, choices in (
         ("offload", options.offload, OFFLOAD_MODES),
         ("align", options.align, ALIGN_MODES),
@@ -177,8 +196,6 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         ("shot", options.shot, ("auto", *SHOT_TYPES)),
         ("kv_placement", options.kv_placement, KV_PLACEMENTS),
         ("vae_tiling", options.vae_tiling, VAE_TILINGS),
-        ("attention", options.attention, ATTENTION_CHOICES),
-        ("quantize", options.quantize, QUANTIZE_CHOICES),
     ):
         if value not in choices:
             raise OptionError(name, value, choices)
@@ -186,7 +203,8 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         raise OptionError("gpus", options.gpus, problem=f"{options.gpus}: need at least one worker")
     if not 0 <= options.crf <= 51:
         raise OptionError("crf", options.crf, problem=f"{options.crf} is out of range (use 0..51; 18 is visually lossless)")
-    check_conditioning(options)
+    check_conditioning(options, speed)
+    check_cache_combination(speed.cache, options.offload, options.kv_placement)
     device = resolve_device(options.device)
     if options.offload != "none" and device.type != "cuda":
         raise OptionError(
@@ -196,17 +214,42 @@ def resolve_settings(options: AnimateOptions) -> JobSettings:
         height=height,
         width=width,
         steps=steps,
-        guidance=float(options.guidance),
+        guidance=speed.guidance,
         seed=int(options.seed),
         kv_steps=parse_range(options.kv_steps, "kv_steps"),
         kv_blocks=parse_range(options.kv_blocks, "kv_blocks"),
+        speed=speed,
         device=device,
         dtype=resolve_dtype(options.dtype, device),
     )
 
 
-def check_conditioning(options: AnimateOptions) -> None:
-    """The own-condition-video and camera settings must make sense together (no file is read here).
+def check_cache_combination(cache: str, offload: str, kv_placement: str) -> None:
+    """A feature cache works on resident blocks and beside a stored anchor K/V; raises OptionError otherwise.
+
+    Group offloading's hooks stream the very blocks the cache hooks skip (untested together); the ``recompute``
+    K/V placement runs the anchor's forward inside each base forward at a shared step, through the same cached
+    blocks, which would mix the anchor's residuals into the base segment's cache state.
+    """
+    if cache == "none":
+        return
+    if offload == "group":
+        raise OptionError(
+            "cache", cache,
+            problem=f"{cache} does not combine with {option('offload')} group (its hooks and the streamed blocks' "
+            f"hooks are untested together); use {option('offload')} model or {option('cache')} none",
+        )  # fmt: skip
+    if kv_placement == "recompute":
+        raise OptionError(
+            "cache", cache,
+            problem=f"{cache} does not combine with {option('kv_placement')} recompute (the anchor's recomputed forward "
+            f"would pass through the cached blocks); use {option('kv_placement')} host or disk, or {option('cache')} none",
+        )  # fmt: skip
+
+
+def check_conditioning(options: AnimateOptions, speed: SpeedSettings) -> None:
+    """The own-condition-video and camera settings must make sense together (no file is read here); ``speed`` gives
+    the guidance the job runs with (a distillation's 1 unless given).
 
     Raises OptionError naming the setting that cannot be used with the others.
     """
@@ -228,7 +271,13 @@ def check_conditioning(options: AnimateOptions) -> None:
             "camera_speed", options.camera_speed,
             problem=f"{options.camera_speed:g}: must be above 0 (pixels per frame for pans, % per second for zooms)",
         )  # fmt: skip
-    if options.guidance == 1.0:
+    if speed.guidance == 1.0 and options.guidance is None:
+        raise OptionError(
+            "camera", options.camera,
+            problem=f"works through the negative guidance branch, which {option('distill')} {speed.distill} turns off "
+            f"(guidance 1: one pass per step); use {option('distill')} none, or {option('guidance')} 5 with it",
+        )  # fmt: skip
+    if speed.guidance == 1.0:
         raise OptionError(
             "camera", options.camera,
             problem=f"works through the negative guidance branch, which {option('guidance')} 1 turns off (use e.g. {option('guidance')} 5)",

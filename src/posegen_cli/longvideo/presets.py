@@ -10,6 +10,7 @@ are given for the 40-block model; shallower models (tiny test models) get the sa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,3 +99,26 @@ def kv_share_ranges(
             f"(sharing blocks must come after the subject-map blocks 0-{max_map_block})",
         )
     return KVShareRanges(tuple(steps), tuple(blocks), max_map_block)
+
+
+KV_STEP_RULE = (
+    "a step of another schedule shares K/V when its noise level (shifted sigma) lies within the noise levels of the "
+    "preset's shared steps on the release's 25-step schedule; at least the step nearest the first of them"
+)
+"""How a shot preset's K/V steps (given for the release's 25 steps) move onto a distilled schedule."""
+
+
+def map_kv_steps(steps: tuple[int, int], release_levels: Sequence[float], levels: Sequence[float]) -> tuple[int, int]:
+    """The half-open range of ``levels`` steps that :data:`KV_STEP_RULE` picks for the release range ``steps``.
+
+    ``release_levels``/``levels``: decreasing shifted sigmas per step of the release's schedule and of the new one.
+    E.g. half-body (0, 2) on 25 steps covers sigma 1.0-0.9917; LightX2V's 4 steps are at 1.0, 0.9375, 0.833, 0.625,
+    so only step 0 shares: (0, 1).
+    """
+    start, stop = steps
+    high, low = release_levels[start], release_levels[min(stop, len(release_levels)) - 1]
+    tolerance = 1e-6
+    inside = [j for j, level in enumerate(levels) if low - tolerance <= level <= high + tolerance]
+    if not inside:
+        inside = [min(range(len(levels)), key=lambda j: abs(levels[j] - high))]
+    return inside[0], inside[-1] + 1

@@ -12,6 +12,7 @@ import torch
 
 from posegen_cli.fsutil import atomic_path
 from posegen_cli.longvideo.memory import KVPlan
+from posegen_cli.longvideo.options import JobSettings
 from posegen_cli.longvideo.presets import KVShareRanges
 from posegen_cli.longvideo.segments import ProgressCallback
 from posegen_cli.models import KVShareCache
@@ -72,16 +73,15 @@ class RenderSpec:
     subject_positions: tuple[int, ...]
     kv: KVShareRanges | None
     kv_plan: KVPlan | None
-    num_steps: int
-    guidance: float
-    seed: int
+    job: JobSettings
+    """Steps, guidance, seed and speed settings (a distilled schedule, the feature cache) of every segment."""
 
     def renderer(self, pipe: PoseGenPipeline, anchor_inputs: Path | None, kv_dir: Path | None) -> PipelineRenderer:
         """A renderer of this job on ``pipe``, its K/V placed as planned (disk entries in ``kv_dir``); ``anchor_inputs``:
         where the anchor's shared-step latents are kept."""
         renderer = PipelineRenderer(
             pipe, self.embeddings.to(pipe._execution_device), subject_positions=self.subject_positions, kv=self.kv,
-            num_steps=self.num_steps, guidance=self.guidance, seed=self.seed, anchor_inputs=anchor_inputs,
+            job=self.job, anchor_inputs=anchor_inputs,
         )  # fmt: skip
         renderer.place_kv(self.kv_plan, kv_dir)
         return renderer
@@ -122,15 +122,19 @@ class PipelineRenderer:
         *,
         subject_positions: Sequence[int],
         kv: KVShareRanges | None,
-        num_steps: int,
-        guidance: float,
-        seed: int,
+        job: JobSettings,
         anchor_inputs: Path | None = None,
     ) -> None:
+        """``embeddings``: the job's prompt and reference, encoded once (:class:`JobEmbeddings`, on ``pipe``'s device).
+        ``kv``: the background K/V sharing ranges (None: no sharing, as with a camera pattern). ``anchor_inputs``: where
+        the anchor's shared-step latents are kept for rebuilds. ``job`` gives the steps, guidance, seed and speed settings: a distilled model's schedule (sigmas) and diffusers' feature
+        cache for every segment, which never skips the anchor's K/V steps (``kv.step_list``) nor the first and last."""
         self.pipe = pipe
-        self.num_steps = num_steps
-        self.guidance = guidance
-        self.seed = seed
+        self.num_steps = job.steps
+        self.guidance = job.guidance
+        self.seed = job.seed
+        speed = job.speed
+        self.sigmas = None if speed.sigmas is None else torch.tensor(speed.sigmas, dtype=torch.float32)
         self.kv = kv
         self.subject_positions = list(subject_positions)
         self.embeddings = embeddings
@@ -139,6 +143,7 @@ class PipelineRenderer:
         self.kv_dir: Path | None = None
         self.cache: KVShareCache | None = None
         self._variant: str | None = None
+        pipe.enable_feature_cache(speed.cache, speed.cache_threshold, job.steps, () if kv is None else kv.step_list)
 
     def _use(self, variant: str) -> None:
         if self._variant != variant:
@@ -181,6 +186,7 @@ class PipelineRenderer:
             negative_hand_frames=None if negative_pose is None else np.zeros_like(hand),
             num_inference_steps=self.num_steps,
             guidance_scale=self.guidance,
+            sigmas=self.sigmas,
             generator=release_generator(self.seed),  # fresh per segment: every segment starts from the same noise
             kv_share=kv_share,
             callback_on_step_end=callback,

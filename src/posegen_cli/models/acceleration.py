@@ -209,9 +209,10 @@ def _import_torchao():
 def is_block_linear(module: torch.nn.Module, name: str) -> bool:
     """The linear layers torchao quantises: those of the transformer blocks (99.9 % of the DiT's weights).
 
-    Embeddings, time projections and the output head stay in the model dtype, as in LightX2V's fp8 Wan.
+    Embeddings, time projections and the output head stay in the model dtype, as in LightX2V's fp8 Wan; so do the
+    low-rank ``lora_A``/``lora_B`` layers of a peft adapter (a distillation LoRA), whose base layer is quantised.
     """
-    return isinstance(module, torch.nn.Linear) and name.startswith("blocks.")
+    return isinstance(module, torch.nn.Linear) and name.startswith("blocks.") and ".lora_" not in name
 
 
 def quantize_linears(transformer: torch.nn.Module, config: object) -> None:

@@ -15,6 +15,11 @@ reloads a second model. Two forms:
   safetensors (``checkpoint_cache``); the tensors whose digests differ are copied from the other variant's
   memory-mapped files on each switch. No CPU merge, no host copy, bit-identical to "exact".
 
+A step-distillation LoRA (:mod:`posegen_cli.models.distill`) joins any form as one more peft adapter,
+``"distill"``, with its own weight; ``activate`` keeps it on across variant switches (the exact and converted modes
+write the PoseGen weights into the wrapped layers' ``base_layer``, under the adapter, so the converted cache stays
+the PoseGen checkpoints alone and needs no key for the distillation).
+
 Under diffusers' group offloading (``offload="group"``) a switch stays correct: the hooks offload every group when
 they are applied, so the parameters ``activate`` writes into are the host copies each group is onloaded from (the
 pinned copies with ``use_stream=True``). When the variants' hand embeddings differ in structure, the model holds
@@ -44,6 +49,7 @@ from posegen_cli.models.convert import (
     release_module_to_diffusers,
     to_diffusers_names,
 )
+from posegen_cli.models.distill import DISTILL_ADAPTER, DistillLora
 from posegen_cli.models.transformer import PoseGenTransformer3DModel, hand_embedding
 from posegen_cli.report import Reporter
 
@@ -154,6 +160,11 @@ def _read_tensors(files: dict[str, Path]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _weights_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's own parameters under their diffusers names, also where peft wrapped a layer (``.base_layer.``)."""
+    return {name.replace(".base_layer.", "."): p for name, p in model.named_parameters() if ".lora_" not in name}
+
+
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -186,6 +197,7 @@ class PoseGenVariants:
         self.mode = mode
         self.memory = memory
         self.active: str | None = None
+        self.distill_weight: float | None = None
         self.quantization: object | None = None
         standby = variants["transition"].hand
         if standby is not None:
@@ -317,6 +329,37 @@ class PoseGenVariants:
             reporter.info(f"loaded the DiT in {memory.load_seconds:.1f} s; {len(switched)} tensors differ between base and transition")
         return out
 
+    def load_distill(self, lora: DistillLora, weight: float = 1.0) -> None:
+        """Add a distillation LoRA as the peft adapter ``"distill"`` at ``weight`` beside the PoseGen variants.
+
+        Call before group offloading is enabled (its hooks bind the modules present then). Raises InputError when
+        the LoRA targets layers this model does not have.
+        """
+        if self.distill_weight is not None:
+            raise RuntimeError("a distillation LoRA is already loaded")
+        model = self.model
+        names = {name for name, _ in model.named_modules()}
+        missing = sorted({k.removeprefix("transformer.").split(".lora_")[0] for k in lora.state_dict} - names)
+        if missing:
+            raise InputError(f"{lora.source}: LoRA targets {', '.join(missing[:3])}, which the PoseGen DiT does not have (is it a Wan2.1-14B LoRA?)")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            model.load_lora_adapter(lora.state_dict, prefix="transformer", adapter_name=DISTILL_ADAPTER)
+        self.distill_weight = float(weight)
+        self._set_adapters()
+
+    def _set_adapters(self) -> None:
+        """The active peft adapters: the variant's (adapter mode) and the distillation LoRA, if any."""
+        names, weights = [], []
+        if self.mode == "adapter" and self.active is not None:
+            names.append(self.active)
+            weights.append(1.0)
+        if self.distill_weight is not None:
+            names.append(DISTILL_ADAPTER)
+            weights.append(self.distill_weight)
+        if names:
+            self.model.set_adapters(names, weights)
+
     def quantize(self, config: object) -> None:
         """Quantise the block linears with the torchao ``config``, now and after every switch.
 
@@ -334,7 +377,9 @@ class PoseGenVariants:
     def _write(self, params: dict[str, nn.Parameter], key: str, value: torch.Tensor) -> None:
         param = params[key]
         if is_quantized(param):
-            requantize_linear(self.model.get_submodule(key.rpartition(".")[0]), value.to(param.dtype), self.quantization)
+            layer = self.model.get_submodule(key.rpartition(".")[0])
+            # a layer peft wrapped for the distillation LoRA holds the quantised weights in its base_layer
+            requantize_linear(getattr(layer, "base_layer", layer), value.to(param.dtype), self.quantization)
         else:
             param.copy_(value.to(param.dtype))
 
@@ -348,10 +393,8 @@ class PoseGenVariants:
         start = time.perf_counter()
         variant = self.variants[name]
         model = self.model
-        params = dict(model.named_parameters())
-        if self.mode == "adapter":
-            model.set_adapters([name])
-        elif self.mode == "converted":
+        params = _weights_by_name(model)
+        if self.mode == "converted":
             from safetensors import safe_open
 
             by_file: dict[Path, list[str]] = {}
@@ -361,7 +404,7 @@ class PoseGenVariants:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     for key in keys:
                         self._write(params, key, f.get_tensor(key))
-        else:
+        elif self.mode == "exact":
             for key in {*self.pristine, *variant.raw_targets}:
                 weight = variant.raw_targets.get(key, self.pristine.get(key))
                 if key in variant.lora:
@@ -374,5 +417,6 @@ class PoseGenVariants:
             model.swap_hand_embedding()
         model.register_to_config(**variant.config)
         self.active = name
+        self._set_adapters()
         self.memory.switch_seconds.append(time.perf_counter() - start)
         return model

@@ -281,7 +281,7 @@ class PoseGenTransformerBlock(WanTransformerBlock):
     def forward(  # type: ignore[override]
         self,
         hidden_states: torch.Tensor,
-        reference_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
         text_context: torch.Tensor,
         image_context: torch.Tensor,
         tmod: torch.Tensor,
@@ -289,7 +289,9 @@ class PoseGenTransformerBlock(WanTransformerBlock):
         freqs: torch.Tensor,
         ref_freqs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, ref = hidden_states, reference_states
+        """``hidden_states`` [B, Nv, C] video tokens, ``encoder_hidden_states`` [B, Nr, C] the reference image's tokens:
+        the block's two streams, under the names diffusers' cache hooks read (see ``models/feature_cache.py``)."""
+        x, ref = hidden_states, encoder_hidden_states
         table = self.scale_shift_table.to(tmod)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table + tmod).chunk(6, dim=1)
         r_shift_msa, r_scale_msa, r_gate_msa, r_shift_mlp, r_scale_mlp, r_gate_mlp = (table + ref_tmod).chunk(6, dim=1)

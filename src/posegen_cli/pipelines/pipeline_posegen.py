@@ -8,8 +8,9 @@ from the model registry lives with the engine (``longvideo/loading.py``); this m
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +24,7 @@ from transformers import CLIPVisionModel, PreTrainedTokenizerBase, UMT5EncoderMo
 from posegen_cli.errors import InputError, MissingModelError, option, out_of_memory_as
 from posegen_cli.models import KVShareCache, PoseGenTransformer3DModel, PoseGenVariants, kv_sharing
 from posegen_cli.models.acceleration import AttentionChoice
+from posegen_cli.models.feature_cache import FeatureCache, cache_settings
 from posegen_cli.pipelines.conditioning import check_segment_frames, condition_mask, paste_head_tail
 from posegen_cli.pipelines.image import encode_clip
 from posegen_cli.pipelines.scheduling import euler_step, guided_velocity, model_timestep, set_release_timesteps
@@ -108,6 +110,7 @@ class PoseGenPipeline(DiffusionPipeline):
         self.vae_tiles: Tiles | None = RELEASE_TILES
         """VAE tiling of conditions and output: the release's (default), other (size, stride), or None (untiled)."""
         self._black_latents: dict[tuple, torch.Tensor] = {}
+        self.feature_cache: FeatureCache | None = None
         self.attention: AttentionChoice | None = None
         """The attention kernel ``load_pipeline`` set (None: diffusers' active backend)."""
 
@@ -144,6 +147,29 @@ class PoseGenPipeline(DiffusionPipeline):
         if self.variants is None:
             raise RuntimeError("this pipeline was built without variants; load it with posegen_cli.longvideo.loading.load_pipeline")
         self.variants.activate(name)
+
+    def enable_feature_cache(
+        self, name: str, threshold: float | None, num_inference_steps: int, kv_steps: Sequence[int] = ()
+    ) -> FeatureCache | None:
+        """Put diffusers' ``name`` cache hook ("fbc", "magcache"; "none" removes it) on the DiT for this schedule.
+
+        The first and last steps and ``kv_steps`` (where segments record or replay background K/V) always run every
+        block; each guidance branch keeps its own cached state. Raises ValueError for an unknown cache or threshold.
+        """
+        if self.feature_cache is not None:
+            self.feature_cache.disable()
+            self.feature_cache = None
+        settings = cache_settings(name, threshold, num_inference_steps, kv_steps)
+        if settings.name != "none":
+            self.feature_cache = FeatureCache(self.transformer, settings)
+        return self.feature_cache
+
+    def _cache_context(self, branch: str, step: int, num_inference_steps: int) -> contextlib.AbstractContextManager[None]:
+        """The DiT's ``cache_context`` for one forward of ``branch`` at ``step``, which both the K/V-sharing hook and
+        diffusers' cache hooks read; the feature cache's guards run first (:meth:`FeatureCache.before_forward`)."""
+        if self.feature_cache is not None:
+            self.feature_cache.before_forward(step, branch)
+        return self.transformer.cache_context(branch, step_index=step, num_inference_steps=num_inference_steps)
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -276,6 +302,7 @@ class PoseGenPipeline(DiffusionPipeline):
         negative_hand_frames: np.ndarray | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
+        sigmas: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         kv_share: KVShareCache | None = None,
@@ -303,6 +330,8 @@ class PoseGenPipeline(DiffusionPipeline):
                 positive branch's.
             num_inference_steps: denoising steps, on the release's shifted sigmas.
             guidance_scale: classifier-free guidance scale; 1.0 skips the negative branch.
+            sigmas: unshifted float32 sigmas [num_inference_steps] replacing the release's ``linspace(1, 0, N + 1)[:-1]``
+                (a distilled model's schedule); the scheduler's shift 5 applies to them as to the release's.
             generator: source of the initial noise, drawn in float32 [1, 16, T, H/8, W/8] on the generator's device
                 and cast to the model dtype; :func:`release_generator` (a CPU generator, fresh per segment) gives the
                 release's noise. None draws from the global RNG.
@@ -350,6 +379,7 @@ class PoseGenPipeline(DiffusionPipeline):
                 (prompt_embeds, negative_prompt_embeds),
                 num_inference_steps,
                 guidance_scale,
+                sigmas,
                 kv_share,
                 callback_on_step_end,
                 negative_conditions,
@@ -367,6 +397,7 @@ class PoseGenPipeline(DiffusionPipeline):
         prompts: tuple[torch.Tensor, torch.Tensor],
         num_inference_steps: int,
         guidance_scale: float,
+        sigmas: torch.Tensor | None,
         kv_share: KVShareCache | None,
         callback_on_step_end: StepCallback | None,
         negative_conditions: dict[str, torch.Tensor] | None = None,
@@ -378,8 +409,17 @@ class PoseGenPipeline(DiffusionPipeline):
         dt = self.model_dtype
         device = self._execution_device
         latents = noise.to(dt).to(device)
-        set_release_timesteps(self.scheduler, num_inference_steps)
-        sigmas = self.scheduler.sigmas
+        set_release_timesteps(self.scheduler, num_inference_steps, sigmas)
+        if self.feature_cache is not None:
+            settings = self.feature_cache.settings
+            if settings.num_inference_steps != num_inference_steps:
+                raise ValueError(f"the feature cache was built for {settings.num_inference_steps} steps, not {num_inference_steps}")
+            unguarded = sorted(kv_share.steps - settings.guarded_steps) if kv_share is not None else []
+            if unguarded:
+                raise ValueError(f"K/V-sharing steps {unguarded} are not guarded by the feature cache (pass them as kv_steps)")
+            if kv_share is not None and kv_share.recompute_model is not None:
+                raise ValueError("a feature cache cannot run beside K/V recomputation (the anchor's forward would pass through the cached blocks)")
+        schedule = self.scheduler.sigmas
         shared: dict[str, Any] = {name: value.to(device, dt) for name, value in conditions.items()}
         positive, negative = (embeds.to(device, dt) for embeds in prompts)
         negative_only = {name: value.to(device, dt) for name, value in (negative_conditions or {}).items()}
@@ -388,13 +428,13 @@ class PoseGenPipeline(DiffusionPipeline):
                 forward = functools.partial(self.transformer, hidden_states=latents, timestep=model_timestep(t, dt, device), **shared)
                 # positive first: in base segments the negative branch reads the maps the positive one just made;
                 # cache_context names the branch and step for the K/V-sharing hook (and diffusers' cache hooks)
-                with self.transformer.cache_context("cond", step_index=step, num_inference_steps=num_inference_steps):
+                with self._cache_context("cond", step, num_inference_steps):
                     velocity = forward(encoder_hidden_states=positive).sample
                 if guidance_scale != 1.0:
-                    with self.transformer.cache_context("uncond", step_index=step, num_inference_steps=num_inference_steps):
+                    with self._cache_context("uncond", step, num_inference_steps):
                         velocity_negative = forward(encoder_hidden_states=negative, **negative_only).sample
                     velocity = guided_velocity(velocity, velocity_negative, guidance_scale)
-                latents = euler_step(latents, velocity, sigmas[step], sigmas[step + 1])
+                latents = euler_step(latents, velocity, schedule[step], schedule[step + 1])
                 if callback_on_step_end is not None:
                     update = callback_on_step_end(self, step, t, {"latents": latents})
                     if update and "latents" in update:

@@ -23,11 +23,24 @@ def unshifted_sigmas(num_steps: int) -> torch.Tensor:
     return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32)[:-1]
 
 
-def set_release_timesteps(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int) -> None:
-    """Give ``scheduler`` the release's N sigmas plus a terminal 0 (``scheduler.sigmas`` has N + 1 entries)."""
+def set_release_timesteps(
+    scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, sigmas: torch.Tensor | None = None
+) -> None:
+    """Give ``scheduler`` the release's N sigmas plus a terminal 0 (``scheduler.sigmas`` has N + 1 entries).
+
+    ``sigmas``: other unshifted float32 sigmas [N] to use instead (a distilled model's schedule); the scheduler
+    shifts them the same way.
+    """
     if num_steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_steps}")
-    scheduler.set_timesteps(sigmas=unshifted_sigmas(num_steps).numpy())
+    if sigmas is not None and len(sigmas) != num_steps:
+        raise ValueError(f"{len(sigmas)} sigmas given for {num_steps} steps")
+    scheduler.set_timesteps(sigmas=(unshifted_sigmas(num_steps) if sigmas is None else sigmas).numpy())
+
+
+def shifted_sigmas(unshifted: torch.Tensor, shift: float = SHIFT) -> torch.Tensor:
+    """The noise level of each step, ``shift * s / (1 + (shift - 1) * s)``: what the scheduler runs for ``unshifted``."""
+    return shift * unshifted / (1 + (shift - 1) * unshifted)
 
 
 def model_timestep(timestep: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

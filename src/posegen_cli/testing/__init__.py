@@ -1,7 +1,8 @@
 """Tiny random models in the real download layout, so the whole CLI runs offline in seconds.
 
 ``make_tiny_models(DIR)`` writes ``DIR/wan-i2v-720p/`` (the Wan-AI/Wan2.1-I2V-14B-720P-Diffusers folders posegen
-uses) and ``DIR/posegen/`` (Jessie459/PoseGen's ``720p-81f-base`` and ``720p-81f-cond`` checkpoint folders), so
+uses), ``DIR/posegen/`` (Jessie459/PoseGen's ``720p-81f-base`` and ``720p-81f-cond`` checkpoint folders) and
+``DIR/lightx2v-wan21-i2v-distill/`` (a random LoRA in the LightX2V distillation file's key layout), so
 ``posegen animate ... --models-dir DIR --device cpu`` exercises exactly the code paths of a real install.
 """
 
@@ -17,6 +18,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5Enco
 from posegen_cli.fsutil import atomic_dir
 from posegen_cli.models import PoseGenTransformer3DModel, tiny_transformer_config
 from posegen_cli.models.convert import diffusers_key_to_release
+from posegen_cli.models.distill import LIGHTX2V
 from posegen_cli.pipelines.image import CLIP_MEAN, CLIP_STD
 from posegen_cli.testing.tokenizer import make_tiny_tokenizer
 
@@ -192,6 +194,48 @@ def write_posegen_checkpoints(folder: Path) -> None:
         (target / "model_config.json").write_text(json.dumps(fields, indent=2) + "\n")
 
 
+LIGHTX2V_BLOCK_MODULES = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
+    "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
+)  # fmt: skip
+"""Per-block modules (Wan original names) a LightX2V Wan2.1 I2V LoRA file carries pairs for."""
+LIGHTX2V_WITH_ALPHA = ("self_attn.q", "ffn.2")
+LIGHTX2V_WITH_BIAS = ("self_attn.o", "cross_attn.k_img", "ffn.0")
+
+
+def lightx2v_lora(weights: dict[str, torch.Tensor], num_layers: int, seed: int, rank: int = 3) -> dict[str, torch.Tensor]:
+    """A random LoRA in LightX2V's layout for a model with release-named ``weights`` (only shapes are read).
+
+    ``diffusion_model.`` + Wan names; ``lora_down``/``lora_up`` pairs on every block module, ``time_projection.1`` and
+    ``head.head``; an ``alpha`` on some (scale alpha / rank), ``diff_b`` bias deltas on others, and the zero
+    ``norm3.diff`` entries the real file carries.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    modules = [f"blocks.{i}.{m}" for i in range(num_layers) for m in LIGHTX2V_BLOCK_MODULES] + ["time_projection.1", "head.head"]
+    for module in modules:
+        rows, cols = weights[f"{module}.weight"].shape
+        out[f"diffusion_model.{module}.lora_down.weight"] = torch.randn(rank, cols, generator=g) * 0.2
+        out[f"diffusion_model.{module}.lora_up.weight"] = torch.randn(rows, rank, generator=g) * 0.2
+        if module.endswith(LIGHTX2V_WITH_ALPHA):
+            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(2 * rank))
+        if module.endswith(LIGHTX2V_WITH_BIAS):
+            out[f"diffusion_model.{module}.diff_b"] = torch.randn(rows, generator=g) * 0.1
+    for i in range(num_layers):
+        out[f"diffusion_model.blocks.{i}.norm3.diff"] = torch.zeros_like(weights[f"blocks.{i}.norm3.weight"])
+    return out
+
+
+def write_distill_lora(folder: Path) -> None:
+    """``lightx2v/Wan2.1-Distill-Loras``' file name holding a random LightX2V-layout LoRA for the tiny DiT."""
+    from safetensors.torch import save_file
+
+    config = tiny_transformer_config(text_dim=TEXT_DIM, image_dim=IMAGE_DIM, use_hand_proj=False)
+    model = PoseGenTransformer3DModel(**config)
+    weights = {diffusers_key_to_release(k): v for k, v in model.state_dict().items()}
+    save_file(lightx2v_lora(weights, config["num_layers"], SEED + 3), folder / LIGHTX2V.weight_name)
+
+
 def make_tiny_models(directory: str | Path) -> Path:
     """Write a complete random model set under ``directory`` (replacing an earlier one) and return it.
 
@@ -205,4 +249,6 @@ def make_tiny_models(directory: str | Path) -> Path:
             write_wan_components(wan)
         with atomic_dir(root / "posegen") as posegen:
             write_posegen_checkpoints(posegen)
+        with atomic_dir(root / LIGHTX2V.model) as distill:
+            write_distill_lora(distill)
     return root

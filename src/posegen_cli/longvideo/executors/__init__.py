@@ -18,6 +18,7 @@ from posegen_cli.longvideo.plan import Segment
 from posegen_cli.longvideo.renderer import RenderSpec
 from posegen_cli.longvideo.segments import SegmentStats
 from posegen_cli.longvideo.sources import BlankFrames, CameraFrames, FrameReader, FrameSource
+from posegen_cli.models.distill import DistillChoice
 from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline
 from posegen_cli.pose.camera import CameraMotion
 from posegen_cli.report import Reporter
@@ -37,15 +38,17 @@ class ModelSpec:
     quantize: str = "none"
     vae_tiling: str = "release"
     """"release" (the release's VAE tiles) or "untiled"."""
+    distill: DistillChoice | None = None
+    """The step-distillation LoRA joined to both variants (``--distill``/``--speed turbo``); None: none."""
 
     def load(self, *, encoders: bool, reporter: Reporter | None = None) -> PoseGenPipeline:
         """The generating pipeline (with or without the text and image encoders), loaded from the converted
         checkpoint cache like a single-GPU run."""
-        from posegen_cli.longvideo.loading import load_pipeline
+        from posegen_cli.longvideo.loading import DiTWeights, load_pipeline
 
         pipe = load_pipeline(
             self.models_dir, device=self.device, dtype=self.dtype, offload=self.offload, load_encoders=encoders,
-            attention=self.attention, compile=self.compile, quantize=self.quantize, reporter=reporter,
+            weights=DiTWeights(distill=self.distill), attention=self.attention, compile=self.compile, quantize=self.quantize, reporter=reporter,
         )  # fmt: skip
         if self.vae_tiling == "untiled":
             pipe.vae_tiles = None

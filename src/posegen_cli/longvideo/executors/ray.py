@@ -300,7 +300,7 @@ class RayExecutor:
     def start(self, spec: RenderSpec, job: SegmentJob, reporter: Reporter) -> None:
         ray = self.ray
         self.job = job
-        self.num_steps = spec.num_steps
+        self.num_steps = spec.job.steps
         self.shared = spec.kv is not None
         self.anchor_steps = 0 if spec.kv is None else spec.kv.steps[1]
         # Ray prints worker deaths and retries on stdout, which carries the JSON summary: keep them in the work folder instead
