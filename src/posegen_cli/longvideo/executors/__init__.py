@@ -39,7 +39,7 @@ class ModelSpec:
     vae_tiling: str = "release"
     """"release" (the release's VAE tiles) or "untiled"."""
     distill: DistillChoice | None = None
-    """The step-distillation LoRA joined to both variants (``--distill``/``--speed turbo``); None: none."""
+    """The step-distillation LoRA joined to both variants (the distill setting, or the turbo speed preset); None: none."""
 
     def load(self, *, encoders: bool, reporter: Reporter | None = None) -> PoseGenPipeline:
         """The generating pipeline (with or without the text and image encoders), loaded from the converted
