@@ -193,17 +193,18 @@ def test_every_stored_kv_placement_keeps_its_steps_guarded(pipe, counted, clean,
     renderer, plan = placed_renderer(pipe, placement, tmp_path, shared_data)
     assert plan.placement == placement
     blocks = pipe.transformer.config.num_layers
-    outputs = []
-    for render in (lambda cb: renderer.render_anchor(frames(1), frames(2), cb, record=True), lambda cb: renderer.render_base(frames(3), frames(2), cb)):
-        marks: list[int] = []
-        outputs.append(render(lambda step: marks.append(len(counted))))
-        per_step = [b - a for a, b in zip([0, *marks], marks)]
-        counted.clear()
-        assert per_step == [2 * blocks, 2, 2 * blocks, 2, 2, 2 * blocks], placement
+    marks: dict[str, list[int]] = {"anchor": [], "base": []}
+    renderer.render_anchor(frames(1), frames(2), lambda step: marks["anchor"].append(len(counted)), record=True)
+    start = len(counted)
+    base = renderer.render_base(frames(3), frames(2), lambda step: marks["base"].append(len(counted) - start))
+    counted.clear()
+    for segment, done in marks.items():
+        per_step = [b - a for a, b in zip([0, *done], done)]
+        assert per_step == [2 * blocks, 2, 2 * blocks, 2, 2, 2 * blocks], (placement, segment)
     renderer.release_kv()
     reference, _ = placed_renderer(pipe, "gpu", tmp_path / "gpu", shared_data)
     reference.render_anchor(frames(1), frames(2), lambda step: None, record=True)
-    np.testing.assert_array_equal(outputs[1], reference.render_base(frames(3), frames(2), lambda step: None))
+    np.testing.assert_array_equal(base, reference.render_base(frames(3), frames(2), lambda step: None))
     reference.release_kv()
 
 

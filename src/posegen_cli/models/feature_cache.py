@@ -12,7 +12,11 @@ without changing the hooks:
   per-step setting, so its state is reset before a guarded step (the cache restarts from that step's residual,
   for both branches); MagCache gets a magnitude ratio of +inf at those steps, so its accumulated error exceeds
   any threshold there and its accumulators restart (its own rule, steered through its documented ``mag_ratios``);
-- both are reset before a segment's first step, so nothing carries over between segments.
+- both are reset before a segment's first step, so nothing carries over between segments;
+- K/V *recomputation* (``KVShareCache(recompute_model=...)``) runs the anchor's forward inside the base forward,
+  through these same hooked blocks and in the base forward's cache context, which would mix the anchor's
+  residuals (and MagCache's step count) into the segment's state: the pipeline refuses the two together. Stored
+  K/V, on any tier, is read in the K/V hook outside the blocks and needs nothing more.
 
 The hooks find blocks by class in ``TransformerBlockRegistry``; :func:`register_posegen_block` adds
 ``PoseGenTransformerBlock`` with its two streams (video tokens, reference tokens), which the hooks carry as
