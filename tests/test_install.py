@@ -81,7 +81,7 @@ def test_the_test_extra_brings_every_library_the_suite_imports() -> None:
     """The README's install command makes its test command work: no import in tests/ is left to chance."""
     installed = _closure({"mediapipe", "test"})
     assert {"pytest", "mediapipe"} <= installed
-    local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"posegen_cli"}
+    local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {p.stem for p in (ROOT / "benchmarks").glob("*.py")} | {"posegen_cli"}
     providers = md.packages_distributions()
     for path in sorted((ROOT / "tests").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
