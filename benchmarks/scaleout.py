@@ -44,7 +44,7 @@ MEASURED_SEGMENT_SECONDS = 1775.0
 SHARED_FRACTION = 2 / 25
 JOB_SIZES = (3, 15, 31, 61)
 WORKER_COUNTS = (1, 2, 4, 8, 16)
-REFERENCE = ROOT.parent / "shared" / "data" / "reference_person.png"
+REFERENCE = ROOT / "tests" / "data" / "reference_person.png"
 
 
 class FakeWorker:

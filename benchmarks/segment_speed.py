@@ -44,7 +44,7 @@ from posegen_cli.pipelines.pipeline_posegen import PoseGenPipeline, release_gene
 from posegen_cli.testing import lightx2v_lora, make_tiny_models
 from posegen_cli.video import load_image
 
-REFERENCE = ROOT.parent / "shared" / "data" / "reference_person.png"
+REFERENCE = ROOT / "tests" / "data" / "reference_person.png"
 PROMPT = "a young man in a black cardigan and jeans standing on a beach at dusk"
 KV_STEPS = (0, 1)
 """The release's default half-body sharing steps: never skipped by a cache, as in a real base segment."""
